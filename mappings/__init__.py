@@ -1,0 +1,1 @@
+"""Declarative key maps and variant tables (data, shipped inside the wheel)."""
