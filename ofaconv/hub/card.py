@@ -1,0 +1,332 @@
+"""The model card (``README.md``) of a converted folder, built from ``config.json`` and the report.
+
+Metadata goes through ``ModelCardData`` and the body through ``ModelCard.from_template`` so the
+YAML block is always well formed. Nothing here talks to the network: ``ModelCard.validate()`` and
+``push_to_hub`` post to huggingface.co, so the card is written to disk and uploaded with the
+weights instead.
+
+A card ofaconv wrote carries ``CARD_MARKER``; ``ofaconv push`` rebuilds such a card for the target
+repo (so the usage snippet names it and the parity table matches the report being uploaded) and
+leaves a card without the marker, i.e. one the user took over, exactly as it is.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from importlib import resources
+from pathlib import Path
+
+import yaml
+from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub.repocard import metadata_load
+
+from .. import __version__
+from ..errors import OfaconvError
+from .report import REPORT_NAME, describe_check, format_number, load_report
+
+CARD_NAME = "README.md"
+DEFAULT_LICENSE = "apache-2.0"
+DEFAULT_TAGS = ("ofa", "ofaconv", "image-captioning")
+CARD_MARKER = "<!-- ofaconv:generated-card"
+_LANGUAGE = {"en": "en", "cn": "zh"}
+
+_TEMPLATE = """\
+---
+{{ card_data }}
+---
+
+{{ marker }} v{{ ofaconv_version }}. `ofaconv push` rebuilds it from {{ report_name }}; delete this line to keep your edits. -->
+
+# {{ title }}
+
+{{ summary }}
+
+## Usage
+
+With plain transformers (the modeling code ships in this repository):
+
+```python
+import torch
+from PIL import Image
+from transformers import AutoModelForSeq2SeqLM, AutoProcessor
+
+repo = "{{ repo }}"
+model = AutoModelForSeq2SeqLM.from_pretrained(repo, trust_remote_code=True).eval()
+processor = AutoProcessor.from_pretrained(repo, trust_remote_code=True)
+
+image = Image.open("image.jpg").convert("RGB")
+inputs = processor(images=image, text={{ prompt }}, return_tensors="pt")
+with torch.no_grad():
+    output = model.generate(**inputs{{ generate_args }})
+print(processor.batch_decode(output, skip_special_tokens=True)[0].strip())
+```
+
+With `pip install ofaconv`, importing it registers the OFA classes, so no remote code runs:
+
+```python
+import ofaconv  # registers model_type "ofa" with the transformers Auto classes
+from transformers import AutoModelForSeq2SeqLM, AutoProcessor
+
+model = AutoModelForSeq2SeqLM.from_pretrained("{{ repo }}").eval()
+processor = AutoProcessor.from_pretrained("{{ repo }}")
+```
+
+## Parity with the source checkpoint
+
+{{ verdict }}
+{% if checks %}
+| Check | Metric | Value | Gate | Result |
+|---|---|---|---|---|
+{%- for c in checks %}
+| {{ c.name }} | {{ c.metric }} | {{ c.value }} | {{ c.gate }} | {{ c.result }} |
+{%- endfor %}
+{% endif %}
+## Source
+{% for label, value in source_rows %}
+- {{ label }}: {{ value }}
+{%- endfor %}
+{% if flags %}
+Checkpoint flags:
+
+| Flag | Value |
+|---|---|
+{%- for name, value in flags %}
+| `{{ name }}` | `{{ value }}` |
+{%- endfor %}
+{% endif %}
+{%- if files %}
+Weight files:
+
+| File | Size | sha256 |
+|---|---|---|
+{%- for name, size, sha in files %}
+| `{{ name }}` | {{ size }} | `{{ sha }}` |
+{%- endfor %}
+{% endif %}"""
+
+
+def build_model_card(
+    folder: str | os.PathLike,
+    *,
+    license: str = DEFAULT_LICENSE,
+    base_model: str | list[str] | None = None,
+    extra_tags=(),
+    repo_id: str | None = None,
+) -> ModelCard:
+    """Card for the converted ``folder`` from its ``config.json`` and ``conversion_report.json``.
+
+    ``repo_id`` is the Hub repo the snippet loads from (``ofaconv push`` passes it); without it the
+    snippet loads the folder itself. A folder without a report still gets a card, one that says
+    the weights were not verified.
+    """
+    root = Path(folder)
+    config = _load_config(root)
+    try:
+        report = load_report(root)
+    except OfaconvError:
+        report = None
+    family = (report or {}).get("family") or _family_from_vocab(config.get("vocab_size"))
+    families = _families()
+
+    card_data = ModelCardData(
+        language=_LANGUAGE.get(family),
+        license=license,
+        library_name="transformers",
+        pipeline_tag="image-to-text",
+        tags=[*DEFAULT_TAGS, *extra_tags],
+        base_model=base_model,
+    )
+    return ModelCard.from_template(
+        card_data,
+        template_str=_TEMPLATE,
+        marker=CARD_MARKER,
+        ofaconv_version=__version__,
+        report_name=REPORT_NAME,
+        title=repo_id.split("/")[-1] if repo_id else ((report or {}).get("variant") or root.resolve().name),
+        summary=_summary(report, config),
+        repo=repo_id or f"./{root.resolve().name}",
+        prompt=json.dumps(families.get(family, families["en"])["prompt"], ensure_ascii=False),
+        generate_args=_generate_args(root, families.get(family)),
+        verdict=_verdict(report),
+        checks=_check_rows(report),
+        source_rows=_source_rows(report, config),
+        flags=[(k, json.dumps(v)) for k, v in sorted(((report or {}).get("flags") or {}).items())],
+        files=[
+            (name, _human_size(entry.get("size")), entry.get("sha256"))
+            for name, entry in sorted(((report or {}).get("files") or {}).items())
+            if isinstance(entry, dict)
+        ],
+    )
+
+
+def write_model_card(folder: str | os.PathLike, **kwargs) -> Path:
+    """Build the card (arguments as ``build_model_card``) and write ``folder/README.md`` atomically."""
+    root = Path(folder)
+    text = str(build_model_card(root, **kwargs))
+    path = root / CARD_NAME
+    fd, tmp = tempfile.mkstemp(prefix=f".{CARD_NAME}.", suffix=".tmp", dir=root)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def card_for_repo(folder: str | os.PathLike, repo_id: str) -> ModelCard | None:
+    """The card to publish ``folder`` as ``repo_id``, or None to upload its ``README.md`` as is.
+
+    A missing card is built with the defaults; a card ofaconv wrote is rebuilt for ``repo_id``
+    keeping its license, base model and extra tags; a card without the marker is the user's.
+    """
+    root = Path(folder)
+    path = root / CARD_NAME
+    if not path.is_file():
+        return build_model_card(root, repo_id=repo_id)
+    if CARD_MARKER not in path.read_text(encoding="utf-8", errors="replace"):
+        return None
+    try:
+        meta = metadata_load(path) or {}
+    except (yaml.YAMLError, ValueError) as exc:
+        raise OfaconvError(f"card metadata is not valid YAML ({exc})", path=path) from None
+    tags = meta.get("tags") or []
+    return build_model_card(
+        root,
+        license=meta.get("license") or DEFAULT_LICENSE,
+        base_model=meta.get("base_model"),
+        extra_tags=[t for t in tags if t not in DEFAULT_TAGS],
+        repo_id=repo_id,
+    )
+
+
+def _load_config(root: Path) -> dict:
+    path = root / "config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise OfaconvError("missing: not a converted model folder", path=path) from None
+    except json.JSONDecodeError as exc:
+        raise OfaconvError(f"not valid JSON ({exc})", path=path) from None
+    if not isinstance(config, dict) or config.get("model_type") != "ofa":
+        found = config.get("model_type") if isinstance(config, dict) else None
+        raise OfaconvError(f"model_type is {found!r}, expected 'ofa'", path=path, key="model_type")
+    return config
+
+
+def _families() -> dict:
+    text = resources.files("ofaconv.mappings").joinpath("variants.yaml").read_text(encoding="utf-8")
+    return yaml.safe_load(text)["families"]
+
+
+def _family_from_vocab(vocab_size) -> str | None:
+    matches = [name for name, fam in _families().items() if fam.get("vocab_size") == vocab_size]
+    return matches[0] if len(matches) == 1 else None
+
+
+def _generate_args(root: Path, family: dict | None) -> str:
+    if (root / "generation_config.json").is_file():
+        return ""  # beam settings travel in generation_config.json
+    gen = (family or {}).get("generation") or {}
+    args = {"num_beams": gen.get("num_beams", 5), "max_new_tokens": gen.get("max_len_b", 20)}
+    if gen.get("no_repeat_ngram_size"):
+        args["no_repeat_ngram_size"] = gen["no_repeat_ngram_size"]
+    return "".join(f", {k}={v}" for k, v in args.items())
+
+
+def _summary(report: dict | None, config: dict) -> str:
+    arch = (
+        f"{config.get('encoder_layers', '?')}+{config.get('decoder_layers', '?')} layers, "
+        f"d_model {config.get('d_model', '?')}, {config.get('resnet_type', '?')} trunk"
+    )
+    if report is None:
+        return (
+            f"OFA image-captioning model ({arch}) in Hugging Face transformers format. "
+            f"**Not verified:** the folder had no {REPORT_NAME}."
+        )
+    source = (report.get("source") or {}).get("file") or "an unnamed source"
+    verb = {"finetune": "finetuned with ofaconv from", "upgrade": "upgraded by ofaconv from"}.get(
+        report.get("kind"), "converted by ofaconv from the fairseq checkpoint"
+    )
+    name = report.get("variant") or "OFA"
+    return f"{name} image-captioning model ({arch}), {verb} `{source}`."
+
+
+def _verdict(report: dict | None) -> str:
+    if report is None:
+        return f"No {REPORT_NAME} was found: these weights were not checked against their source."
+    checks = [c for c in report.get("checks") or [] if isinstance(c, dict)]
+    if not checks:
+        return "The conversion was not verified: the report records no checks."
+    failed = [describe_check(c) for c in checks if c.get("passed") is not True]
+    if failed:
+        return f"**{len(failed)} of {len(checks)} checks failed:** " + "; ".join(failed) + "."
+    dtype = report.get("dtype")
+    where = f" ({dtype} on CPU)" if dtype else ""
+    return f"All {len(checks)} checks passed{where}, recorded in `{REPORT_NAME}`:"
+
+
+def _check_rows(report: dict | None) -> list[dict]:
+    rows = []
+    for check in (report or {}).get("checks") or []:
+        if not isinstance(check, dict):
+            continue
+        rows.append(
+            {
+                "name": _cell(check.get("name", "?")),
+                "metric": _cell(check.get("metric") or ""),
+                "value": _cell(format_number(check.get("value")) if check.get("value") is not None else ""),
+                "gate": _cell(format_number(check.get("gate")) if check.get("gate") is not None else ""),
+                "result": "passed" if check.get("passed") is True else "**failed**",
+            }
+        )
+    return rows
+
+
+def _source_rows(report: dict | None, config: dict) -> list[tuple[str, str]]:
+    report = report or {}
+    source = report.get("source") or {}
+    rows = []
+    if source.get("file"):
+        rows.append(("Checkpoint", f"`{source['file']}`"))
+    if source.get("sha256"):
+        rows.append(("sha256", f"`{source['sha256']}`"))
+    if source.get("size") is not None:
+        rows.append(("Size", _human_size(source["size"])))
+    if source.get("layout"):
+        rows.append(("Layout", f"`{source['layout']}`"))
+    if report.get("variant"):
+        rows.append(("Variant", f"`{report['variant']}`"))
+    if report.get("family"):
+        rows.append(("Family", f"`{report['family']}`"))
+    keymap = report.get("keymap") or {}
+    if keymap.get("file"):
+        sha = f" (sha256 `{keymap['sha256']}`)" if keymap.get("sha256") else ""
+        rows.append(("Key map", f"`{keymap['file']}`{sha}"))
+    if report.get("dtype"):
+        rows.append(("Weights dtype", f"`{report['dtype']}`"))
+    rows.append(("Patch image size", f"`{config.get('patch_image_size', '?')}`"))
+    versions = report.get("versions") or {}
+    tools = [f"ofaconv {report['ofaconv_version']}"] if report.get("ofaconv_version") else []
+    tools += [f"{name} {versions[name]}" for name in ("torch", "transformers", "python") if versions.get(name)]
+    if tools:
+        rows.append(("Written with", ", ".join(tools)))
+    return rows
+
+
+def _cell(value) -> str:
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def _human_size(size) -> str:
+    if not isinstance(size, int):
+        return "?"
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{size} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{size} B"

@@ -1,0 +1,367 @@
+"""``ofaconv push FOLDER REPO_ID``: publish a verified model folder to the Hub in one commit.
+
+Invariants:
+- nothing is uploaded unless ``conversion_report.json`` passes and lists exactly the weight files
+  being uploaded, byte for byte (``--allow-unverified`` overrides, loudly);
+- one ``create_commit`` carries every file, so a repo never holds weights without their config,
+  card and report;
+- the token never appears in output or in error messages;
+- every failure is one line naming what to do about it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from .. import __version__
+from ..errors import OfaconvError
+from .card import CARD_NAME, card_for_repo
+from .report import REPORT_NAME, folder_files, load_report, validate_report
+
+_TRUE = {"1", "on", "yes", "true"}
+
+
+class PushError(OfaconvError):
+    """The Hub (or the way to it) refused the upload."""
+
+
+@dataclass
+class PlannedFile:
+    path_in_repo: str
+    size: int
+    source: Path | bytes  # a file in the folder, or the card built for the repo
+    note: str = ""
+
+
+@dataclass
+class PushPlan:
+    folder: Path
+    repo_id: str
+    files: list[PlannedFile]
+    card_metadata: dict
+    problems: list[str]  # why the report does not back these files; empty when it does
+
+    @property
+    def total_size(self) -> int:
+        return sum(f.size for f in self.files)
+
+
+@dataclass
+class PushResult:
+    repo_id: str
+    commit_url: str
+    pr_url: str | None
+    created: bool  # the repo did not exist before
+    uploaded: list[str]  # paths whose content changed in this commit (empty: nothing to push)
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "push",
+        help="upload a converted folder to the Hugging Face Hub in one commit",
+        description=(
+            "Upload a converted or finetuned folder to the Hugging Face Hub in a single commit, with "
+            "a model card built from its conversion report. Refuses folders whose "
+            f"{REPORT_NAME} is missing, failed, or does not match the weight files."
+        ),
+    )
+    parser.add_argument("folder", type=Path, help="converted model folder")
+    parser.add_argument("repo_id", help="target repo, NAMESPACE/NAME; created if it does not exist")
+    parser.add_argument("--private", action="store_true", help="create the repo private (an existing repo keeps its visibility)")
+    parser.add_argument("--revision", help="branch to commit to (default: main)")
+    parser.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing to main")
+    parser.add_argument("--commit-message", help="commit summary (default: names the source and ofaconv version)")
+    parser.add_argument("--token", help="Hugging Face token with write access (default: HF_TOKEN, then `hf auth login`)")
+    parser.add_argument("--dry-run", action="store_true", help="print the files, sizes and card metadata; upload nothing")
+    parser.add_argument("--allow-unverified", action="store_true", help="push even if the conversion report does not back the files")
+    parser.add_argument("--endpoint", help=argparse.SUPPRESS)  # tests: a loopback Hub
+    parser.set_defaults(func=run)
+
+
+def run(args) -> int:
+    push_folder(
+        args.folder,
+        args.repo_id,
+        private=args.private,
+        revision=args.revision,
+        create_pr=args.create_pr,
+        commit_message=args.commit_message,
+        token=args.token,
+        endpoint=args.endpoint,
+        allow_unverified=args.allow_unverified,
+        dry_run=args.dry_run,
+    )
+    return 0
+
+
+def push_folder(
+    folder: str | os.PathLike,
+    repo_id: str,
+    *,
+    private: bool = False,
+    revision: str | None = None,
+    create_pr: bool = False,
+    commit_message: str | None = None,
+    token: str | None = None,
+    endpoint: str | None = None,
+    allow_unverified: bool = False,
+    dry_run: bool = False,
+    out=None,
+) -> PushResult | None:
+    """Upload ``folder`` to ``repo_id`` as one commit; ``None`` for a dry run. Progress goes to ``out``."""
+    out = out or sys.stdout
+    if token is None and not dry_run:
+        from huggingface_hub import get_token
+
+        token = get_token()
+    try:
+        return _push(
+            Path(folder), repo_id, private=private, revision=revision, create_pr=create_pr,
+            commit_message=commit_message, token=token, endpoint=endpoint,
+            allow_unverified=allow_unverified, dry_run=dry_run, out=out,
+        )
+    except OfaconvError as exc:
+        # Server messages are quoted in errors; a server may echo what it was sent.
+        if token and token in str(exc):
+            raise type(exc)(str(exc).replace(token, "hf_***")) from None
+        raise
+
+
+def plan_push(folder: Path, repo_id: str) -> PushPlan:
+    """What would be uploaded: every file of ``folder`` (the card rebuilt for ``repo_id``)."""
+    if not folder.is_dir():
+        raise OfaconvError("not a directory", path=folder)
+    card = card_for_repo(folder, repo_id)  # also checks config.json is an OFA config
+    files = []
+    for name in folder_files(folder):
+        if name == CARD_NAME and card is not None:
+            continue
+        files.append(PlannedFile(name, (folder / name).stat().st_size, folder / name))
+    if card is not None:
+        data = str(card).encode("utf-8")
+        files.append(PlannedFile(CARD_NAME, len(data), data, note=f"card built for {repo_id}"))
+        metadata = card.data.to_dict()
+    else:
+        from huggingface_hub.repocard import metadata_load
+
+        try:
+            metadata = metadata_load(folder / CARD_NAME) or {}
+        except (yaml.YAMLError, ValueError) as exc:
+            raise OfaconvError(f"card metadata is not valid YAML ({exc})", path=folder / CARD_NAME) from None
+    return PushPlan(folder, repo_id, sorted(files, key=lambda f: f.path_in_repo), metadata, [])
+
+
+def _push(folder, repo_id, *, private, revision, create_pr, commit_message, token, endpoint,
+          allow_unverified, dry_run, out) -> PushResult | None:
+    from huggingface_hub import CommitOperationAdd
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    if create_pr and revision:
+        raise OfaconvError("--create-pr opens a pull request against main and cannot be combined with --revision")
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as exc:
+        raise OfaconvError(f"invalid repo id {repo_id!r}: {str(exc).splitlines()[0]}") from None
+    if "/" not in repo_id:
+        raise OfaconvError(f"repo id {repo_id!r} needs a namespace: NAMESPACE/{repo_id}")
+
+    plan = plan_push(folder, repo_id)
+    # The commit operations hash every file once; the report check reuses those digests.
+    operations = [CommitOperationAdd(f.path_in_repo, f.source if isinstance(f.source, bytes) else str(f.source))
+                  for f in plan.files]
+    digests = {op.path_in_repo: (op.upload_info.sha256.hex(), op.upload_info.size) for op in operations}
+    plan.problems = validate_report(folder, digests=digests)
+    if plan.problems and not allow_unverified:
+        raise OfaconvError(
+            f"refusing to push {folder}: " + "; ".join(plan.problems) + " (pass --allow-unverified to push anyway)"
+        )
+    endpoint = (endpoint or os.environ.get("HF_ENDPOINT") or "").rstrip("/") or None
+    if dry_run:
+        _print_plan(plan, endpoint, private=private, revision=revision, create_pr=create_pr, out=out)
+        return None
+    if plan.problems:
+        print("ofaconv: warning: pushing unverified weights: " + "; ".join(plan.problems), file=sys.stderr)
+
+    from huggingface_hub import HfApi, constants
+
+    endpoint = endpoint or constants.ENDPOINT
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUE or constants.is_offline_mode():
+        raise PushError(f"HF_HUB_OFFLINE is set: unset it (or set HF_HUB_OFFLINE=0) to push to {endpoint}")
+    if not token:
+        raise PushError(
+            f"no Hugging Face token: run `hf auth login`, set HF_TOKEN, or pass --token (a token with write access to {repo_id})"
+        )
+    api = HfApi(endpoint=endpoint, token=token, library_name="ofaconv", library_version=__version__)
+    created, refusal = _create_repo(api, repo_id, private=private, endpoint=endpoint)
+    if private and not created and not refusal:
+        print(f"ofaconv: note: {repo_id} already exists; --private does not change its visibility", file=sys.stderr)
+    try:
+        info = api.create_commit(
+            repo_id,
+            operations,
+            commit_message=commit_message or _default_message(folder),
+            commit_description=_description(folder),
+            revision=revision,
+            create_pr=create_pr,
+        )
+    except Exception as exc:
+        raise _hub_error(exc, repo_id=repo_id, endpoint=endpoint, revision=revision, refusal=refusal) from None
+    changed = [op for op in operations if not _unchanged(op)]
+    if changed:
+        print(f"pushed {len(changed)} of {len(plan.files)} files ({_human(plan.total_size)}) to {repo_id} in one commit", file=out)
+    else:
+        print(f"nothing to push: {repo_id} already holds these {len(plan.files)} files", file=out)
+    print(f"commit: {info.commit_url}", file=out)
+    if info.pr_url:
+        print(f"pull request: {info.pr_url}", file=out)
+    return PushResult(repo_id, info.commit_url, info.pr_url, created, [op.path_in_repo for op in changed])
+
+
+def _unchanged(op) -> bool:
+    """Whether the client skipped ``op`` because the Hub already has that content (it compares
+    the oid preupload returned with the local one; both are private attributes, so a client
+    without them counts every file as changed)."""
+    remote = getattr(op, "_remote_oid", None)
+    return remote is not None and remote == getattr(op, "_local_oid", None)
+
+
+def _create_repo(api, repo_id: str, *, private: bool, endpoint: str) -> tuple[bool, str | None]:
+    """Create ``repo_id``: ``(created, refusal)``, the server's message when it refused (403).
+
+    A refusal is left for the commit to judge: a token may lack the right to create repos in a
+    namespace and still write to a repo that exists there.
+    """
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        api.create_repo(repo_id, private=True if private else None, exist_ok=False)
+        return True, None
+    except HfHubHTTPError as exc:
+        status = exc.response.status_code
+        if status == 409:  # exists
+            return False, None
+        if status == 403:
+            return False, _one_line(exc.server_message or "") or "403 Forbidden"
+        raise _hub_error(exc, repo_id=repo_id, endpoint=endpoint) from None
+    except Exception as exc:
+        raise _hub_error(exc, repo_id=repo_id, endpoint=endpoint) from None
+
+
+def _hub_error(
+    exc: Exception, *, repo_id: str, endpoint: str, revision: str | None = None, refusal: str | None = None
+) -> OfaconvError:
+    """One line for a failure of the Hub client."""
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled, RevisionNotFoundError
+
+    namespace = repo_id.split("/")[0]
+    if isinstance(exc, OfflineModeIsEnabled):
+        return PushError(f"HF_HUB_OFFLINE is set: unset it (or set HF_HUB_OFFLINE=0) to push to {endpoint}")
+    if isinstance(exc, HfHubHTTPError):
+        status = exc.response.status_code
+        server = _one_line(exc.server_message or "")
+        detail = f" ({refusal or server})" if refusal or server else ""
+        if status == 401:
+            return PushError(
+                f"the Hub at {endpoint} rejected the token (401): check it with `hf auth whoami` or create a new one with write access"
+            )
+        if isinstance(exc, RevisionNotFoundError):
+            return PushError(
+                f"revision {revision!r} does not exist in {repo_id}: create it first with "
+                f"`hf repos branch create {repo_id} {revision}`"
+            )
+        if status in (403, 404):
+            return PushError(
+                f"no write access to {repo_id}: the namespace '{namespace}' belongs to someone else "
+                f"or your token cannot write to it{detail}"
+            )
+        return PushError(f"the Hub at {endpoint} refused the upload to {repo_id} (HTTP {status}){detail}")
+    if isinstance(exc, _transport_errors()):
+        return PushError(f"cannot reach the Hub at {endpoint}: {_one_line(str(exc)) or type(exc).__name__}")
+    if isinstance(exc, ValueError):  # e.g. README.md metadata rejected by the Hub's validator
+        return PushError(f"the Hub at {endpoint} refused the upload to {repo_id}: {_one_line(str(exc))}")
+    return PushError(f"upload to {repo_id} failed: {type(exc).__name__}: {_one_line(str(exc))}")
+
+
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    # huggingface_hub 1.x speaks httpx, 2.x httpx2; look only at what it already imported.
+    classes = [ConnectionError, TimeoutError]
+    for name in ("httpx2", "httpx"):
+        module = sys.modules.get(name)
+        if module is not None:
+            classes.append(module.TransportError)
+    return tuple(classes)
+
+
+def _default_message(folder: Path) -> str:
+    try:
+        report = load_report(folder)
+    except OfaconvError:
+        return f"Upload {folder.resolve().name} with ofaconv {__version__}"
+    name = report.get("variant") or folder.resolve().name
+    source = (report.get("source") or {}).get("file")
+    kind = report.get("kind")
+    if kind == "conversion" and source:
+        return f"Upload {name} converted from {source} with ofaconv {__version__}"
+    if kind == "finetune":
+        return f"Upload {name} finetuned with ofaconv {__version__}"
+    return f"Upload {name} ({kind}) with ofaconv {__version__}"
+
+
+def _description(folder: Path) -> str:
+    try:
+        report = load_report(folder)
+    except OfaconvError:
+        return f"No {REPORT_NAME}: pushed with --allow-unverified."
+    source = report.get("source") or {}
+    checks = [c for c in report.get("checks") or [] if isinstance(c, dict)]
+    passed = sum(c.get("passed") is True for c in checks)
+    lines = []
+    if source.get("file"):
+        lines.append(f"Source: {source['file']} (sha256 {source.get('sha256', '?')})")
+    lines.append(f"Checks: {passed}/{len(checks)} passed, see {REPORT_NAME}.")
+    return "\n".join(lines)
+
+
+def _print_plan(plan: PushPlan, endpoint, *, private, revision, create_pr, out) -> None:
+    where = endpoint or "the default endpoint (https://huggingface.co unless HF_ENDPOINT is set)"
+    target = "a pull request against main" if create_pr else f"branch {revision or 'main'}"
+    print(f"dry run: {plan.folder} -> {plan.repo_id} at {where}, {target}"
+          f"{', private if created' if private else ''}", file=out)
+    width = max(len(f.path_in_repo) for f in plan.files)
+    for f in plan.files:
+        note = f"  ({f.note})" if f.note else ""
+        print(f"  {f.path_in_repo:<{width}}  {_human(f.size):>10}{note}", file=out)
+    print(f"  {len(plan.files)} files, {_human(plan.total_size)}", file=out)
+    if plan.problems:
+        print("report: NOT verified (--allow-unverified): " + "; ".join(plan.problems), file=out)
+    else:
+        print(f"report: {REPORT_NAME} passed and matches the weight files", file=out)
+    print("card metadata:", file=out)
+    text = yaml.safe_dump(plan.card_metadata, sort_keys=False, allow_unicode=True).rstrip()
+    for line in text.splitlines():
+        print(f"  {line}", file=out)
+    print("nothing was uploaded (dry run)", file=out)
+
+
+def _human(size: int) -> str:
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{size} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{size} B"
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _scrub(text: str, token: str) -> str:
+    return text.replace(token, "hf_***")
