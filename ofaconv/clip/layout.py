@@ -136,7 +136,7 @@ def _text_tower_config(pkg: ClipPackage) -> BertConfig:
     return BertConfig(**tc)
 
 
-def _write_sentence_transformers(pkg: ClipPackage, out: Path, hidden: int, projection: torch.Tensor,
+def _write_sentence_transformers(pkg: ClipPackage, out: Path, hidden: int, projection: torch.Tensor | None,
                                  pooler: tuple[torch.Tensor, torch.Tensor] | None) -> None:
     """Transformer -> Pooling(cls) -> [Dense(pooler, tanh)] -> Dense(projection) -> Normalize."""
     modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
@@ -148,7 +148,8 @@ def _write_sentence_transformers(pkg: ClipPackage, out: Path, hidden: int, proje
     dense = []
     if pooler is not None:
         dense.append(("tanh", pooler[0], pooler[1], "torch.nn.modules.activation.Tanh"))
-    dense.append(("projection", projection, None, "torch.nn.modules.linear.Identity"))
+    if projection is not None:
+        dense.append(("projection", projection, None, "torch.nn.modules.linear.Identity"))
     for weight_name, weight, bias, act in dense:
         idx = len(modules)
         folder = f"{idx}_Dense"
@@ -181,27 +182,36 @@ def write_package(pkg: ClipPackage, out: Path) -> None:
     _write_json(out / "ofaconv_clip.json", {"kind": pkg.kind, "text_pooling": pkg.text_pooling,
                                            "max_length": pkg.max_length, **pkg.extra})
 
-    vt = out / "vision_tower"
-    vt.mkdir()
+    write_vision_tower(pkg, out / "vision_tower")
+    write_text_tower(pkg, out / "text_tower")
+
+
+def write_vision_tower(pkg: ClipPackage, vt: Path) -> None:
+    vt.mkdir(parents=True, exist_ok=True)
     _vision_tower_config(pkg).save_pretrained(str(vt))
     vmap = "vtde_to_vision_tower" if pkg.kind == "vtde" else "chinese_clip_to_vision_tower"
     save_safetensors(apply_map(vmap, pkg.state), vt / "model.safetensors")
     _save_image_processor(pkg.image_processor, vt, None)
 
-    tt = out / "text_tower"
-    tt.mkdir()
+
+def write_text_tower(pkg: ClipPackage, tt: Path, *, with_projection: bool = True) -> None:
+    """BertModel folder + tokenizer (+ text_projection.safetensors) + sentence-transformers files."""
+    tt.mkdir(parents=True, exist_ok=True)
     _text_tower_config(pkg).save_pretrained(str(tt))
     tmap = "vtde_to_text_tower" if pkg.kind == "vtde" else "chinese_clip_to_text_tower"
     text_state = apply_map(tmap, pkg.state)
     save_safetensors(text_state, tt / "model.safetensors")
-    projection = pkg.state["text_projection.weight"]
-    save_safetensors({"weight": projection}, tt / "text_projection.safetensors")
+    projection = pkg.state["text_projection.weight"] if with_projection else None
+    if with_projection:
+        save_safetensors({"weight": projection}, tt / "text_projection.safetensors")
     _save_tokenizer(pkg.tokenizer, tt, pkg.max_length)
+    pooled = ("BertModel.from_pretrained(dir).pooler_output" if pkg.kind == "vtde"
+              else "BertModel.from_pretrained(dir, add_pooling_layer=False).last_hidden_state[:, 0]")
     _write_json(tt / TEXT_TOWER_META, {
-        "pooling": pkg.text_pooling, "projection": "text_projection.safetensors",
-        "projection_dim": projection.shape[0], "max_length": pkg.max_length,
-        "usage": ("BertModel.from_pretrained(dir).pooler_output @ W.T" if pkg.kind == "vtde"
-                  else "BertModel.from_pretrained(dir, add_pooling_layer=False).last_hidden_state[:, 0] @ W.T")})
+        "pooling": pkg.text_pooling, "projection": "text_projection.safetensors" if with_projection else None,
+        "embedding_dim": projection.shape[0] if with_projection else pkg.config.text_config.hidden_size,
+        "max_length": pkg.max_length,
+        "usage": f"{pooled} @ W.T" if with_projection else pooled})
     pooler = (text_state["pooler.dense.weight"], text_state["pooler.dense.bias"]) if pkg.kind == "vtde" else None
     _write_sentence_transformers(pkg, tt, pkg.config.text_config.hidden_size, projection, pooler)
 

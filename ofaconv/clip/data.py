@@ -1,0 +1,232 @@
+"""Image-text data in the two formats the CLIP tools read, with bad rows counted and skipped.
+
+* BertCLIP CSV: header ``text,url,filename`` (``url`` optional); images under ``image_root``.
+* Chinese-CLIP: ``{split}_imgs.tsv`` (``image_id<TAB>base64``) + ``{split}_texts.jsonl``
+  (``{"text_id", "text", "image_ids": [...]}``).
+
+A malformed row (missing field, bad JSON, unknown image id) is counted in ``DataStats`` and
+skipped; a schema problem (wrong CSV header) is an error naming the file.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import csv
+import io
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from PIL import Image, UnidentifiedImageError
+
+from ..errors import OfaconvError
+
+__all__ = ["Pair", "DataStats", "ImageStore", "read_pairs", "read_csv_pairs", "read_cnclip", "validate_image_bytes",
+           "read_cnclip_texts", "read_image_tsv", "list_image_folder", "IMAGE_SUFFIXES"]
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+
+
+class DataError(OfaconvError):
+    """The data file's schema is wrong (as opposed to a single bad row)."""
+
+
+@dataclass
+class Pair:
+    text: str
+    image_id: str
+
+
+@dataclass
+class DataStats:
+    rows: int = 0
+    pairs: int = 0
+    bad_rows: int = 0
+    missing_images: int = 0
+    bad_images: int = 0
+    examples: list = field(default_factory=list)
+
+    def bad(self, kind: str, where: str) -> None:
+        setattr(self, kind, getattr(self, kind) + 1)
+        if len(self.examples) < 10:
+            self.examples.append(f"{kind}: {where}")
+
+    def to_dict(self) -> dict:
+        return {k: getattr(self, k) for k in ("rows", "pairs", "bad_rows", "missing_images", "bad_images", "examples")}
+
+
+def validate_image_bytes(data: bytes) -> str | None:
+    """None when ``data`` decodes as an image, else the reason (a PIL replacement for ``imghdr``)."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.verify()
+        with Image.open(io.BytesIO(data)) as im:
+            im.convert("RGB").load()
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+class ImageStore:
+    """id -> image bytes loader over a folder or a Chinese-CLIP TSV (kept as file offsets)."""
+
+    def __init__(self, *, root: Path | None = None, tsv: Path | None = None):
+        self.root = Path(root) if root else None
+        self.tsv = Path(tsv) if tsv else None
+        self._offsets: dict[str, int] = {}
+        if self.tsv is not None:
+            self._offsets = _index_tsv(self.tsv)
+
+    def ids(self) -> list[str]:
+        if self.tsv is not None:
+            return list(self._offsets)
+        return [str(p.relative_to(self.root)) for p in list_image_folder(self.root)]
+
+    def __contains__(self, image_id: str) -> bool:
+        if self.tsv is not None:
+            return image_id in self._offsets
+        return (self.root / image_id).is_file()
+
+    def read(self, image_id: str) -> bytes:
+        if self.tsv is not None:
+            offset = self._offsets[image_id]
+            with open(self.tsv, "rb") as f:
+                f.seek(offset)
+                line = f.readline().decode("utf-8").rstrip("\r\n")
+            _, _, b64 = line.partition("\t")
+            try:
+                return base64.urlsafe_b64decode(b64)  # also accepts the standard alphabet
+            except (binascii.Error, ValueError) as exc:
+                raise OfaconvError(f"bad base64 for image {image_id}: {exc}", path=self.tsv) from exc
+        return (self.root / image_id).read_bytes()
+
+    def load(self, image_id: str) -> Image.Image:
+        data = self.read(image_id)
+        with Image.open(io.BytesIO(data)) as im:
+            return im.convert("RGB")
+
+    def __getstate__(self):
+        return self.__dict__.copy()
+
+
+def _index_tsv(path: Path) -> dict[str, int]:
+    offsets = {}
+    if not path.is_file():
+        raise DataError("no such image TSV", path=path)
+    with open(path, "rb") as f:
+        pos = 0
+        for line in f:
+            image_id, sep, _ = line.partition(b"\t")
+            if sep:
+                offsets[image_id.decode("utf-8").strip()] = pos
+            pos += len(line)
+    return offsets
+
+
+def list_image_folder(root: Path) -> list[Path]:
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError("no such image folder", path=root)
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def read_csv_pairs(csv_path: Path, image_root: Path | None, stats: DataStats) -> tuple[list[Pair], ImageStore]:
+    csv_path = Path(csv_path)
+    root = Path(image_root) if image_root else csv_path.parent
+    with open(csv_path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        header = reader.fieldnames or []
+        if "text" not in header or "filename" not in header:
+            raise DataError(f"CSV header must contain 'text' and 'filename' (BertCLIP's text,url,filename), got {header}",
+                            path=csv_path)
+        pairs = []
+        for lineno, row in enumerate(reader, start=2):
+            stats.rows += 1
+            text, name = (row.get("text") or "").strip(), (row.get("filename") or "").strip()
+            if not text or not name:
+                stats.bad("bad_rows", f"{csv_path}:{lineno}")
+                continue
+            if not (root / name).is_file():
+                stats.bad("missing_images", f"{csv_path}:{lineno} {name}")
+                continue
+            pairs.append(Pair(text, name))
+    return pairs, ImageStore(root=root)
+
+
+def read_cnclip_texts(jsonl: Path, stats: DataStats) -> list[dict]:
+    jsonl = Path(jsonl)
+    if not jsonl.is_file():
+        raise DataError("no such texts JSONL", path=jsonl)
+    out = []
+    with open(jsonl, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            stats.rows += 1
+            try:
+                obj = json.loads(line)
+                text, ids = obj["text"], obj["image_ids"]
+                if not isinstance(text, str) or not isinstance(ids, list) or not text.strip():
+                    raise TypeError("text must be a non-empty string and image_ids a list")
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                stats.bad("bad_rows", f"{jsonl}:{lineno} ({type(exc).__name__})")
+                continue
+            out.append({"text_id": str(obj.get("text_id", lineno)), "text": text, "image_ids": [str(i) for i in ids]})
+    return out
+
+
+def read_image_tsv(tsv: Path) -> ImageStore:
+    return ImageStore(tsv=Path(tsv))
+
+
+def read_cnclip(texts: Path, images: Path, stats: DataStats) -> tuple[list[Pair], ImageStore]:
+    store = read_image_tsv(images)
+    pairs = []
+    for rec in read_cnclip_texts(texts, stats):
+        for image_id in rec["image_ids"]:
+            if image_id not in store:
+                stats.bad("missing_images", f"{texts} text_id {rec['text_id']} image {image_id}")
+                continue
+            pairs.append(Pair(rec["text"], image_id))
+    return pairs, store
+
+
+def read_pairs(spec: dict, base: Path | None = None) -> tuple[list[Pair], ImageStore, DataStats]:
+    """``spec``: {csv, image_root} or {texts, images} (paths relative to ``base``)."""
+    stats = DataStats()
+
+    def p(key):
+        v = spec.get(key)
+        return None if v is None else (Path(v) if base is None or os.path.isabs(v) else Path(base) / v)
+
+    if spec.get("csv"):
+        pairs, store = read_csv_pairs(p("csv"), p("image_root"), stats)
+    elif spec.get("texts") and spec.get("images"):
+        pairs, store = read_cnclip(p("texts"), p("images"), stats)
+    else:
+        raise DataError(f"data spec needs 'csv' (+ 'image_root') or 'texts' + 'images', got {sorted(spec)}")
+    stats.pairs = len(pairs)
+    return pairs, store, stats
+
+
+def filter_decodable(pairs: list[Pair], store: ImageStore, stats: DataStats,
+                     check: Callable[[bytes], str | None] = validate_image_bytes) -> list[Pair]:
+    """Drop pairs whose image does not decode (each image checked once)."""
+    ok: dict[str, bool] = {}
+    out = []
+    for pair in pairs:
+        if pair.image_id not in ok:
+            try:
+                reason = check(store.read(pair.image_id))
+            except OSError as exc:
+                reason = str(exc)
+            ok[pair.image_id] = reason is None
+            if reason is not None:
+                stats.bad("bad_images", f"{pair.image_id} ({reason})")
+        if ok[pair.image_id]:
+            out.append(pair)
+    stats.pairs = len(out)
+    return out

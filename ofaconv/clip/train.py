@@ -1,0 +1,270 @@
+"""``ofaconv clip train RECIPE.yaml``: LiT-tuning of a CLIP package on the Hugging Face Trainer.
+
+The image tower is locked (optionally its projection too); the loss is CLIP's symmetric
+cross-entropy over in-batch negatives, with an optional clamp of ``logit_scale`` after each step.
+Because the locked tower is a pure function of the image, its pooled output is computed once per
+image into a ``FeatureCache`` keyed by image id + a fingerprint of the tower weights and image
+pre-processing, and every epoch reads it from disk instead of decoding and encoding images.
+``torchrun`` / ``accelerate launch`` work unchanged: each rank fills its share of the cache, all
+ranks wait, then train. The final model is written as a CLIP package (``<output_dir>/final``).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import yaml
+from torch import nn
+from torch.utils.data import Dataset
+
+from ..errors import OfaconvError
+from ..featcache import FeatureCache
+from .checkpoint import atomic_output_dir
+from .convert import load_package
+from .data import DataStats, ImageStore, Pair, filter_decodable, read_pairs
+from .layout import ClipPackage, check_package, module_state_to_file, write_package
+from .towers import ClipTowers, _unwrap
+
+__all__ = ["LiTModel", "load_recipe", "train", "precompute_image_features", "PairDataset", "PairCollator"]
+
+logger = logging.getLogger("ofaconv.clip")
+
+_RECIPE_KEYS = {"model", "output_dir", "data", "lit", "max_length", "training"}
+_LIT_DEFAULTS = {"lock_image": True, "lock_image_head": False, "clamp_logit_scale": None,
+                 "cache_image_features": True, "cache_dir": None, "cache_dtype": "float16",
+                 "encode_batch_size": 64}
+
+
+def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> dict:
+    path = Path(path)
+    try:
+        recipe = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise OfaconvError(f"unreadable recipe: {exc}", path=path) from exc
+    if not isinstance(recipe, dict):
+        raise OfaconvError("recipe must be a YAML mapping", path=path)
+    for item in overrides or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise OfaconvError(f"override must be KEY=VALUE, got {item!r}")
+        node = recipe
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = yaml.safe_load(value)
+    unknown = set(recipe) - _RECIPE_KEYS
+    if unknown:
+        raise OfaconvError(f"unknown recipe key {sorted(unknown)[0]!r}", path=path, key=sorted(unknown)[0])
+    for key in ("model", "output_dir", "data"):
+        if key not in recipe:
+            raise OfaconvError("missing recipe key", path=path, key=key)
+    unknown_lit = set(recipe.get("lit") or {}) - set(_LIT_DEFAULTS)
+    if unknown_lit:
+        raise OfaconvError("unknown lit option", path=path, key=f"lit.{sorted(unknown_lit)[0]}")
+    recipe["lit"] = {**_LIT_DEFAULTS, **(recipe.get("lit") or {})}
+    recipe.setdefault("training", {})
+    recipe["_base"] = str(path.parent)
+    return recipe
+
+
+class LiTModel(nn.Module):
+    """Wraps a VTDE / ChineseCLIPModel; ``image_embeds`` are the locked tower's pooled outputs."""
+
+    def __init__(self, clip_model, *, lock_image: bool = True, lock_image_head: bool = False):
+        super().__init__()
+        self.clip = clip_model
+        self.lock_image = lock_image
+        if lock_image:
+            self.clip.vision_model.requires_grad_(False)
+        if lock_image_head:
+            self.clip.visual_projection.requires_grad_(False)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.lock_image:  # a locked tower stays in eval mode (no dropout)
+            self.clip.vision_model.eval()
+        return self
+
+    def forward(self, input_ids, attention_mask, pixel_values=None, image_embeds=None, return_loss=True):
+        if image_embeds is None:
+            if pixel_values is None:
+                raise ValueError("LiTModel needs pixel_values or image_embeds")
+            with torch.set_grad_enabled(not self.lock_image and torch.is_grad_enabled()):
+                image_embeds = _unwrap(self.clip.vision_model(pixel_values=pixel_values))
+        dtype = self.clip.visual_projection.weight.dtype
+        img = F.normalize(self.clip.visual_projection(image_embeds.to(dtype)), dim=-1)
+        txt = F.normalize(_unwrap(self.clip.get_text_features(input_ids=input_ids, attention_mask=attention_mask)), dim=-1)
+        logits_per_text = self.clip.logit_scale.exp() * txt @ img.t()
+        out = {"logits_per_text": logits_per_text}
+        if return_loss:
+            labels = torch.arange(logits_per_text.shape[0], device=logits_per_text.device)
+            out["loss"] = (F.cross_entropy(logits_per_text, labels) + F.cross_entropy(logits_per_text.t(), labels)) / 2
+        return out
+
+
+class PairDataset(Dataset):
+    def __init__(self, pairs: list[Pair], store: ImageStore, image_processor=None, cache: FeatureCache | None = None):
+        self.pairs, self.store, self.image_processor, self.cache = pairs, store, image_processor, cache
+
+    def __len__(self):
+        return len(self.pairs)
+
+    def __getitem__(self, i):
+        pair = self.pairs[i]
+        if self.cache is not None:
+            return {"text": pair.text, "image_embeds": self.cache.get(pair.image_id)}
+        image = self.store.load(pair.image_id)
+        return {"text": pair.text,
+                "pixel_values": self.image_processor(images=[image], return_tensors="pt")["pixel_values"][0]}
+
+
+@dataclass
+class PairCollator:
+    tokenizer: object
+    max_length: int
+
+    def __call__(self, items):
+        batch = self.tokenizer([it["text"] for it in items], max_length=self.max_length, truncation=True,
+                               padding="longest", return_tensors="pt", return_token_type_ids=False)
+        out = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        key = "image_embeds" if "image_embeds" in items[0] else "pixel_values"
+        out[key] = torch.stack([it[key] for it in items])
+        return out
+
+
+def _cache_dtype(name):
+    return {"float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16,
+            "float32": None, "fp32": None}[str(name)]
+
+
+def open_image_cache(towers: ClipTowers, cache_dir: Path, dtype) -> FeatureCache:
+    return FeatureCache(cache_dir, namespace="clip-image-pooled", fingerprint=towers.image_fingerprint(),
+                        dtype=_cache_dtype(dtype))
+
+
+def precompute_image_features(towers: ClipTowers, store: ImageStore, image_ids: list[str], cache: FeatureCache, *,
+                              batch_size: int = 64, rank: int = 0, world_size: int = 1,
+                              stats: DataStats | None = None) -> set[str]:
+    """Encode this rank's share of the uncached images; returns the ids that failed to decode."""
+    todo = cache.missing(image_ids)[rank::world_size]
+    bad: set[str] = set()
+    for start in range(0, len(todo), batch_size):
+        ids, images = [], []
+        for image_id in todo[start : start + batch_size]:
+            try:
+                images.append(store.load(image_id))
+                ids.append(image_id)
+            except Exception as exc:  # a corrupt image is counted and skipped, never fatal
+                bad.add(image_id)
+                if stats is not None:
+                    stats.bad("bad_images", f"{image_id} ({type(exc).__name__})")
+        if not ids:
+            continue
+        with torch.no_grad():
+            pooled = towers.pool_images(towers.preprocess_images(images))
+        cache.put_many(ids, pooled.float().cpu())
+    return bad
+
+
+def _build_trainer_args(recipe: dict, output_dir: Path):
+    from transformers import TrainingArguments
+
+    args = dict(recipe["training"])
+    args.setdefault("report_to", "none")
+    args.setdefault("save_strategy", "no")
+    args["remove_unused_columns"] = False
+    args["output_dir"] = str(output_dir)
+    try:
+        return TrainingArguments(**args)
+    except (TypeError, ValueError) as exc:
+        raise OfaconvError(f"bad training arguments: {exc}", key="training") from exc
+
+
+def _clamp_callback(limit: float):
+    from transformers import TrainerCallback
+
+    class ClampLogitScale(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            target = getattr(model, "module", model)
+            with torch.no_grad():
+                target.clip.logit_scale.clamp_(0, limit)
+
+    return ClampLogitScale()
+
+
+def export_package(base: ClipPackage, clip_model, out: Path, *, overwrite: bool = True) -> None:
+    pkg = copy.copy(base)
+    state = {k: v.detach().float().cpu() for k, v in clip_model.state_dict().items()
+             if not k.endswith(("position_ids", "token_type_ids"))}
+    pkg.state = module_state_to_file(state, clip_model)
+    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+        write_package(pkg, tmp)
+        check_package(pkg, tmp)
+
+
+def train(recipe: dict, *, resume: str | bool | None = None) -> dict:
+    from accelerate import PartialState
+    from transformers import Trainer, set_seed
+
+    base = Path(recipe.pop("_base", "."))
+
+    def rel(p):
+        return Path(p) if os.path.isabs(p) else base / p
+
+    state = PartialState()
+    lit = recipe["lit"]
+    set_seed(int(recipe["training"].get("seed", 42)))
+    output_dir = rel(recipe["output_dir"])
+    pkg, _, _, _ = load_package(rel(recipe["model"]), max_length=recipe.get("max_length"))
+    clip_model = pkg.build_model()
+    towers = ClipTowers(clip_model, pkg.image_processor, pkg.tokenizer, kind=pkg.kind, max_length=pkg.max_length)
+    max_length = int(recipe.get("max_length") or pkg.max_length)
+
+    pairs, store, stats = read_pairs(recipe["data"]["train"] if "train" in recipe["data"] else recipe["data"], base)
+    cache = None
+    if lit["cache_image_features"]:
+        if not lit["lock_image"]:
+            raise OfaconvError("cache_image_features needs lock_image: true (an unlocked tower changes every step)",
+                               key="lit.cache_image_features")
+        cache = open_image_cache(towers, rel(lit["cache_dir"] or (Path(recipe["output_dir"]) / "feature_cache")),
+                                 lit["cache_dtype"])
+        unique = list(dict.fromkeys(p.image_id for p in pairs))
+        bad = precompute_image_features(towers, store, unique, cache, batch_size=int(lit["encode_batch_size"]),
+                                        rank=state.process_index, world_size=state.num_processes, stats=stats)
+        state.wait_for_everyone()
+        cache.refresh()
+        if state.num_processes > 1:
+            bad |= set(i for i in unique if i not in cache)
+        pairs = [p for p in pairs if p.image_id not in bad]
+        stats.pairs = len(pairs)
+    else:
+        pairs = filter_decodable(pairs, store, stats)
+    if not pairs:
+        raise OfaconvError(f"no usable training pairs ({json.dumps(stats.to_dict())})")
+    logger.info("training pairs: %s", stats.to_dict())
+
+    model = LiTModel(clip_model, lock_image=lit["lock_image"], lock_image_head=lit["lock_image_head"])
+    dataset = PairDataset(pairs, store, pkg.image_processor, cache)
+    args = _build_trainer_args(recipe, output_dir)
+    callbacks = [_clamp_callback(float(lit["clamp_logit_scale"]))] if lit["clamp_logit_scale"] is not None else []
+    trainer = Trainer(model=model, args=args, train_dataset=dataset,
+                      data_collator=PairCollator(pkg.tokenizer, max_length), callbacks=callbacks)
+    result = trainer.train(resume_from_checkpoint=resume)
+    final = output_dir / "final"
+    if state.is_main_process:
+        pkg.max_length = max_length
+        pkg.extra = {**pkg.extra, "trained_with": "ofaconv clip train (LiT)"}
+        export_package(pkg, clip_model, final)
+        (output_dir / "data_stats.json").write_text(json.dumps(stats.to_dict(), indent=2) + "\n")
+    state.wait_for_everyone()
+    return {"output": str(final), "train_loss": result.training_loss, "steps": result.global_step,
+            "data": stats.to_dict(), "cached": cache is not None}
