@@ -1,0 +1,148 @@
+"""Conversion cost: ofaconv vs the naive converter vs the I/O floor, measured in one run.
+
+Each approach runs in its own child process on the same synthetic checkpoint in the exact OFA
+trainer format (with optimizer state); wall time and peak RSS (``wait4`` rusage of that child)
+are recorded, medians over --repeat runs after one warm-up, with the page cache primed before
+each run. Approaches:
+  naive   what OFA-Compress's converter does: torch.load everything, rename, save (safetensors)
+  floor   the I/O floor: read each weight's bytes once and write them once
+  ofaconv ``ofaconv convert`` (no --verify)
+
+  python bench/convert.py --smoke            # micro checkpoint, seconds (CI)
+  python bench/convert.py --variants ofa-base,ofa-large
+Targets (issue 2): peak RSS <= 1/4 of naive on large; wall <= 1.5x the I/O floor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+NAIVE = r"""
+import argparse, sys, torch
+from safetensors.torch import save_file
+src, out = sys.argv[1], sys.argv[2]
+with torch.serialization.safe_globals([argparse.Namespace]):
+    ckpt = torch.load(src, map_location="cpu", weights_only=True)
+renames = [(".encoder_attn_layer_norm.", ".cross_attn_layer_norm."), (".encoder_attn.", ".cross_attn."),
+           (".self_attn_ln.", ".self_attn_mid_layer_norm."), (".cross_attn_ln.", ".cross_attn_mid_layer_norm."),
+           (".attn_ln.", ".self_attn_mid_layer_norm."), (".ffn_layernorm.", ".ffn_layer_norm.")]
+state = {}
+for key, value in ckpt["model"].items():
+    if key.endswith(".version") or key in ("decoder.embed_tokens.weight", "decoder.output_projection.weight"):
+        continue
+    for a, b in renames:
+        key = key.replace(a, b)
+    state[key] = value.clone()
+save_file(state, out)
+"""
+
+FLOOR = r"""
+import argparse, sys, torch
+src, out = sys.argv[1], sys.argv[2]
+with torch.serialization.safe_globals([argparse.Namespace]):
+    ckpt = torch.load(src, map_location="cpu", weights_only=True, mmap=True)
+with open(out, "wb") as f:
+    for key, value in ckpt["model"].items():
+        if key.endswith("_rp_bucket") or key.endswith("image_position_idx") or key.endswith(".version"):
+            continue
+        if key in ("decoder.embed_tokens.weight", "decoder.output_projection.weight"):
+            continue
+        f.write(value.contiguous().view(torch.uint8).numpy().tobytes())
+"""
+
+
+def run_child(argv: list[str]) -> tuple[float, int]:
+    start = time.perf_counter()
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    err = proc.stderr.read().decode()
+    proc.stderr.close()
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"child failed: {' '.join(argv)}\n{err}")
+    return wall, usage.ru_maxrss * 1024
+
+
+def prime(path: Path) -> None:
+    with open(path, "rb") as f:
+        while f.read(1 << 24):
+            pass
+
+
+def approaches(src: Path, work: Path) -> dict[str, list[str]]:
+    py = sys.executable
+    return {
+        "naive": [py, "-c", NAIVE, str(src), str(work / "naive.safetensors")],
+        "floor": [py, "-c", FLOOR, str(src), str(work / "floor.bin")],
+        "ofaconv": [py, "-m", "ofaconv", "convert", str(src), str(work / "ofaconv_out"), "--force"],
+    }
+
+
+def measure(src: Path, work: Path, repeat: int) -> dict[str, tuple[float, int]]:
+    results = {}
+    for name, argv in approaches(src, work).items():
+        prime(src)
+        run_child(argv)  # warm-up: first touch of fresh memory is slow on this kind of machine
+        walls, rss = [], []
+        for _ in range(repeat):
+            prime(src)
+            wall, peak = run_child(argv)
+            walls.append(wall)
+            rss.append(peak)
+        results[name] = (statistics.median(walls), max(rss))
+    return results
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="micro checkpoint, one run (CI)")
+    parser.add_argument("--variants", default="ofa-base,ofa-large")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--workdir", help="where to put checkpoints and outputs (default: a temp dir)")
+    args = parser.parse_args()
+
+    from ofaconv.synth import write_synthetic_checkpoint
+
+    variants = ["ofa-cn-base"] if args.smoke else args.variants.split(",")
+    size = "micro" if args.smoke else "full"
+    repeat = 1 if args.smoke else args.repeat
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="ofaconv-bench-convert-"))
+    work.mkdir(parents=True, exist_ok=True)
+    rows = []
+    try:
+        for variant in variants:
+            src = work / f"{variant}-{size}.pt"
+            if not src.exists():
+                write_synthetic_checkpoint(src, variant, size=size, optimizer_state=True)
+            res = measure(src, work, repeat)
+            rows.append((variant, src.stat().st_size, res))
+            for leftover in ("naive.safetensors", "floor.bin"):
+                (work / leftover).unlink(missing_ok=True)
+            shutil.rmtree(work / "ofaconv_out", ignore_errors=True)
+    finally:
+        if not args.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+
+    print(f"\nconversion, {size} synthetic checkpoints with optimizer state, median of {repeat} "
+          f"(wall) / max (peak RSS), page cache primed\n")
+    print("| variant | file | approach | wall s | peak RSS MiB | RSS vs naive | wall vs floor |")
+    print("|---|---|---|---|---|---|---|")
+    for variant, file_size, res in rows:
+        naive_rss, floor_wall = res["naive"][1], res["floor"][0]
+        for name in ("naive", "floor", "ofaconv"):
+            wall, rss = res[name]
+            print(f"| {variant} | {file_size / 2**30:.2f} GiB | {name} | {wall:.2f} | {rss / 2**20:.0f} | "
+                  f"{rss / naive_rss:.2f}x | {wall / floor_wall:.2f}x |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

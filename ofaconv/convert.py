@@ -1,0 +1,365 @@
+"""``ofaconv convert CKPT OUT/``: a fairseq OFA checkpoint becomes a complete Hugging Face folder.
+
+Invariants:
+- the source is opened memory-mapped and restricted (``ofaconv.checkpoint``); the optimizer state
+  and EMA copy are never paged in;
+- every source key is accounted for by the key map before any tensor is read;
+- tensors are streamed one at a time into safetensors shards, cast per tensor;
+- the folder is assembled in a temporary sibling and renamed into place only when complete, so a
+  failure leaves nothing behind (a failed *verification* keeps the folder, with the report saying
+  which check failed, and exits non-zero).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .checkpoint import check_finite, detect_variant, infer_config, load_checkpoint, read_flags
+from .errors import CheckpointError, OfaconvError
+from .keymap import KeyMap
+from .variants import family_info, get_variant
+from .writer import write_shards
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DEFAULT_KEYMAP = "ofa_fairseq"
+# Files copied next to the weights so the folder works with trust_remote_code and no ofaconv.
+REMOTE_CODE_FILES = [
+    "configuration_ofa.py",
+    "modeling_ofa.py",
+    "generation_ofa.py",
+    "image_processing_ofa.py",
+    "processing_ofa.py",
+]
+# fairseq flags the model does not implement: refuse rather than convert something that differs.
+UNSUPPORTED_FLAGS = {
+    "scale_resids": True,
+    "encoder_prompt": True,
+    "decoder_prompt": True,
+    "cross_self_attention": True,
+}
+
+
+def parse_size(text: str | int) -> int:
+    if isinstance(text, int):
+        return text
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
+    s = str(text).strip().upper()
+    for unit in sorted(units, key=len, reverse=True):
+        if s.endswith(unit):
+            return int(float(s[: -len(unit)]) * units[unit])
+    return int(s)
+
+
+def build_config(shape: dict, flags: dict):
+    """OFAConfig from inferred shapes plus the checkpoint's non-shape flags."""
+    from .modeling import OFAConfig
+
+    for flag, bad in UNSUPPORTED_FLAGS.items():
+        if flags.get(flag) == bad or shape.get(flag) == bad:
+            raise CheckpointError(f"flag {flag}={bad} is not supported by the transformers model")
+    if shape["max_source_positions"] != shape["max_target_positions"]:
+        raise CheckpointError("different source and target position table sizes are not supported")
+    # Structural flags come from which keys exist; the rest from the checkpoint's arguments.
+    normformer = [shape[k] for k in ("scale_attn", "scale_fc", "scale_heads")]
+    if len(set(normformer)) != 1:
+        raise CheckpointError("mixed NormFormer flags (scale_attn/scale_fc/scale_heads) are not supported")
+    return OFAConfig(
+        vocab_size=shape["vocab_size"],
+        max_position_embeddings=shape["max_source_positions"],
+        d_model=shape["d_model"],
+        encoder_layers=shape["encoder_layers"],
+        decoder_layers=shape["decoder_layers"],
+        encoder_ffn_dim=shape["encoder_ffn_dim"],
+        decoder_ffn_dim=shape["decoder_ffn_dim"],
+        encoder_attention_heads=shape["encoder_attention_heads"],
+        decoder_attention_heads=shape["decoder_attention_heads"],
+        resnet_type=shape.get("resnet_type") or "custom",
+        resnet_layers=shape["resnet_layers"],
+        token_bucket_size=shape["token_bucket_size"],
+        image_bucket_size=shape["image_bucket_size"],
+        normformer=normformer[0],
+        attn_scale_factor=float(flags["attn_scale_factor"]),
+        scale_embedding=not flags["no_scale_embedding"],
+        encoder_normalize_before=shape["encoder_normalize_before"],
+        decoder_normalize_before=shape["decoder_normalize_before"],
+        layernorm_embedding=shape["layernorm_embedding"],
+        patch_layernorm_embedding=shape["patch_layernorm_embedding"],
+        code_layernorm_embedding=shape["code_layernorm_embedding"],
+        add_type_embedding=shape["add_type_embedding"],
+        entangle_position_embedding=bool(flags["entangle_position_embedding"]),
+        disable_entangle=bool(flags["disable_entangle"]),
+        interpolate_position=bool(flags["interpolate_position"]),
+        orig_patch_image_size=int(flags["orig_patch_image_size"]),
+        patch_image_size=int(flags["patch_image_size"]),
+        code_image_size=int(flags.get("code_image_size", 128)),
+        architectures=["OFAForConditionalGeneration"],
+        auto_map={
+            "AutoConfig": "configuration_ofa.OFAConfig",
+            "AutoModel": "modeling_ofa.OFAModel",
+            "AutoModelForSeq2SeqLM": "modeling_ofa.OFAForConditionalGeneration",
+        },
+    )
+
+
+def keymap_counts(shape: dict) -> dict:
+    return {
+        "encoder_layers": shape["encoder_layers"],
+        "decoder_layers": shape["decoder_layers"],
+        "resnet_layers": list(shape["resnet_layers"]),
+    }
+
+
+def check_derived(plan, state: dict, config, path) -> list[dict]:
+    """The rp-bucket tables and image_position_idx are recomputed by the model: compare once."""
+    from .modeling.modeling_ofa import image_num_rel_dis, make_image_bucket_position, make_token_bucket_position
+    from .reference.buckets import make_image_position_idx
+
+    expected = {
+        "token_rp_bucket": lambda: make_token_bucket_position(config.token_bucket_size, config.max_position_embeddings),
+        "image_rp_bucket": lambda: make_image_bucket_position(
+            config.image_bucket_size, image_num_rel_dis(config.image_bucket_size)
+        ),
+    }
+    results = []
+    for target, source in plan.derived.items():
+        tensor = state[source]
+        name = target.rsplit(".", 1)[-1]
+        if name == "image_position_idx":
+            # 1026 in fairseq's current code, 1025 in released checkpoints (OFA#229).
+            candidates = [make_image_position_idx(config.image_bucket_size, length=n) for n in (1025, 1026)]
+            ok = any(c.shape == tensor.shape and torch.equal(c, tensor) for c in candidates)
+        else:
+            ok = torch.equal(expected[name]().to(tensor.dtype), tensor)
+        results.append({"key": source, "equal": ok})
+        if not ok:
+            raise CheckpointError("derived table differs from the one ofaconv recomputes", path=path, key=source)
+    return results
+
+
+def check_tied(plan, state: dict, path) -> None:
+    for alias, canonical in plan.tied_sources.items():
+        a, c = state[alias], state[canonical]
+        if a.shape != c.shape or not torch.equal(a, c):
+            raise CheckpointError(f"tied alias differs from '{canonical}'", path=path, key=alias)
+
+
+@dataclass
+class ConversionResult:
+    out_dir: Path
+    report: dict
+    passed: bool
+    lines: list[str] = field(default_factory=list)
+
+
+def _copy_remote_code(folder: Path) -> None:
+    package = resources.files("ofaconv.modeling")
+    for name in REMOTE_CODE_FILES:
+        source = package / name
+        if source.is_file():
+            (folder / name).write_bytes(source.read_bytes())
+
+
+def _versions() -> dict:
+    import transformers
+
+    return {
+        "ofaconv": __version__,
+        "torch": torch.__version__.split("+")[0],
+        "transformers": transformers.__version__,
+        "python": ".".join(map(str, sys.version_info[:3])),
+    }
+
+
+def _write_generation_config(folder: Path, family: str | None, variant: str | None, config) -> None:
+    from .modeling.generation_ofa import build_generation_config
+
+    settings = dict(family_info(family)["generation"]) if family else {}
+    if variant:
+        settings.update(get_variant(variant).get("generation", {}))
+    build_generation_config(settings, config).save_pretrained(folder)
+
+
+def convert_checkpoint(
+    src,
+    out_dir,
+    *,
+    force: bool = False,
+    dtype: str = "fp32",
+    max_shard_size="2GB",
+    ema: bool = False,
+    keymap: str = DEFAULT_KEYMAP,
+    tokenizer: str | None = None,
+    prompt: str | None = None,
+    verify: bool = False,
+    license: str = "apache-2.0",
+    progress: bool = False,
+) -> ConversionResult:
+    src, out_dir = Path(src), Path(out_dir)
+    if dtype not in DTYPES:
+        raise OfaconvError(f"unknown dtype {dtype!r} (choose from {', '.join(DTYPES)})")
+    if out_dir.exists() and not force:
+        raise OfaconvError("output exists (use --force to replace it)", path=out_dir)
+
+    ckpt = load_checkpoint(src, ema=ema)
+    state = ckpt.state_dict
+    shape = infer_config(state)
+    flags = read_flags(ckpt)
+    variant, family = detect_variant(shape, flags)
+    if family is not None and shape["vocab_size"] != family_info(family)["vocab_size"]:
+        variant, family = None, None  # same layer shapes as a released variant, another vocabulary
+    config = build_config(shape, flags)
+    km = KeyMap.load(keymap)
+    plan = km.plan(state, keymap_counts(shape), source_path=src)
+    check_tied(plan, state, src)
+    derived = check_derived(plan, state, config, src)
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    try:
+        target_dtype = DTYPES[dtype]
+
+        def thunk(key):
+            def load():
+                tensor = state[key]
+                check_finite(key, tensor, src)
+                return tensor
+
+            return load
+
+        items = [(target, tuple(state[key].shape), state[key].dtype, thunk(key)) for target, key in plan.entries]
+        written = write_shards(
+            tmp, items, max_shard_size=parse_size(max_shard_size), dtype=None if dtype == "fp32" else target_dtype,
+            progress=progress,
+        )
+        config.dtype = target_dtype
+        config.save_pretrained(tmp)
+        _copy_remote_code(tmp)
+        _write_generation_config(tmp, family, variant, config)
+        processing_note = _save_processing(tmp, family, config.patch_image_size, tokenizer, prompt)
+
+        report = {
+            "schema": "ofaconv/report@1",
+            "kind": "conversion",
+            "ofaconv_version": __version__,
+            "source": {"file": src.name, "sha256": ckpt.sha256, "size": src.stat().st_size, "layout": ckpt.layout,
+                       "ema": ema},
+            "variant": variant,
+            "family": family,
+            "flags": flags,
+            "config": {k: shape[k] for k in sorted(shape)},
+            "keymap": {"file": Path(km.path).name, "sha256": km.sha256},
+            "dtype": {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[dtype],
+            "files": written.files,
+            "processing": processing_note,
+            "derived_checked": [d["key"] for d in derived],
+            "checks": [],
+            "passed": True,
+            "versions": _versions(),
+        }
+        lines = []
+        if verify:
+            from .verify import run_checks
+
+            checks = run_checks(tmp, ckpt, plan=plan, dtype=dtype)
+            report["checks"] = checks
+            report["passed"] = all(c["passed"] for c in checks)
+            from .verify import format_checks
+
+            lines = format_checks(checks)
+        (tmp / "conversion_report.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+        _write_card(tmp, license)
+        if out_dir.exists():
+            trash = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=out_dir.parent))
+            out_dir.rename(trash / out_dir.name)
+            tmp.rename(out_dir)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return ConversionResult(out_dir, report, report["passed"], lines)
+
+
+def _save_processing(folder: Path, family, image_size: int, tokenizer_source, prompt) -> dict:
+    if family is None:
+        return {"saved": False, "reason": "vocabulary matches no OFA family; no tokenizer or processor written"}
+    from .modeling.processing_ofa import save_processing
+
+    save_processing(folder, family, image_size, tokenizer_source=tokenizer_source, prompt=prompt)
+    return {"saved": True, "family": family, "image_size": image_size, "prompt": prompt or family_info(family)["prompt"]}
+
+
+def _write_card(folder: Path, license: str) -> None:
+    try:
+        from .hub.card import write_model_card
+    except ImportError:
+        return
+    write_model_card(folder, license=license)
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("convert", help="convert a fairseq OFA checkpoint to a Hugging Face folder")
+    p.add_argument("checkpoint", help="fairseq OFA checkpoint (.pt), or synth:VARIANT for a built-in micro one")
+    p.add_argument("out", help="output folder (created; refused if it exists unless --force)")
+    p.add_argument("--verify", action="store_true", help="run the parity checker and fail on any mismatch")
+    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="weight dtype on disk (cast per tensor)")
+    p.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard (default 2GB)")
+    p.add_argument("--ema", action="store_true", help="convert the EMA weights stored in extra_state")
+    p.add_argument("--keymap", default=DEFAULT_KEYMAP, help="key map name in mappings/ or a YAML path")
+    p.add_argument("--tokenizer", help="folder or Hub id with the English vocabulary files (default: shipped)")
+    p.add_argument("--prompt", help="caption prompt saved in the processor (default: fairseq's)")
+    p.add_argument("--license", default="apache-2.0", help="license in the model card")
+    p.set_defaults(func=_run)
+
+
+SYNTH_PREFIX = "synth:"
+
+
+def _run(args) -> int:
+    source = args.checkpoint
+    if source.startswith(SYNTH_PREFIX):
+        # The embedded default: a micro synthetic checkpoint of a released variant, in the exact
+        # trainer format, written to a temporary file and converted like any other.
+        from .synth import write_synthetic_checkpoint
+
+        variant = source[len(SYNTH_PREFIX):]
+        tmpdir = tempfile.TemporaryDirectory(prefix="ofaconv-synth-")
+        source = Path(tmpdir.name) / f"{variant}-micro.pt"
+        write_synthetic_checkpoint(source, variant, size="micro")
+        print(f"synthesized {variant} (micro, trainer format) at {source}")
+    result = convert_checkpoint(
+        source,
+        args.out,
+        force=args.force,
+        dtype=args.dtype,
+        max_shard_size=args.max_shard_size,
+        ema=args.ema,
+        keymap=args.keymap,
+        tokenizer=args.tokenizer,
+        prompt=args.prompt,
+        verify=args.verify,
+        license=args.license,
+        progress=sys.stderr.isatty(),
+    )
+    report = result.report
+    print(f"wrote {result.out_dir} (variant {report['variant'] or 'unknown'}, {report['dtype']}, "
+          f"{len(report['files'])} weight file(s))")
+    for line in result.lines:
+        print(line)
+    if not result.passed:
+        failed = ", ".join(c["name"] for c in report["checks"] if not c["passed"])
+        print(f"ofaconv: error: verification failed ({failed}); see {result.out_dir}/conversion_report.json",
+              file=sys.stderr)
+        return 3
+    return 0

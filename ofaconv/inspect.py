@@ -1,0 +1,57 @@
+"""``ofaconv inspect CKPT``: what convert would do (variant, flags, key plan), writing nothing."""
+
+from __future__ import annotations
+
+import json
+
+from .checkpoint import detect_variant, infer_config, load_checkpoint, read_flags
+from .convert import DEFAULT_KEYMAP, build_config, keymap_counts
+from .keymap import KeyMap
+
+
+def inspect_checkpoint(path, *, keymap: str = DEFAULT_KEYMAP, ema: bool = False) -> dict:
+    ckpt = load_checkpoint(path, ema=ema)
+    shape = infer_config(ckpt.state_dict)
+    flags = read_flags(ckpt)
+    variant, family = detect_variant(shape, flags)
+    build_config(shape, flags)  # refuses unsupported flags here too
+    plan = KeyMap.load(keymap).plan(ckpt.state_dict, keymap_counts(shape), source_path=path)
+    return {
+        "file": str(path),
+        "layout": ckpt.layout,
+        "variant": variant,
+        "family": family,
+        "config": shape,
+        "flags": flags,
+        "optimizer_state": ckpt.has_optimizer_state,
+        "ema": ckpt.has_ema,
+        "plan": plan.summary_lines(),
+    }
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("inspect", help="show the detected variant, flags and key plan of a checkpoint")
+    p.add_argument("checkpoint")
+    p.add_argument("--keymap", default=DEFAULT_KEYMAP)
+    p.add_argument("--ema", action="store_true")
+    p.add_argument("--json", action="store_true", help="print as JSON")
+    p.set_defaults(func=_run)
+
+
+def _run(args) -> int:
+    info = inspect_checkpoint(args.checkpoint, keymap=args.keymap, ema=args.ema)
+    if args.json:
+        print(json.dumps(info, indent=2, default=str))
+        return 0
+    print(f"file:     {info['file']} ({info['layout']} layout)")
+    print(f"variant:  {info['variant'] or 'unknown (shapes follow the OFA scheme)'}; family: {info['family'] or 'unknown'}")
+    c = info["config"]
+    print(f"shape:    d_model {c['d_model']}, layers {c['encoder_layers']}+{c['decoder_layers']}, "
+          f"heads {c['encoder_attention_heads']}, ffn {c['encoder_ffn_dim']}, vocab {c['vocab_size']}, "
+          f"resnet {c['resnet_layers']}")
+    print(f"extra:    optimizer state {'present (not read)' if info['optimizer_state'] else 'absent'}, "
+          f"EMA {'present' if info['ema'] else 'absent'}")
+    print("flags:    " + ", ".join(f"{k}={v}" for k, v in sorted(info["flags"].items())))
+    for line in info["plan"]:
+        print(line)
+    return 0

@@ -1,0 +1,297 @@
+"""convert + verify on every variant family's micro fixture, the official micro checkpoint,
+golden outputs, bad inputs, and mutation tests proving the parity checker bites."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from ofaconv.cli import main as cli
+from ofaconv.convert import convert_checkpoint
+from ofaconv.errors import OfaconvError
+from ofaconv.synth import write_bad_checkpoint, write_synthetic_checkpoint
+from ofaconv.variants import variant_names
+
+OFFICIAL = Path(__file__).resolve().parents[2] / "shared" / "reference" / "ofa_micro_official"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
+MAPPINGS = Path(__file__).resolve().parents[1] / "mappings"
+
+
+@pytest.fixture(scope="session")
+def synth_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("synth")
+
+
+@pytest.fixture(scope="session")
+def micro_checkpoint(synth_dir):
+    made = {}
+
+    def get(variant: str) -> Path:
+        if variant not in made:
+            path = synth_dir / f"{variant}.pt"
+            write_synthetic_checkpoint(path, variant, size="micro", seed=0)
+            made[variant] = path
+        return made[variant]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def converted(micro_checkpoint, tmp_path_factory):
+    done = {}
+
+    def get(variant: str):
+        if variant not in done:
+            out = tmp_path_factory.mktemp("conv") / variant
+            done[variant] = convert_checkpoint(micro_checkpoint(variant), out, verify=True)
+        return done[variant]
+
+    return get
+
+
+@pytest.mark.parametrize("variant", variant_names())
+def test_convert_verify_every_variant(variant, converted):
+    result = converted(variant)
+    checks = {c["name"]: c for c in result.report["checks"]}
+    assert result.passed, [c for c in result.report["checks"] if not c["passed"]]
+    for name in ("structure", "tensors", "encoder_states", "decoder_logits", "greedy", "beam5", "beam8"):
+        assert checks[name]["passed"], checks[name]
+    # A faithful fp32 port is bit-exact on CPU; the gate is 1e-5.
+    assert checks["decoder_logits"]["value"] <= 1e-5
+    out = result.out_dir
+    for name in ("config.json", "model.safetensors", "generation_config.json", "README.md",
+                 "conversion_report.json", "modeling_ofa.py", "configuration_ofa.py",
+                 "preprocessor_config.json", "tokenizer_config.json"):
+        assert (out / name).exists(), name
+    assert result.report["variant"] == variant
+
+
+def test_golden_outputs(converted):
+    """Logit slices and greedy ids of each micro fixture are pinned, so a drift that hits the
+    model and the reference alike is still caught."""
+    from ofaconv.verify import load_converted, probe_inputs
+
+    golden = json.loads((FIXTURES / "golden.json").read_text())
+    for variant in variant_names():
+        model, _ = load_converted(converted(variant).out_dir)
+        inputs = probe_inputs(model.config, converted(variant).out_dir)
+        with torch.no_grad():
+            logits = model(**inputs).logits
+            ids = model.generate(
+                input_ids=inputs["input_ids"], patch_images=inputs["patch_images"], patch_masks=inputs["patch_masks"],
+                num_beams=1, max_len_b=8, no_repeat_ngram_size=3,
+            )
+        expected = golden[variant]
+        got = logits[:, :, :8].reshape(-1).tolist()
+        assert max(abs(a - b) for a, b in zip(got, expected["logits_slice"])) <= 1e-5, variant
+        assert ids.tolist() == expected["greedy_ids"], variant
+
+
+def test_official_micro_reproduces_official_logits(tmp_path):
+    ckpt = tmp_path / "checkpoint.pt"
+    with gzip.open(OFFICIAL / "checkpoint.pt.gz", "rb") as src, open(ckpt, "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    result = convert_checkpoint(ckpt, tmp_path / "out", verify=True)
+    assert result.passed, result.report["checks"]
+    from ofaconv.verify import load_converted
+
+    model, _ = load_converted(tmp_path / "out")
+    io = torch.load(OFFICIAL / "reference_io.pt")
+    with torch.no_grad():
+        logits = model(**io["inputs"]).logits
+    assert (logits - io["logits"]).abs().max().item() <= 1e-5
+
+
+def test_cli_convert_and_verify(micro_checkpoint, tmp_path, capsys):
+    src = micro_checkpoint("ofa-cn-base")
+    out = tmp_path / "out"
+    assert cli(["convert", str(src), str(out), "--verify"]) == 0
+    assert "decoder_logits" in capsys.readouterr().out
+    assert cli(["convert", str(src), str(out)]) != 0  # exists: refused without --force
+    assert "--force" in capsys.readouterr().err
+    assert cli(["verify", str(out), "--against", str(src)]) == 0
+    assert cli(["verify", str(out)]) == 0
+    assert cli(["inspect", str(src)]) == 0
+    assert "ofa-cn-base" in capsys.readouterr().out
+
+
+def test_fp16_and_sharding_are_deterministic(micro_checkpoint, tmp_path):
+    src = micro_checkpoint("ofa-tiny")
+    a = convert_checkpoint(src, tmp_path / "a", dtype="fp16", max_shard_size="2MB", verify=True)
+    b = convert_checkpoint(src, tmp_path / "b", dtype="fp16", max_shard_size="2MB")
+    assert a.passed
+    assert (tmp_path / "a" / "model.safetensors.index.json").exists()
+    shards = sorted(p.name for p in (tmp_path / "a").glob("*.safetensors"))
+    assert len(shards) > 1
+    for name in shards + ["model.safetensors.index.json"]:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+
+
+BAD_INPUTS = ["truncated", "random_bytes", "malicious_pickle", "not_ofa", "nan_weight", "missing_key",
+              "extra_key", "misshaped_key"]
+
+
+@pytest.mark.parametrize("kind", BAD_INPUTS)
+def test_bad_input_one_line_error_and_no_output(kind, micro_checkpoint, tmp_path, capsys):
+    bad = tmp_path / f"{kind}.pt"
+    write_bad_checkpoint(bad, kind, base=micro_checkpoint("ofa-tiny"))
+    out = tmp_path / "out"
+    code = cli(["convert", str(bad), str(out)])
+    err = capsys.readouterr().err.strip()
+    assert code != 0
+    assert len(err.splitlines()) == 1 and err.startswith("ofaconv: error:"), err
+    assert str(bad) in err
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")], "temporary output left behind"
+
+
+# -- mutation tests: a deliberately broken mapping or flag must make --verify fail -------------
+
+def _mutated_keymap(tmp_path: Path, edit) -> Path:
+    data = yaml.safe_load((MAPPINGS / "ofa_fairseq.yaml").read_text())
+    edit(data)
+    path = tmp_path / "mutated.yaml"
+    path.write_text(yaml.safe_dump(data, allow_unicode=True, sort_keys=False))
+    return path
+
+
+def _swap_keep(data, old, new):
+    data["keep"] = [e.replace(old, new) if isinstance(e, str) else e for e in data["keep"]]
+
+
+def _rename_rule(data, src, dst):
+    data.setdefault("rename", []).append({"from": src, "to": dst})
+
+
+MUTATIONS = {
+    "swapped_q_k": lambda d: (
+        _replace_keep(d, "encoder.layers.{i:encoder_layers}.self_attn.{p:q_proj|k_proj|v_proj|out_proj}.{t:weight|bias}",
+                      ["encoder.layers.{i:encoder_layers}.self_attn.{p:v_proj|out_proj}.{t:weight|bias}"]),
+        _rename_rule(d, "encoder.layers.{i:encoder_layers}.self_attn.q_proj.{t:weight|bias}", "encoder.layers.{i}.self_attn.k_proj.{t}"),
+        _rename_rule(d, "encoder.layers.{i:encoder_layers}.self_attn.k_proj.{t:weight|bias}", "encoder.layers.{i}.self_attn.q_proj.{t}"),
+    ),
+    "swapped_layernorm_weight_bias": lambda d: (
+        _replace_keep(d, "encoder.{m:layernorm_embedding|patch_layernorm_embedding|pos_ln|image_pos_ln|layer_norm}.{t:weight|bias}",
+                      ["encoder.{m:patch_layernorm_embedding|pos_ln|image_pos_ln|layer_norm}.{t:weight|bias}"]),
+        _rename_rule(d, "encoder.layernorm_embedding.weight", "encoder.layernorm_embedding.bias"),
+        _rename_rule(d, "encoder.layernorm_embedding.bias", "encoder.layernorm_embedding.weight"),
+    ),
+    "wrong_layer_index": lambda d: (
+        _replace_keep(d, "decoder.layers.{i:decoder_layers}.{m:self_attn_layer_norm|final_layer_norm|fc1|fc2}.{t:weight|bias}",
+                      ["decoder.layers.{i:decoder_layers}.{m:self_attn_layer_norm|final_layer_norm}.{t:weight|bias}",
+                       "decoder.layers.{i:decoder_layers}.fc2.{t:weight|bias}"]),
+        _rename_rule(d, "decoder.layers.0.fc1.{t:weight|bias}", "decoder.layers.1.fc1.{t}"),
+        _rename_rule(d, "decoder.layers.1.fc1.{t:weight|bias}", "decoder.layers.0.fc1.{t}"),
+    ),
+    "swapped_cross_and_self_mid_layer_norm": lambda d: _swap_renames(
+        d, "decoder.layers.{i}.self_attn_mid_layer_norm.{t}", "decoder.layers.{i}.cross_attn_mid_layer_norm.{t}"),
+    "dropped_normformer_layer_norm": lambda d: (
+        _drop_rename(d, "encoder.layers.{i:encoder_layers}.attn_ln.{t:weight|bias}"),
+    ),
+    "swapped_self_and_cross_attention": lambda d: (
+        _replace_keep(d, "decoder.layers.{i:decoder_layers}.self_attn.{p:q_proj|k_proj|v_proj|out_proj}.{t:weight|bias}", []),
+        _set_rename_to(d, "decoder.layers.{i:decoder_layers}.encoder_attn.{p:q_proj|k_proj|v_proj|out_proj}.{t:weight|bias}",
+                       "decoder.layers.{i}.self_attn.{p}.{t}"),
+        _rename_rule(d, "decoder.layers.{i:decoder_layers}.self_attn.{p:q_proj|k_proj|v_proj|out_proj}.{t:weight|bias}",
+                     "decoder.layers.{i}.cross_attn.{p}.{t}"),
+    ),
+    "swapped_head_scales": lambda d: (
+        _replace_keep(d, "decoder.layers.{i:decoder_layers}.self_attn.c_attn", []),
+        _set_rename_to(d, "decoder.layers.{i:decoder_layers}.encoder_attn.c_attn", "decoder.layers.{i}.self_attn.c_attn"),
+        _rename_rule(d, "decoder.layers.{i:decoder_layers}.self_attn.c_attn", "decoder.layers.{i}.cross_attn.c_attn"),
+    ),
+    "swapped_position_bias_projections": lambda d: (
+        _replace_keep(d, "decoder.{m:self_pos_q_linear|self_pos_k_linear|cross_pos_q_linear|cross_pos_k_linear}.{t:weight|bias}",
+                      ["decoder.{m:self_pos_q_linear|self_pos_k_linear}.{t:weight|bias}"]),
+        _rename_rule(d, "decoder.cross_pos_q_linear.{t:weight|bias}", "decoder.cross_pos_k_linear.{t}"),
+        _rename_rule(d, "decoder.cross_pos_k_linear.{t:weight|bias}", "decoder.cross_pos_q_linear.{t}"),
+    ),
+    "swapped_rel_pos_tables_between_layers": lambda d: (
+        _replace_keep(d, "encoder.{m:token_rel_pos_table_list|image_rel_pos_table_list}.{i:encoder_layers}.weight",
+                      ["encoder.image_rel_pos_table_list.{i:encoder_layers}.weight"]),
+        _rename_rule(d, "encoder.token_rel_pos_table_list.0.weight", "encoder.token_rel_pos_table_list.1.weight"),
+        _rename_rule(d, "encoder.token_rel_pos_table_list.1.weight", "encoder.token_rel_pos_table_list.0.weight"),
+    ),
+    "swapped_batchnorm_statistics": lambda d: (
+        _replace_keep(d, "encoder.embed_images.bn1.{b:weight|bias|running_mean|running_var|num_batches_tracked}",
+                      ["encoder.embed_images.bn1.{b:weight|bias|num_batches_tracked}"]),
+        _rename_rule(d, "encoder.embed_images.bn1.running_mean", "encoder.embed_images.bn1.running_var"),
+        _rename_rule(d, "encoder.embed_images.bn1.running_var", "encoder.embed_images.bn1.running_mean"),
+    ),
+}
+
+
+def _replace_keep(data, template, replacements):
+    index = data["keep"].index(template)
+    data["keep"][index:index + 1] = replacements
+
+
+def _set_rename_to(data, source, target):
+    for rule in data["rename"]:
+        if rule["from"] == source:
+            rule["to"] = target
+            return
+    raise KeyError(source)
+
+
+def _drop_rename(data, source):
+    data["rename"] = [r for r in data["rename"] if r["from"] != source]
+    data["drop"].append({"key": source})
+
+
+def _swap_renames(data, a, b):
+    for rule in data["rename"]:
+        if rule["to"] == a:
+            rule["to"] = b
+        elif rule["to"] == b:
+            rule["to"] = a
+
+
+@pytest.mark.parametrize("mutation", sorted(MUTATIONS))
+def test_mutated_keymap_fails_verification(mutation, micro_checkpoint, tmp_path):
+    keymap = _mutated_keymap(tmp_path, MUTATIONS[mutation])
+    src = micro_checkpoint("ofa-large")  # 2 encoder / 3 decoder layers: index swaps are visible
+    try:
+        result = convert_checkpoint(src, tmp_path / "out", keymap=str(keymap), verify=True)
+    except OfaconvError as exc:  # a mis-shaped swap is already refused at load time: also a catch
+        assert "shape" in str(exc) or "size" in str(exc), exc
+        return
+    failed = [c["name"] for c in result.report["checks"] if not c["passed"]]
+    assert not result.passed and failed, f"{mutation} went unnoticed"
+    assert {"encoder_states", "decoder_logits", "structure"} & set(failed)
+
+
+@pytest.mark.parametrize("flag,value", [("attn_scale_factor", 1.0), ("disable_entangle", True),
+                                        ("interpolate_position", False)])
+def test_wrong_config_flag_fails_verification(flag, value, micro_checkpoint, tmp_path, monkeypatch):
+    """A converter that ignores a checkpoint flag (head scale, entangle, interpolation) is caught."""
+    import ofaconv.convert as conv
+
+    variant = "ofa-huge" if flag == "interpolate_position" else "ofa-tiny"
+    src = tmp_path / "src.pt"
+    overrides = {"disable_entangle": False} if flag == "disable_entangle" else {}
+    write_synthetic_checkpoint(src, variant, size="micro", seed=1, flags=overrides)
+    real = conv.build_config
+
+    def broken(shape, flags):
+        config = real(shape, flags)
+        setattr(config, flag, value)
+        return config
+
+    monkeypatch.setattr(conv, "build_config", broken)
+    result = convert_checkpoint(src, tmp_path / "out", verify=True)
+    assert not result.passed, f"ignoring {flag} went unnoticed"
+
+
+def test_disable_entangle_false_is_implemented(tmp_path):
+    src = tmp_path / "entangled.pt"
+    write_synthetic_checkpoint(src, "ofa-cn-base", size="micro", seed=2, flags={"disable_entangle": False})
+    result = convert_checkpoint(src, tmp_path / "out", verify=True)
+    assert result.passed, result.report["checks"]
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["disable_entangle"] is False
