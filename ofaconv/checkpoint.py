@@ -76,6 +76,19 @@ ALLOWED_GLOBALS = _allowed_globals()
 ALLOWED_GLOBAL_NAMES = frozenset(name for _, name in ALLOWED_GLOBALS)
 
 
+class StateDict(dict):
+    """A plain dict of fairseq names -> tensors that remembers its file, so that errors raised
+    about it (infer_config, validate_state_dict) name the file even when the caller passes no path."""
+
+    def __init__(self, items, source_path=None):
+        super().__init__(items)
+        self.source_path = source_path
+
+
+def _source(state_dict, path):
+    return path if path is not None else getattr(state_dict, "source_path", None)
+
+
 @dataclass
 class FairseqCheckpoint:
     """A loaded fairseq OFA checkpoint: the model tensors (memory-mapped) and the training arguments."""
@@ -262,7 +275,7 @@ def _from_loaded(obj, path: Path, *, ema: bool, mmapped: bool) -> FairseqCheckpo
 
     return FairseqCheckpoint(
         path=path,
-        state_dict=dict(state_dict),
+        state_dict=StateDict(state_dict, path),
         model_args=model_args,
         task_args=task_args,
         layout=layout_name,
@@ -430,6 +443,7 @@ def infer_config(state_dict: Mapping, *, path=None, validate: bool = True) -> di
     the state dict must then match ``layout.expected_keys`` exactly.
     """
     sd = state_dict
+    path = _source(state_dict, path)
     embed = _need(sd, "encoder.embed_tokens.weight", 2, path)
     vocab_size, d_model = embed.shape
     encoder_layers = _layer_count(sd, "encoder.layers.", path)
@@ -516,9 +530,10 @@ def validate_state_dict(state_dict: Mapping, config: dict, *, path=None, allow_e
 
     Raises one ``CheckpointError`` naming the first offending key (and how many more there are).
     """
+    path = _source(state_dict, path)
     spec_config = dict(config)
     if spec_config.get("image_position_idx_length") is None:
-        spec_config["image_position_idx_length"] = buckets.image_position_idx_length()
+        spec_config["image_position_idx_length"] = buckets.FAIRSEQ_IMAGE_POSITION_IDX_LENGTH
     expected = layout.expected_keys(spec_config)
     missing = [k for k in expected if k not in state_dict]
     if missing:
@@ -544,6 +559,7 @@ def validate_state_dict(state_dict: Mapping, config: dict, *, path=None, allow_e
 
 def check_derived_buffers(state_dict: Mapping, config: dict, *, path=None) -> None:
     """The stored rp-bucket tables equal fairseq's recomputation (they are recomputed, never copied)."""
+    path = _source(state_dict, path)
     token = buckets.make_token_bucket_position(config["token_bucket_size"])
     image = buckets.make_image_bucket_position(config["image_bucket_size"])
     for side in ("encoder", "decoder"):

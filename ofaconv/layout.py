@@ -90,7 +90,7 @@ def symbols(config: dict) -> dict:
         "token_rel": 2 * tb - 1,
         "image_rel": (2 * ib - 1) ** 2 + 3,
         "image_positions": ib * ib + 1,
-        "image_position_idx": config.get("image_position_idx_length", 1026),
+        "image_position_idx": config.get("image_position_idx_length") or 1026,
         "resnet_out": RESNET_OUT_CHANNELS,
     }
 

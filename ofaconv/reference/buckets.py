@@ -16,11 +16,11 @@ import torch
 # always 1024 x 1024, whatever max_source_positions is.
 DEFAULT_MAX_POSITION = 1024
 
-# Trailing "no position" entries of decoder.image_position_idx: current fairseq code appends 769
-# (length 1026 for code_image_size 128); released checkpoints and the old HF port have 768
-# (length 1025; OFA-Sys/OFA#229).
-FAIRSEQ_IMAGE_POSITION_TRAILING = 769
-RELEASED_IMAGE_POSITION_TRAILING = 768
+# Length of decoder.image_position_idx: current fairseq code appends 769 "no position" entries
+# (1 + 16^2 + 769 = 1026 at code_image_size 128); released checkpoints and the old HF port
+# have 768 (1025; OFA-Sys/OFA#229).
+FAIRSEQ_IMAGE_POSITION_IDX_LENGTH = 1026
+RELEASED_IMAGE_POSITION_IDX_LENGTH = 1025
 
 
 def make_token_bucket_position(bucket_size: int, max_position: int = DEFAULT_MAX_POSITION) -> torch.Tensor:
@@ -73,18 +73,17 @@ def make_image_position_idx(
     image_bucket_size: int = 42,
     code_image_size: int = 128,
     *,
-    num_trailing: int = FAIRSEQ_IMAGE_POSITION_TRAILING,
+    length: int = FAIRSEQ_IMAGE_POSITION_IDX_LENGTH,
 ) -> torch.Tensor:
     """``decoder.image_position_idx``: [0] + the (code_image_size/8)^2 code-grid ids + trailing 1024s.
 
-    Only used when the decoder generates image codes. ``num_trailing`` 769 gives current fairseq's
-    length (1026 at code_image_size 128); 768 gives the released checkpoints' length (1025).
+    Only used when the decoder generates image codes. ``length`` 1026 is current fairseq's table,
+    1025 the released checkpoints' (both at code_image_size 128: they differ in the trailing count).
     """
     window = code_image_size // 8
+    num_trailing = length - 1 - window * window
+    if num_trailing < 0:
+        raise ValueError(f"length {length} is shorter than the {window}x{window} code grid + 1")
     grid = torch.arange(window).unsqueeze(0).expand(window, window) + torch.arange(window).unsqueeze(1) * image_bucket_size + 1
     idx = torch.cat([torch.tensor([0]), grid.reshape(-1)])
     return torch.cat([idx, torch.tensor([1024] * num_trailing)])
-
-
-def image_position_idx_length(code_image_size: int = 128, num_trailing: int = FAIRSEQ_IMAGE_POSITION_TRAILING) -> int:
-    return 1 + (code_image_size // 8) ** 2 + num_trailing
