@@ -68,6 +68,10 @@ _FLAG_KEYS = (
     ("scale_resids", "encoder.layers.0.w_resid"),
 )
 
+# fairseq buffers (never trainable); every other floating tensor is an nn.Parameter.
+_BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked", "_rp_bucket",
+                    "image_position_idx", ".version")
+
 _UNSUPPORTED_FLAGS = ("encoder_prompt", "decoder_prompt", "adapter", "cross_self_attention")
 
 
@@ -128,11 +132,9 @@ class FairseqReference:
     def __init__(self, state_dict: Mapping[str, Tensor], model_args: Mapping[str, Any], *,
                  dtype: torch.dtype = torch.float32):
         self.dtype = dtype
-        self.sd: dict[str, Tensor] = {
-            k: (v.to(dtype) if v.is_floating_point() else v) for k, v in state_dict.items()
-        }
         given = dict(model_args)
         self.args = {**ARCH_DEFAULTS, **{k: v for k, v in given.items() if v is not None}}
+        self.sd: dict[str, Tensor] = self._as_parameters(state_dict)
         for flag in _UNSUPPORTED_FLAGS:
             if self.args.get(flag):
                 raise OfaconvError(f"fairseq flag '{flag}' is not supported by the reference")
@@ -190,6 +192,37 @@ class FairseqReference:
     # ----------------------------------------------------------------------------------------
     # state dict access
 
+    def _as_parameters(self, state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Detached copies-by-reference of the state dict, flagged like fairseq's modules.
+
+        ``F.linear`` on a non-contiguous 3-D input takes a different (bitwise different) matmul
+        path depending on whether the weight requires grad, even under ``no_grad``. fairseq's
+        weights are ``nn.Parameter``s (requires_grad=True) except buffers and the embeddings its
+        ``build_model`` freezes, so the same flags are set here for bit-identical results.
+        """
+        frozen: set[str] = set()
+        share_all = bool(self.args.get("share_all_embeddings", True))
+        share_out = bool(self.args.get("share_decoder_input_output_embed", True))
+        freeze_enc = bool(self.args.get("freeze_encoder_embedding"))
+        freeze_dec = bool(self.args.get("freeze_decoder_embedding"))
+        decoder_embeds = ["decoder.embed_tokens.weight"]
+        if share_out:
+            decoder_embeds.append("decoder.output_projection.weight")
+        if freeze_enc or (share_all and freeze_dec):
+            frozen.add("encoder.embed_tokens.weight")
+        if freeze_dec or (share_all and freeze_enc):
+            frozen.update(decoder_embeds)
+
+        params = {}
+        for key, value in state_dict.items():
+            tensor = value.detach()
+            if tensor.is_floating_point():
+                tensor = tensor.to(self.dtype)
+                if not key.endswith(_BUFFER_SUFFIXES) and key not in frozen:
+                    tensor.requires_grad_(True)
+            params[key] = tensor
+        return params
+
     def _p(self, key: str) -> Tensor:
         try:
             return self.sd[key]
@@ -216,7 +249,8 @@ class FairseqReference:
         from ofaconv.reference import buckets
 
         if kind == "token":
-            return buckets.make_token_bucket_position(self.token_bucket_size, self.max_positions)
+            # fairseq always builds the 1024 x 1024 table, whatever max_source_positions is
+            return buckets.make_token_bucket_position(self.token_bucket_size)
         num_rel = (2 * self.image_bucket_size - 1) ** 2 + 3
         return buckets.make_image_bucket_position(self.image_bucket_size, num_rel)
 
