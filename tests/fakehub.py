@@ -15,6 +15,8 @@ Everything else answers 404 and lands in ``FakeHub.unexpected``. Tokens: ``VALID
 ``alice``, member of ``alice-lab``; ``REJECTED_TOKEN`` (and any other) gets the Hub's 401. A new
 repo starts with the Hub's initial commit holding ``.gitattributes``. File contents live in a temp
 dir, addressed by sha256.
+
+``make_converted_folder`` builds a small folder shaped like ``ofaconv convert --verify`` output.
 """
 
 from __future__ import annotations
@@ -119,7 +121,7 @@ class FakeHub:
         Handler.hub = hub
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
-        threading.Thread(target=self._server.serve_forever, name="fakehub", daemon=True).start()
+        threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, name="fakehub", daemon=True).start()
         return self
 
     def stop(self) -> None:
@@ -401,3 +403,67 @@ class _Handler(BaseHTTPRequestHandler):
                 self.rfile.readline()
         length = int(self.headers.get("Content-Length") or 0)
         return self.rfile.read(length) if length else b""
+
+
+def make_converted_folder(
+    path: str | Path,
+    *,
+    family: str | None = "cn",
+    variant: str | None = "ofa-cn-base",
+    checks: list[dict] | None = None,
+    shards: int = 1,
+    processor: bool = True,
+) -> Path:
+    """A small folder shaped like ``ofaconv convert --verify`` output: config, weights, report,
+    processor and generation config (a few KiB, so everything stays on the "regular" upload path)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from ofaconv.hub.report import weight_file_entries
+
+    root = Path(path)
+    root.mkdir(parents=True, exist_ok=True)
+    vocab = {"cn": 30325, "en": 59457}.get(family, 1000)
+    config = {"model_type": "ofa", "architectures": ["OFAForConditionalGeneration"], "vocab_size": vocab,
+              "d_model": 64, "encoder_layers": 2, "decoder_layers": 2, "resnet_type": "resnet18",
+              "patch_image_size": 128, "auto_map": {"AutoConfig": "configuration_ofa.OFAConfig"}}
+    (root / "config.json").write_text(json.dumps(config, indent=2))
+    (root / "generation_config.json").write_text(json.dumps({"num_beams": 5, "max_new_tokens": 16}))
+    (root / "configuration_ofa.py").write_text("# remote code stand-in\n")
+    if processor:
+        (root / "processor_config.json").write_text(json.dumps({"processor_class": "OFAProcessor"}))
+    gen = torch.Generator().manual_seed(0)
+    if shards == 1:
+        save_file({"model.embed": torch.randn(16, 8, generator=gen)}, str(root / "model.safetensors"))
+    else:
+        weight_map = {}
+        for i in range(shards):
+            name = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+            save_file({f"layer{i}.weight": torch.randn(8, 8, generator=gen)}, str(root / name))
+            weight_map[f"layer{i}.weight"] = name
+        (root / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": 0}, "weight_map": weight_map}))
+    if checks is None:
+        checks = [
+            {"name": "encoder_states", "passed": True, "metric": "max_abs_diff", "value": 0.0, "gate": 1e-5,
+             "detail": "2 samples"},
+            {"name": "logits", "passed": True, "metric": "max_abs_diff", "value": 2.4e-7, "gate": 1e-5,
+             "detail": "teacher-forced, 7 steps"},
+        ]
+    report = {
+        "schema": "ofaconv/report@1",
+        "kind": "conversion",
+        "ofaconv_version": "0.1.0",
+        "source": {"file": "ofa_cn_base.pt", "sha256": "5f" * 32, "size": 123456789, "layout": "cfg"},
+        "variant": variant,
+        "family": family,
+        "flags": {"disable_entangle": True, "patch_image_size": 128},
+        "keymap": {"file": "ofa_fairseq.yaml", "sha256": "0d" * 32},
+        "dtype": "float32",
+        "files": weight_file_entries(root),
+        "checks": checks,
+        "passed": all(c["passed"] for c in checks),
+        "versions": {"torch": "2.14.1", "transformers": "5.23.0", "python": "3.11.7"},
+    }
+    (root / "conversion_report.json").write_text(json.dumps(report, indent=2))
+    return root

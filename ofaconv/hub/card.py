@@ -31,6 +31,7 @@ DEFAULT_LICENSE = "apache-2.0"
 DEFAULT_TAGS = ("ofa", "ofaconv", "image-captioning")
 CARD_MARKER = "<!-- ofaconv:generated-card"
 _LANGUAGE = {"en": "en", "cn": "zh"}
+_PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
 
 _TEMPLATE = """\
 ---
@@ -48,6 +49,7 @@ _TEMPLATE = """\
 With plain transformers (the modeling code ships in this repository):
 
 ```python
+{%- if has_processor %}
 import torch
 from PIL import Image
 from transformers import AutoModelForSeq2SeqLM, AutoProcessor
@@ -57,30 +59,39 @@ model = AutoModelForSeq2SeqLM.from_pretrained(repo, trust_remote_code=True).eval
 processor = AutoProcessor.from_pretrained(repo, trust_remote_code=True)
 
 image = Image.open("image.jpg").convert("RGB")
-inputs = processor(images=image, text={{ prompt }}, return_tensors="pt")
+inputs = processor(images=image, return_tensors="pt")  # text defaults to the prompt {{ prompt }}
 with torch.no_grad():
     output = model.generate(**inputs{{ generate_args }})
-print(processor.batch_decode(output, skip_special_tokens=True)[0].strip())
+print(processor.batch_decode(output, skip_special_tokens=True)[0])
+{%- else %}
+from transformers import AutoModelForSeq2SeqLM
+
+model = AutoModelForSeq2SeqLM.from_pretrained("{{ repo }}", trust_remote_code=True).eval()
+# No processor in this repo: {{ processor_note }}.
+# Pass input_ids, patch_images and patch_masks to model.generate(...) yourself.
+{%- endif %}
 ```
 
 With `pip install ofaconv`, importing it registers the OFA classes, so no remote code runs:
 
 ```python
 import ofaconv  # registers model_type "ofa" with the transformers Auto classes
-from transformers import AutoModelForSeq2SeqLM, AutoProcessor
+from transformers import AutoModelForSeq2SeqLM{% if has_processor %}, AutoProcessor{% endif %}
 
 model = AutoModelForSeq2SeqLM.from_pretrained("{{ repo }}").eval()
+{%- if has_processor %}
 processor = AutoProcessor.from_pretrained("{{ repo }}")
+{%- endif %}
 ```
 
 ## Parity with the source checkpoint
 
 {{ verdict }}
 {% if checks %}
-| Check | Metric | Value | Gate | Result |
-|---|---|---|---|---|
+| Check | Metric | Value | Gate | Result | Detail |
+|---|---|---|---|---|---|
 {%- for c in checks %}
-| {{ c.name }} | {{ c.metric }} | {{ c.value }} | {{ c.gate }} | {{ c.result }} |
+| {{ c.name }} | {{ c.metric }} | {{ c.value }} | {{ c.gate }} | {{ c.result }} | {{ c.detail }} |
 {%- endfor %}
 {% endif %}
 ## Source
@@ -88,13 +99,16 @@ processor = AutoProcessor.from_pretrained("{{ repo }}")
 - {{ label }}: {{ value }}
 {%- endfor %}
 {% if flags %}
-Checkpoint flags:
+<details>
+<summary>Checkpoint flags ({{ flags | length }})</summary>
 
 | Flag | Value |
 |---|---|
 {%- for name, value in flags %}
 | `{{ name }}` | `{{ value }}` |
 {%- endfor %}
+
+</details>
 {% endif %}
 {%- if files %}
 Weight files:
@@ -144,15 +158,21 @@ def build_model_card(
         marker=CARD_MARKER,
         ofaconv_version=__version__,
         report_name=REPORT_NAME,
-        title=repo_id.split("/")[-1] if repo_id else ((report or {}).get("variant") or root.resolve().name),
+        title=repo_id.split("/")[-1] if repo_id else _default_title(report, root),
         summary=_summary(report, config),
-        repo=repo_id or f"./{root.resolve().name}",
-        prompt=json.dumps(families.get(family, families["en"])["prompt"], ensure_ascii=False),
+        repo=repo_id or "path/to/converted-folder",
+        has_processor=any((root / name).is_file() for name in _PROCESSOR_FILES),
+        processor_note=((report or {}).get("processing") or {}).get("reason") or "none was saved with the weights",
+        prompt=json.dumps(_prompt(report, families.get(family)), ensure_ascii=False),
         generate_args=_generate_args(root, families.get(family)),
         verdict=_verdict(report),
         checks=_check_rows(report),
         source_rows=_source_rows(report, config),
-        flags=[(k, json.dumps(v)) for k, v in sorted(((report or {}).get("flags") or {}).items())],
+        flags=[
+            (k, _cell(json.dumps(v, ensure_ascii=False)))
+            for k, v in sorted(((report or {}).get("flags") or {}).items())
+            if not k.startswith("_")  # bookkeeping of the flag reader, not checkpoint flags
+        ],
         files=[
             (name, _human_size(entry.get("size")), entry.get("sha256"))
             for name, entry in sorted(((report or {}).get("files") or {}).items())
@@ -227,6 +247,20 @@ def _family_from_vocab(vocab_size) -> str | None:
     return matches[0] if len(matches) == 1 else None
 
 
+def _default_title(report: dict | None, root: Path) -> str:
+    # The converter writes the card inside a temporary sibling, so the folder name is not the
+    # model's name; the variant or the checkpoint's file name is.
+    report = report or {}
+    source = (report.get("source") or {}).get("file")
+    return report.get("variant") or (Path(source).stem if source else None) or root.resolve().name
+
+
+def _prompt(report: dict | None, family: dict | None) -> str:
+    """The caption prompt the saved processor uses by default."""
+    processing = (report or {}).get("processing") or {}
+    return processing.get("prompt") or (family or {}).get("prompt") or _families()["en"]["prompt"]
+
+
 def _generate_args(root: Path, family: dict | None) -> str:
     if (root / "generation_config.json").is_file():
         return ""  # beam settings travel in generation_config.json
@@ -281,6 +315,7 @@ def _check_rows(report: dict | None) -> list[dict]:
                 "value": _cell(format_number(check.get("value")) if check.get("value") is not None else ""),
                 "gate": _cell(format_number(check.get("gate")) if check.get("gate") is not None else ""),
                 "result": "passed" if check.get("passed") is True else "**failed**",
+                "detail": _cell(check.get("detail") or ""),
             }
         )
     return rows
