@@ -21,6 +21,7 @@ from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import ModelOutput, Seq2SeqLMOutput, Seq2SeqModelOutput
 
+from .generation_ofa import ofa_generate
 from .configuration_ofa import OFAConfig
 
 # ---------------------------------------------------------------------------------------------
@@ -934,3 +935,18 @@ class OFAForConditionalGeneration(OFAModel, GenerationMixin):
             encoder_hidden_states=encoder_outputs.hidden_states,
             encoder_attentions=encoder_outputs.attentions,
         )
+
+    @torch.no_grad()
+    def generate(self, inputs=None, generation_config=None, **kwargs):
+        """Caption / decode as fairseq's SequenceGenerator does (see ``generation_ofa.py``).
+
+        Greedy and beam search (``do_sample=False``) run fairseq's beam search with the key/value
+        cache and return token ids ``[batch * num_return_sequences, T]`` (``0 ... 2``, right-padded
+        with 1), or with ``return_dict_in_generate=True`` an output with ``sequences``,
+        ``sequences_scores`` (fairseq's normalised scores) and ``token_scores``. fairseq's knobs
+        (``max_len_a``, ``max_len_b``, ``min_len``, ``lenpen``, ``fairseq_temperature``,
+        ``constraint_range``, ``text_only``, ...) come from ``generation_config`` or kwargs; HF names
+        map onto them (``max_new_tokens`` = ``max_len_b + 1``, ``length_penalty``, ``temperature``).
+        ``do_sample=True`` runs transformers' sampling, recomputing the full prefix each step.
+        """
+        return ofa_generate(self, inputs, generation_config, **kwargs)

@@ -1,0 +1,683 @@
+"""Generation for OFA as fairseq's SequenceGenerator runs it (OFA-Sys/OFA ``models/sequence_generator.py``).
+
+Self-contained (imports only torch and transformers): ofaconv copies this file into every converted
+folder next to ``modeling_ofa.py``, which imports it for ``trust_remote_code=True``.
+
+Why not transformers' beam search: fairseq normalises a finished hypothesis by the number of tokens
+generated *including* EOS, finalizes an EOS candidate only when it ranks within the first ``beam``
+of ``2 * beam`` candidates, stops a sentence once ``beam`` hypotheses are final, never emits
+``<pad>``, forces EOS after ``max_len_b`` tokens and divides the logits by a temperature before the
+log-softmax (the OFA-Huge recipe). transformers differs on several of these, so greedy and beam
+requests (``do_sample=False``) run :func:`fairseq_search` here, with a key/value cache; sampling
+requests are handed to transformers' ``generate`` without a cache.
+
+Settings live in ``generation_config.json``. Next to the usual fields (``num_beams``,
+``no_repeat_ngram_size``, ``max_length`` = ``max_len_b + 2``, ...) it carries fairseq's own knobs
+as extra attributes, and those win over the HF fields they shadow:
+
+=========================  =====================================================================
+``max_len_a``/``max_len_b``  at most ``max_len_a * src_len + max_len_b`` tokens, then EOS is forced
+``min_len``                EOS is banned for the first ``min_len`` steps
+``lenpen``                 hypothesis score = sum of log-probs / (tokens incl. EOS) ** lenpen
+``normalize_scores``       divide by the length at all
+``unk_penalty``            subtracted from ``<unk>``'s log-prob
+``fairseq_temperature``    logits / temperature before the log-softmax (beam search, not sampling)
+``constraint_range``       ``"start,end"``: ban ids ``4..start-1`` and ``>= end`` (fairseq flag)
+``text_token_range``       ``[first, last]`` text ids; ``text_only=True`` turns it into a constraint
+=========================  =====================================================================
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from transformers import GenerationConfig, GenerationMixin
+from transformers.generation.utils import GenerateBeamEncoderDecoderOutput
+
+BOS, PAD, EOS, UNK = 0, 1, 2, 3
+# OFA appends <mask>, 8192 <code_*> and 1000 <bin_*> symbols after the text vocabulary.
+_NON_TEXT_TAIL = 1 + 8192 + 1000
+
+# fairseq SequenceGenerator defaults for the knobs a generation config may lack.
+FAIRSEQ_DEFAULTS: dict[str, Any] = {
+    "max_len_a": 0,
+    "min_len": 1,
+    "lenpen": 1.0,
+    "normalize_scores": True,
+    "unk_penalty": 0.0,
+    "fairseq_temperature": 1.0,
+    "constraint_range": None,
+}
+# transformers' length default when nothing else says how long to generate (max_length = 20).
+_HF_DEFAULT_MAX_LENGTH = 20
+
+# Generation-config fields that ask for something fairseq's search does not do, with the value
+# that means "off" (None is always off).
+_UNSUPPORTED_FIELDS = {
+    "num_beam_groups": 1,
+    "diversity_penalty": 0.0,
+    "penalty_alpha": None,
+    "repetition_penalty": 1.0,
+    "encoder_repetition_penalty": 1.0,
+    "encoder_no_repeat_ngram_size": 0,
+    "bad_words_ids": None,
+    "force_words_ids": None,
+    "constraints": None,
+    "sequence_bias": None,
+    "guidance_scale": 1.0,
+    "forced_bos_token_id": None,
+    "exponential_decay_length_penalty": None,
+    "begin_suppress_tokens": None,
+    "output_scores": False,
+    "output_logits": False,
+    "output_attentions": False,
+    "output_hidden_states": False,
+    "stop_strings": None,
+    "max_time": None,
+    "prompt_lookup_num_tokens": None,
+    "watermarking_config": None,
+    "dola_layers": None,
+}
+# generate() arguments of transformers that only make sense with its own decoding loop.
+_UNSUPPORTED_ARGS = (
+    "logits_processor",
+    "stopping_criteria",
+    "prefix_allowed_tokens_fn",
+    "assistant_model",
+    "streamer",
+    "negative_prompt_ids",
+    "negative_prompt_attention_mask",
+    "custom_generate",
+    "synced_gpus",
+)
+_MODEL_INPUTS = ("input_ids", "patch_images", "patch_masks", "attention_mask", "encoder_outputs")
+
+
+@dataclass
+class OFAGenerateOutput(GenerateBeamEncoderDecoderOutput):
+    """transformers' beam output plus fairseq's per-token scores.
+
+    ``sequences`` start with the decoder start token (0) and end with EOS, right-padded with pad;
+    ``sequences_scores`` are fairseq's length-normalised hypothesis scores; ``token_scores`` are
+    fairseq's ``positional_scores`` (log-prob of each generated token, EOS included), aligned with
+    ``sequences[:, 1:]`` and padded with 0.
+    """
+
+    token_scores: Optional[torch.FloatTensor] = None
+
+
+@dataclass
+class SearchSettings:
+    """Resolved settings of one fairseq search."""
+
+    beam_size: int = 5
+    max_len_a: float = 0
+    max_len_b: int = 16
+    min_len: int = 1
+    no_repeat_ngram_size: int = 3
+    lenpen: float = 1.0
+    normalize_scores: bool = True
+    unk_penalty: float = 0.0
+    temperature: float = 1.0
+    constraint_range: Optional[tuple[int, int]] = None
+    suppress_tokens: tuple[int, ...] = ()
+    num_return_sequences: int = 1
+    use_cache: bool = True
+    return_dict_in_generate: bool = False
+    bos: int = BOS
+    pad: int = PAD
+    eos: int = EOS
+    unk: int = UNK
+
+
+# ---------------------------------------------------------------------------------------------
+# generation_config.json
+# ---------------------------------------------------------------------------------------------
+
+
+def default_text_token_range(vocab_size: int) -> Optional[list[int]]:
+    """Inclusive [first, last] text ids of an OFA vocabulary (EN 4..50263, CN 4..21131)."""
+    last = vocab_size - _NON_TEXT_TAIL - 1
+    return [4, last] if last >= 4 else None
+
+
+def build_generation_config(settings: dict, model_config=None) -> GenerationConfig:
+    """The ``generation_config.json`` of a converted folder, from a family's generation settings.
+
+    ``settings`` uses fairseq's names as in ``mappings/variants.yaml`` (``num_beams``,
+    ``max_len_a``, ``max_len_b``, ``min_len``, ``no_repeat_ngram_size``, ``lenpen``,
+    ``temperature``, optionally ``normalize_scores``, ``unk_penalty``, ``constraint_range``,
+    ``text_token_range``). The HF fields are set to the equivalent values (``max_length`` counts
+    the start token and the forced EOS: ``max_len_b=16`` gives ``max_length=18``).
+    """
+    known = {"num_beams", "max_len_a", "max_len_b", "min_len", "no_repeat_ngram_size", "lenpen", "temperature",
+             "normalize_scores", "unk_penalty", "constraint_range", "text_token_range"}
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise ValueError(f"unknown generation settings: {', '.join(unknown)}")
+    s = {**FAIRSEQ_DEFAULTS, "num_beams": 5, "max_len_b": 16, "no_repeat_ngram_size": 3, **settings}
+    if "temperature" in s:
+        s["fairseq_temperature"] = s.pop("temperature")
+    num_beams = int(s["num_beams"])
+    max_len_b = int(s["max_len_b"])
+    min_len = int(s["min_len"])
+    if num_beams < 1 or max_len_b < 1 or min_len < 0 or min_len > max_len_b:
+        raise ValueError(f"invalid generation settings: num_beams={num_beams} max_len_b={max_len_b} min_len={min_len}")
+    if float(s["fairseq_temperature"]) <= 0:
+        raise ValueError("temperature must be greater than 0")
+
+    ids = {
+        "decoder_start_token_id": getattr(model_config, "decoder_start_token_id", BOS),
+        "bos_token_id": getattr(model_config, "bos_token_id", BOS),
+        "eos_token_id": getattr(model_config, "eos_token_id", EOS),
+        "pad_token_id": getattr(model_config, "pad_token_id", PAD),
+    }
+    hf = dict(
+        **ids,
+        forced_eos_token_id=ids["eos_token_id"],
+        num_beams=num_beams,
+        max_length=max_len_b + 2,
+        min_length=min_len + 1,
+        no_repeat_ngram_size=int(s["no_repeat_ngram_size"]),
+        use_cache=True,
+    )
+    if num_beams > 1:  # transformers refuses beam-only fields on a greedy config
+        hf.update(length_penalty=float(s["lenpen"]), early_stopping=True)
+    text_range = s.get("text_token_range")
+    if text_range is None and model_config is not None:
+        text_range = default_text_token_range(model_config.vocab_size)
+    config = GenerationConfig(**hf)
+    config.max_len_a = s["max_len_a"]
+    config.max_len_b = max_len_b
+    config.min_len = min_len
+    config.lenpen = float(s["lenpen"])
+    config.normalize_scores = bool(s["normalize_scores"])
+    config.unk_penalty = float(s["unk_penalty"])
+    config.fairseq_temperature = float(s["fairseq_temperature"])
+    config.constraint_range = s["constraint_range"]
+    config.text_token_range = list(text_range) if text_range is not None else None
+    return config
+
+
+def parse_constraint_range(value) -> Optional[tuple[int, int]]:
+    """fairseq's ``--constraint-range "start,end"`` (or a pair) as two ints."""
+    if value is None:
+        return None
+    parts = value.split(",") if isinstance(value, str) else list(value)
+    if len(parts) != 2:
+        raise ValueError(f"constraint_range must be 'start,end', got {value!r}")
+    start, end = (int(p) for p in parts)
+    if not 4 <= start <= end:
+        raise ValueError(f"constraint_range must satisfy 4 <= start <= end, got {value!r}")
+    return start, end
+
+
+def _set(value) -> bool:
+    return value is not None
+
+
+def resolve_settings(model, generation_config: Optional[GenerationConfig], kwargs: dict) -> tuple[SearchSettings, dict]:
+    """Merge the model's generation config, an explicit one and ``generate`` kwargs.
+
+    Returns the search settings and the remaining (model input) kwargs. Precedence: kwargs, then
+    the config; within the config fairseq's knobs win over the HF fields they shadow, except
+    ``max_new_tokens``, which is never saved by ofaconv and so was set on purpose.
+    """
+    config = copy.deepcopy(generation_config if generation_config is not None else model.generation_config)
+    kwargs = dict(kwargs)
+    for name in _UNSUPPORTED_ARGS:
+        if kwargs.pop(name, None) not in (None, False):
+            raise ValueError(f"OFA's fairseq search does not support `{name}`")
+
+    def take(*names):
+        for name in names:
+            if name in kwargs:
+                value = kwargs.pop(name)
+                if value is not None:
+                    return name, value
+        return None, None
+
+    fairseq_knobs = ("max_len_a", "max_len_b", "min_len", "lenpen", "normalize_scores", "unk_penalty",
+                     "fairseq_temperature", "constraint_range", "text_token_range")
+    explicit = {name: kwargs.pop(name) for name in fairseq_knobs if name in kwargs}
+    text_only = kwargs.pop("text_only", None)
+
+    # HF names given as kwargs: map them onto fairseq's knobs (kwargs beat every config field).
+    for hf_name, value in list(kwargs.items()):
+        if hf_name in _MODEL_INPUTS or value is None:
+            continue
+        if hf_name == "max_new_tokens":
+            explicit.setdefault("max_len_b", int(value) - 1)
+            explicit.setdefault("max_len_a", 0)
+        elif hf_name == "max_length":
+            explicit.setdefault("max_len_b", int(value) - 2)
+            explicit.setdefault("max_len_a", 0)
+        elif hf_name == "min_new_tokens":
+            explicit.setdefault("min_len", int(value))
+        elif hf_name == "min_length":
+            explicit.setdefault("min_len", max(int(value) - 1, 0))
+        elif hf_name == "length_penalty":
+            explicit.setdefault("lenpen", float(value))
+        elif hf_name == "temperature":
+            explicit.setdefault("fairseq_temperature", float(value))
+        elif hasattr(config, hf_name):
+            setattr(config, hf_name, value)
+        else:
+            continue
+        kwargs.pop(hf_name)
+
+    unsupported = [
+        name
+        for name, off in _UNSUPPORTED_FIELDS.items()
+        if getattr(config, name, None) is not None and getattr(config, name) != off and getattr(config, name) != []
+    ]
+    if unsupported:
+        raise ValueError(f"OFA's fairseq search does not support: {', '.join(unsupported)}")
+    eos = config.eos_token_id if _set(config.eos_token_id) else EOS
+    eos = int(eos[0] if isinstance(eos, (list, tuple)) else eos)
+    if config.forced_eos_token_id is not None and config.forced_eos_token_id != eos:
+        raise ValueError("forced_eos_token_id must be the EOS id (fairseq forces EOS at max_len)")
+
+    def knob(name, default):
+        if name in explicit:
+            return explicit[name]
+        value = getattr(config, name, None)
+        return default if value is None else value
+
+    # length: max_new_tokens (never saved by ofaconv) > max_len_b > max_length > transformers' default
+    if "max_len_b" in explicit:
+        max_len_a, max_len_b = float(explicit.get("max_len_a", knob("max_len_a", 0))), int(explicit["max_len_b"])
+    elif _set(config.max_new_tokens):
+        max_len_a, max_len_b = 0, int(config.max_new_tokens) - 1
+    elif _set(getattr(config, "max_len_b", None)):
+        max_len_a, max_len_b = float(knob("max_len_a", 0)), int(config.max_len_b)
+    else:
+        max_len_a = 0
+        max_len_b = int(config.max_length if _set(config.max_length) else _HF_DEFAULT_MAX_LENGTH) - 2
+    if "min_len" in explicit:
+        min_len = int(explicit["min_len"])
+    elif _set(getattr(config, "min_len", None)):
+        min_len = int(config.min_len)
+    elif _set(config.min_new_tokens):
+        min_len = int(config.min_new_tokens)
+    elif _set(config.min_length) and config.min_length > 0:
+        min_len = int(config.min_length) - 1
+    else:
+        min_len = FAIRSEQ_DEFAULTS["min_len"]
+    lenpen = knob("lenpen", None)
+    if lenpen is None:
+        lenpen = config.length_penalty if _set(config.length_penalty) else 1.0
+
+    constraint = parse_constraint_range(knob("constraint_range", None))
+    if text_only:
+        text_range = knob("text_token_range", None) or default_text_token_range(model.config.vocab_size)
+        if text_range is None:
+            raise ValueError("text_only needs text_token_range in the generation config")
+        constraint = (int(text_range[0]), int(text_range[1]) + 1)
+
+    num_beams = int(config.num_beams) if _set(config.num_beams) else 1
+    num_return = int(config.num_return_sequences) if _set(config.num_return_sequences) else 1
+    if num_beams < 1:
+        raise ValueError("num_beams must be at least 1")
+    if num_return > num_beams:
+        raise ValueError(f"num_return_sequences ({num_return}) cannot exceed num_beams ({num_beams})")
+    temperature = float(knob("fairseq_temperature", 1.0))
+    if temperature <= 0:
+        raise ValueError("temperature must be greater than 0")
+    if max_len_b < 0:
+        raise ValueError(f"max_len_b must be >= 0, got {max_len_b}")
+    suppress = tuple(int(t) for t in (config.suppress_tokens or ()))
+
+    settings = SearchSettings(
+        beam_size=num_beams,
+        max_len_a=max_len_a,
+        max_len_b=max_len_b,
+        min_len=min_len,
+        no_repeat_ngram_size=int(config.no_repeat_ngram_size or 0),
+        lenpen=float(lenpen),
+        normalize_scores=bool(knob("normalize_scores", True)),
+        unk_penalty=float(knob("unk_penalty", 0.0)),
+        temperature=temperature,
+        constraint_range=constraint,
+        suppress_tokens=suppress,
+        num_return_sequences=num_return,
+        use_cache=config.use_cache is not False,
+        return_dict_in_generate=bool(config.return_dict_in_generate),
+        bos=int(config.decoder_start_token_id if _set(config.decoder_start_token_id) else BOS),
+        pad=int(config.pad_token_id if _set(config.pad_token_id) else PAD),
+        eos=eos,
+    )
+    return settings, kwargs
+
+
+# ---------------------------------------------------------------------------------------------
+# fairseq search
+# ---------------------------------------------------------------------------------------------
+
+
+def block_repeated_ngrams(tokens: torch.Tensor, lprobs: torch.Tensor, step: int, ngram_size: int) -> None:
+    """fairseq ``NGramRepeatBlock``: ban (in place) every token that would repeat an n-gram of the
+    row's prefix ``tokens[:, :step + 1]`` (``<s>`` included)."""
+    if step + 2 - ngram_size < 0:
+        return
+    prefix = tokens[:, : step + 1]
+    if prefix.shape[1] < ngram_size:
+        return
+    windows = prefix.unfold(1, ngram_size, 1)  # [rows, step + 2 - n, n]
+    key = prefix[:, step + 2 - ngram_size :]  # the last n - 1 tokens
+    match = (windows[:, :, :-1] == key[:, None, :]).all(dim=-1)
+    rows, starts = match.nonzero(as_tuple=True)
+    if rows.numel():
+        lprobs[rows, windows[rows, starts, -1]] = -math.inf
+
+
+def _select_encoder_rows(encoder_outputs, index: torch.Tensor):
+    return type(encoder_outputs)(
+        last_hidden_state=encoder_outputs.last_hidden_state.index_select(0, index),
+        padding_mask=encoder_outputs.padding_mask.index_select(0, index),
+        position_embedding=encoder_outputs.position_embedding.index_select(0, index),
+    )
+
+
+def _reorder_self_attention(cache, index: torch.Tensor, num_heads: int) -> None:
+    """Beam reordering within each sentence: only the growing self-attention keys/values change
+    (the cross-attention ones are identical copies across a sentence's beams)."""
+    flat = (index[:, None] * num_heads + torch.arange(num_heads, device=index.device)).reshape(-1)
+    cache.self_kv = [None if kv is None else (kv[0].index_select(0, flat), kv[1].index_select(0, flat))
+                     for kv in cache.self_kv]
+
+
+class _Decoder:
+    """One decoding step of the model: cached (new token only) or full recompute."""
+
+    def __init__(self, model, settings: SearchSettings):
+        self.model = model
+        self.settings = settings
+        self.num_heads = model.config.decoder_attention_heads
+        self.cache = None
+
+    def lprobs(self, tokens: torch.Tensor, step: int, encoder_outputs) -> torch.Tensor:
+        if self.settings.use_cache:
+            out = self.model(decoder_input_ids=tokens[:, step : step + 1], encoder_outputs=encoder_outputs,
+                             past_key_values=self.cache, use_cache=True)
+            self.cache = out.past_key_values
+        else:
+            out = self.model(decoder_input_ids=tokens[:, : step + 1], encoder_outputs=encoder_outputs, use_cache=False)
+        # fairseq: logits of the last position divided by the temperature, the constraint range
+        # masked on the logits, then log_softmax in fp32.
+        logits = out.logits[:, -1:, :].div_(self.settings.temperature)
+        if self.settings.constraint_range is not None:
+            start, end = self.settings.constraint_range
+            logits[:, :, 4:start] = -math.inf
+            logits[:, :, end:] = -math.inf
+        return F.log_softmax(logits, dim=-1, dtype=torch.float32)[:, -1, :]
+
+    def reorder(self, index: torch.Tensor, within_sentences: bool) -> None:
+        if self.cache is None:
+            return
+        if within_sentences:
+            _reorder_self_attention(self.cache, index, self.num_heads)
+        else:
+            self.cache.reorder(index, self.num_heads)
+
+
+@torch.no_grad()
+def fairseq_search(model, encoder_outputs, settings: SearchSettings, src_len: int) -> list[list[dict]]:
+    """fairseq ``SequenceGenerator._generate`` with ``search.BeamSearch`` (beam 1 = greedy).
+
+    ``encoder_outputs`` holds one row per sentence. Returns, per sentence, its finalized
+    hypotheses best first: dicts with ``tokens`` (ending with EOS, no ``<s>``), ``score`` (float,
+    normalised as fairseq does) and ``positional_scores``.
+    """
+    s = settings
+    bsz = encoder_outputs.last_hidden_state.shape[0]
+    device = encoder_outputs.last_hidden_state.device
+    vocab_size = model.config.vocab_size
+    beam_size = min(s.beam_size, vocab_size - 1)  # pad is never selected
+    max_len = int(s.max_len_a * src_len + s.max_len_b)
+    if s.min_len > max_len:
+        raise ValueError(f"min_len ({s.min_len}) cannot be larger than max_len ({max_len})")
+    if max_len + 1 > model.config.max_position_embeddings:
+        raise ValueError(f"max_len {max_len} exceeds the decoder's {model.config.max_position_embeddings} positions")
+
+    decoder = _Decoder(model, s)
+    tokens = torch.full((bsz * beam_size, max_len + 2), s.pad, dtype=torch.long, device=device)
+    tokens[:, 0] = s.bos
+    scores = torch.zeros(bsz * beam_size, max_len + 1, dtype=torch.float32, device=device)
+    cands_to_ignore = torch.zeros(bsz, beam_size, dtype=torch.bool, device=device)
+    finalized: list[list[dict]] = [[] for _ in range(bsz)]
+    finished = [False] * bsz
+    num_remaining = bsz
+    sentence_of_row = list(range(bsz))  # current batch position -> original sentence
+    cand_size = 2 * beam_size
+    bbsz_offsets = (torch.arange(bsz, device=device) * beam_size).unsqueeze(1)
+    cand_offsets = torch.arange(cand_size, device=device)
+
+    reorder_state: Optional[torch.Tensor] = None
+    batch_idxs: Optional[torch.Tensor] = None
+    for step in range(max_len + 1):  # one extra step for the EOS marker
+        if step == 0:
+            # All beams of a sentence start identical: decode one row per sentence, then copy
+            # rows (encoder states, cross-attention keys/values) into the beams.
+            lprobs = decoder.lprobs(tokens[::beam_size], 0, encoder_outputs)
+            expand = torch.arange(bsz, device=device).repeat_interleave(beam_size)
+            encoder_outputs = _select_encoder_rows(encoder_outputs, expand)
+            decoder.reorder(expand, within_sentences=False)
+            lprobs = lprobs.index_select(0, expand)
+        else:
+            if batch_idxs is not None:
+                # sentences were dropped: map the new beam rows back onto the old batch
+                corr = batch_idxs - torch.arange(batch_idxs.numel(), device=device)
+                reorder_state.view(-1, beam_size).add_(corr.unsqueeze(-1) * beam_size)
+                encoder_outputs = _select_encoder_rows(encoder_outputs, reorder_state)
+            decoder.reorder(reorder_state, within_sentences=batch_idxs is None)
+            lprobs = decoder.lprobs(tokens, step, encoder_outputs)
+
+        if step < s.min_len:
+            lprobs[:, s.eos] = -math.inf
+        lprobs[lprobs != lprobs] = -math.inf
+        lprobs[:, s.pad] = -math.inf
+        lprobs[:, s.unk] -= s.unk_penalty
+        if s.suppress_tokens:
+            lprobs[:, list(s.suppress_tokens)] = -math.inf
+        if step >= max_len:
+            lprobs[:, : s.eos] = -math.inf
+            lprobs[:, s.eos + 1 :] = -math.inf
+        if s.no_repeat_ngram_size > 0:
+            block_repeated_ngrams(tokens, lprobs, step, s.no_repeat_ngram_size)
+
+        # BeamSearch.step: the top 2 * beam of beam x V cumulative scores (beam 0 only at step 0)
+        lp = lprobs.view(bsz, -1, vocab_size)
+        if step == 0:
+            lp = lp[:, ::beam_size, :].contiguous()
+        else:
+            lp = lp + scores.view(bsz, beam_size, -1)[:, :, step - 1].unsqueeze(-1)
+        flat = lp.view(bsz, -1)
+        cand_scores, flat_idx = torch.topk(flat, k=min(cand_size, flat.size(1) - 1))
+        cand_beams = flat_idx // vocab_size
+        cand_indices = flat_idx.fmod(vocab_size)
+        cand_bbsz_idx = cand_beams + bbsz_offsets
+
+        # finalize hypotheses ending in EOS, but only among the first beam_size candidates
+        eos_mask = cand_indices.eq(s.eos) & cand_scores.ne(-math.inf)
+        eos_mask[:, :beam_size][cands_to_ignore] = False
+        top_eos = eos_mask[:, :beam_size]
+        finalized_rows: list[int] = []
+        if bool(top_eos.any()):
+            eos_bbsz_idx = cand_bbsz_idx[:, :beam_size][top_eos]
+            eos_scores = cand_scores[:, :beam_size][top_eos]
+            finalized_rows = _finalize(step, eos_bbsz_idx, eos_scores, tokens, scores, finalized, finished,
+                                       sentence_of_row, beam_size, max_len, s)
+            num_remaining -= len(finalized_rows)
+        if num_remaining == 0:
+            break
+        if step >= max_len:
+            raise RuntimeError(f"search did not finish at max_len {max_len}")
+
+        if finalized_rows:  # drop sentences that have beam_size finished hypotheses
+            keep = torch.ones(bsz, dtype=torch.bool, device=device)
+            keep[finalized_rows] = False
+            batch_idxs = torch.arange(bsz, device=device)[keep]
+            new_bsz = int(batch_idxs.numel())
+            kept = batch_idxs.tolist()
+            sentence_of_row = [sentence_of_row[i] for i in kept]
+            eos_mask = eos_mask[batch_idxs]
+            cand_beams = cand_beams[batch_idxs]
+            bbsz_offsets = (torch.arange(new_bsz, device=device) * beam_size).unsqueeze(1)
+            cand_bbsz_idx = cand_beams + bbsz_offsets
+            cand_scores = cand_scores[batch_idxs]
+            cand_indices = cand_indices[batch_idxs]
+            cands_to_ignore = cands_to_ignore[batch_idxs]
+            scores = scores.view(bsz, -1)[batch_idxs].view(new_bsz * beam_size, -1)
+            tokens = tokens.view(bsz, -1)[batch_idxs].view(new_bsz * beam_size, -1)
+            bsz = new_bsz
+        else:
+            batch_idxs = None
+
+        # continue with the beam_size best candidates that do not end in EOS: EOS and ignored
+        # candidates get an offset of cand_size so that the smallest values are the active ones
+        eos_mask[:, :beam_size] = cands_to_ignore | eos_mask[:, :beam_size]
+        active_mask = eos_mask.long() * cand_size + cand_offsets[: eos_mask.size(1)]
+        new_ignore, active_hypos = torch.topk(active_mask, k=beam_size, dim=1, largest=False)
+        cands_to_ignore = new_ignore.ge(cand_size)[:, :beam_size]
+        if not bool((~cands_to_ignore).any(dim=1).all()):
+            raise RuntimeError("beam search has no active hypothesis left for a sentence")
+        active_bbsz_idx = torch.gather(cand_bbsz_idx, 1, active_hypos).view(-1)
+        tokens[:, : step + 1] = tokens[:, : step + 1].index_select(0, active_bbsz_idx)
+        tokens.view(bsz, beam_size, -1)[:, :, step + 1] = torch.gather(cand_indices, 1, active_hypos)
+        if step > 0:
+            scores[:, :step] = scores[:, :step].index_select(0, active_bbsz_idx)
+        scores.view(bsz, beam_size, -1)[:, :, step] = torch.gather(cand_scores, 1, active_hypos)
+        reorder_state = active_bbsz_idx
+
+    results = []
+    for hypos in finalized:
+        order = torch.sort(torch.tensor([h["score"] for h in hypos]), descending=True)[1].tolist()
+        results.append([hypos[i] for i in order])
+    return results
+
+
+def _finalize(step, bbsz_idx, eos_scores, tokens, scores, finalized, finished, sentence_of_row, beam_size, max_len,
+              s: SearchSettings) -> list[int]:
+    """Store hypotheses that just produced EOS; return the batch rows of sentences now finished."""
+    hypo_tokens = tokens.index_select(0, bbsz_idx)[:, 1 : step + 2]  # drop <s>
+    hypo_tokens[:, step] = s.eos
+    pos_scores = scores.index_select(0, bbsz_idx)[:, : step + 1]
+    pos_scores[:, step] = eos_scores
+    pos_scores[:, 1:] = pos_scores[:, 1:] - pos_scores[:, :-1]  # cumulative -> per token
+    if s.normalize_scores:
+        eos_scores = eos_scores / (step + 1) ** s.lenpen
+
+    rows = (bbsz_idx // beam_size).tolist()
+    values = eos_scores.tolist()
+    touched: dict[int, int] = {}
+    for i, row in enumerate(rows):
+        sent = sentence_of_row[row]
+        touched.setdefault(sent, row)
+        if len(finalized[sent]) < beam_size:
+            finalized[sent].append({"tokens": hypo_tokens[i], "score": values[i], "positional_scores": pos_scores[i]})
+    newly_finished = []
+    for sent in sorted(touched):
+        if not finished[sent] and (len(finalized[sent]) == beam_size or step == max_len):
+            finished[sent] = True
+            newly_finished.append(touched[sent])
+    return newly_finished
+
+
+# ---------------------------------------------------------------------------------------------
+# generate()
+# ---------------------------------------------------------------------------------------------
+
+
+def pack_hypotheses(results: list[list[dict]], num_return: int, settings: SearchSettings, device):
+    """HF-style tensors: sequences [B * num_return, T] (start token, ..., EOS, pad...), their
+    scores and per-token scores."""
+    rows, row_scores, row_token_scores = [], [], []
+    for hypos in results:
+        for k in range(num_return):
+            if k < len(hypos):
+                rows.append(hypos[k]["tokens"].tolist())
+                row_scores.append(hypos[k]["score"])
+                row_token_scores.append(hypos[k]["positional_scores"].tolist())
+            else:  # fewer finished hypotheses than asked for (a sentence cut at max_len)
+                rows.append([settings.eos])
+                row_scores.append(-math.inf)
+                row_token_scores.append([0.0])
+    width = 1 + max(len(r) for r in rows)
+    sequences = torch.full((len(rows), width), settings.pad, dtype=torch.long)
+    token_scores = torch.zeros(len(rows), width - 1, dtype=torch.float32)
+    sequences[:, 0] = settings.bos
+    for i, (row, ts) in enumerate(zip(rows, row_token_scores)):
+        sequences[i, 1 : 1 + len(row)] = torch.tensor(row, dtype=torch.long)
+        token_scores[i, : len(ts)] = torch.tensor(ts, dtype=torch.float32)
+    return sequences.to(device), torch.tensor(row_scores, dtype=torch.float32).to(device), token_scores.to(device)
+
+
+def ofa_generate(model, inputs: Optional[torch.Tensor] = None, generation_config: Optional[GenerationConfig] = None,
+             **kwargs):
+    """``OFAForConditionalGeneration.generate``: fairseq search for greedy/beam, transformers'
+    sampling (uncached) for ``do_sample=True``."""
+    if inputs is not None:
+        if kwargs.get("input_ids") is not None:
+            raise ValueError("pass the prompt as `inputs` or `input_ids`, not both")
+        kwargs["input_ids"] = inputs
+    sample_requested = kwargs.get("do_sample")
+    if sample_requested is None:
+        config = generation_config if generation_config is not None else model.generation_config
+        sample_requested = bool(getattr(config, "do_sample", False))
+    if sample_requested:
+        return _sample(model, generation_config, kwargs)
+
+    settings, model_kwargs = resolve_settings(model, generation_config, kwargs)
+    unknown = sorted(k for k in model_kwargs if k not in _MODEL_INPUTS and model_kwargs[k] is not None)
+    if unknown:
+        raise TypeError(f"OFA generate() got unexpected arguments: {', '.join(unknown)}")
+    input_ids = model_kwargs.get("input_ids")
+    encoder_outputs = model_kwargs.get("encoder_outputs")
+    if input_ids is None and (encoder_outputs is None or settings.max_len_a):
+        raise ValueError("OFA generate() needs `input_ids` (the tokenized prompt)")
+    if encoder_outputs is None:
+        encoder_outputs = model.get_encoder()(
+            input_ids=input_ids,
+            patch_images=model_kwargs.get("patch_images"),
+            patch_masks=model_kwargs.get("patch_masks"),
+            attention_mask=model_kwargs.get("attention_mask"),
+        )
+    elif isinstance(encoder_outputs, (tuple, list)):
+        raise ValueError("encoder_outputs must be the encoder's OFAEncoderOutput")
+
+    src_len = input_ids.shape[1] if input_ids is not None else 0
+    results = fairseq_search(model, encoder_outputs, settings, src_len=src_len)
+    sequences, sequence_scores, token_scores = pack_hypotheses(
+        results, settings.num_return_sequences, settings, encoder_outputs.last_hidden_state.device
+    )
+    if settings.return_dict_in_generate:
+        return OFAGenerateOutput(sequences=sequences, sequences_scores=sequence_scores, token_scores=token_scores)
+    return sequences
+
+
+def _sample(model, generation_config, kwargs):
+    """Sampling: transformers' own loop, full recompute each step (the OFA cache is not a
+    transformers ``Cache``). ``<pad>`` is suppressed as in fairseq."""
+    config = copy.deepcopy(generation_config if generation_config is not None else model.generation_config)
+    for name in ("max_len_a", "max_len_b", "min_len", "lenpen", "normalize_scores", "unk_penalty",
+                 "fairseq_temperature", "constraint_range", "text_token_range", "text_only"):
+        if kwargs.pop(name, None) not in (None, False):
+            raise ValueError(f"`{name}` applies to fairseq's beam search, not to sampling")
+    explicit_beams = kwargs.get("num_beams") is not None
+    model_kwargs = config.update(**kwargs)
+    suppress = list(config.suppress_tokens or [])
+    pad = config.pad_token_id if config.pad_token_id is not None else PAD
+    if pad not in suppress:
+        suppress.append(pad)
+    config.suppress_tokens = suppress
+    if not explicit_beams:  # the saved num_beams is for beam search: sample plain sequences
+        config.num_beams = 1
+        config.length_penalty, config.early_stopping = 1.0, False
+    config.use_cache = False
+    return GenerationMixin.generate(model, generation_config=config, **model_kwargs)
