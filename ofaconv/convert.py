@@ -293,7 +293,7 @@ def convert_checkpoint(
 def _save_processing(folder: Path, family, image_size: int, tokenizer_source, prompt) -> dict:
     if family is None:
         return {"saved": False, "reason": "vocabulary matches no OFA family; no tokenizer or processor written"}
-    from .modeling.processing_ofa import save_processing
+    from .tokenization import save_processing
 
     save_processing(folder, family, image_size, tokenizer_source=tokenizer_source, prompt=prompt)
     return {"saved": True, "family": family, "image_size": image_size, "prompt": prompt or family_info(family)["prompt"]}
