@@ -354,6 +354,12 @@ def _arguments(variant: str, size: str, vocab_size: int | None, flags: dict | No
 # Public API
 
 
+def synthetic_key_spec(variant: str, *, size: str = "micro", flags: dict | None = None,
+                       vocab_size: int | None = None) -> dict[str, layout.KeySpec]:
+    """The state-dict keys (names, shapes, kinds, ties) a synthetic checkpoint would have; no tensors."""
+    return layout.expected_keys(_arguments(variant, size, vocab_size, flags)[3])
+
+
 def synthetic_checkpoint_dict(
     variant: str,
     *,
@@ -432,9 +438,11 @@ def write_synthetic_checkpoint(
         flags=flags, vocab_size=vocab_size,
     )
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
     try:
-        torch.save(ckpt, tmp)
+        # fairseq saves through a file object, which names the zip's root folder "archive"
+        # (a path would name it after the temporary file, making the bytes non-deterministic).
+        with os.fdopen(fd, "wb") as f:
+            torch.save(ckpt, f)
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
@@ -469,14 +477,15 @@ class BadFile:
     path: Path
     kind: str
     key: str | None = None  # the state-dict key at fault, for key-level kinds
-    marker: Path | None = None  # for "malicious": the file its payload would create
+    marker: Path | None = None  # for "malicious_pickle": the file its payload would create
 
 
 BAD_KINDS = (
-    "empty", "random-bytes", "truncated", "zip-not-torch", "malicious", "non-ofa", "no-model", "no-args",
-    "text-only-fairseq", "nan-weight", "inf-weight", "missing-key", "missing-layer", "extra-key", "misshaped-key",
-    "legacy-torch-format",
+    "empty", "random_bytes", "truncated", "zip_not_torch", "malicious_pickle", "not_ofa", "no_model", "no_args",
+    "text_only_fairseq", "nan_weight", "inf_weight", "missing_key", "missing_layer", "extra_key", "misshaped_key",
+    "legacy_torch_format",
 )
+_BAD_ALIASES = {"malicious": "malicious_pickle", "non_ofa": "not_ofa"}
 
 
 def _load_plain(base: Path) -> dict:
@@ -490,26 +499,28 @@ def write_bad_checkpoint(path, kind: str, *, base=None, marker=None) -> BadFile:
     """Write one kind of bad input (see ``BAD_KINDS``) to ``path``.
 
     Kinds derived from a good file (truncated, nan-weight, missing-key, ...) need ``base``, a
-    synthetic checkpoint path (micro, with at least 2 encoder and 2 decoder layers). "malicious"
+    synthetic checkpoint path (micro, with at least 2 encoder and 2 decoder layers). "malicious_pickle"
     writes a ``torch.save`` file whose unpickling would create ``marker`` (default
-    ``<path>.payload-ran``). "legacy-torch-format" is not bad as such: a valid checkpoint in the
+    ``<path>.payload-ran``). "legacy_torch_format" is not bad as such: a valid checkpoint in the
     pre-zip format (torch < 1.6), which loads without mmap.
     """
     path = Path(path)
+    kind = kind.replace("-", "_")
+    kind = _BAD_ALIASES.get(kind, kind)
     if kind not in BAD_KINDS:
         raise OfaconvError(f"unknown bad-checkpoint kind {kind!r}; known: {', '.join(BAD_KINDS)}")
     result = BadFile(path, kind)
     if kind == "empty":
         path.write_bytes(b"")
-    elif kind == "random-bytes":
+    elif kind == "random_bytes":
         path.write_bytes(np.random.default_rng(0).bytes(4096))
-    elif kind == "zip-not-torch":
+    elif kind == "zip_not_torch":
         with zipfile.ZipFile(path, "w") as z:
             z.writestr("README.txt", "not a checkpoint")
-    elif kind == "malicious":
+    elif kind == "malicious_pickle":
         result.marker = Path(marker) if marker else path.with_name(path.name + ".payload-ran")
         torch.save({"model": _Payload(str(result.marker)), "args": None}, path)
-    elif kind == "non-ofa":
+    elif kind == "not_ofa":
         g = torch.Generator().manual_seed(0)
         torch.save(
             OrderedDict(
@@ -527,31 +538,31 @@ def write_bad_checkpoint(path, kind: str, *, base=None, marker=None) -> BadFile:
     else:
         ckpt = _load_plain(Path(base))
         state = ckpt["model"]
-        if kind == "no-model":
+        if kind == "no_model":
             del ckpt["model"]
-        elif kind == "no-args":
+        elif kind == "no_args":
             ckpt["args"], ckpt["cfg"] = None, None
-        elif kind == "text-only-fairseq":
+        elif kind == "text_only_fairseq":
             for name in [k for k in state if k.startswith("encoder.embed_images.")]:
                 del state[name]
-        elif kind in ("nan-weight", "inf-weight"):
-            result.key = "encoder.layers.1.fc2.weight" if kind == "nan-weight" else "decoder.layers.0.self_attn.q_proj.bias"
+        elif kind in ("nan_weight", "inf_weight"):
+            result.key = "encoder.layers.1.fc2.weight" if kind == "nan_weight" else "decoder.layers.0.self_attn.q_proj.bias"
             state[result.key] = state[result.key].clone()
-            state[result.key].view(-1)[3] = float("nan") if kind == "nan-weight" else float("inf")
-        elif kind == "missing-key":
+            state[result.key].view(-1)[3] = float("nan") if kind == "nan_weight" else float("inf")
+        elif kind == "missing_key":
             result.key = "encoder.layers.1.final_layer_norm.bias"
             del state[result.key]
-        elif kind == "missing-layer":
+        elif kind == "missing_layer":
             result.key = "decoder.layers.0"
             for name in [k for k in state if k.startswith("decoder.layers.0.")]:
                 del state[name]
-        elif kind == "extra-key":
+        elif kind == "extra_key":
             result.key = "encoder.layers.0.self_attn.extra_proj.weight"
             state[result.key] = torch.zeros_like(state["encoder.layers.0.self_attn.q_proj.weight"])
-        elif kind == "misshaped-key":
+        elif kind == "misshaped_key":
             result.key = "encoder.layers.1.fc1.bias"
             state[result.key] = torch.zeros(state[result.key].numel() + 1, dtype=state[result.key].dtype)
-        torch.save(ckpt, path, _use_new_zipfile_serialization=kind != "legacy-torch-format")
+        torch.save(ckpt, path, _use_new_zipfile_serialization=kind != "legacy_torch_format")
     return result
 
 
