@@ -132,8 +132,8 @@ class FairseqReference:
     def __init__(self, state_dict: Mapping[str, Tensor], model_args: Mapping[str, Any], *,
                  dtype: torch.dtype = torch.float32):
         self.dtype = dtype
-        given = dict(model_args)
-        self.args = {**ARCH_DEFAULTS, **{k: v for k, v in given.items() if v is not None}}
+        given = {k: v for k, v in dict(model_args).items() if v is not None}
+        self.args = {**ARCH_DEFAULTS, **given}
         self.sd: dict[str, Tensor] = self._as_parameters(state_dict)
         for flag in _UNSUPPORTED_FLAGS:
             if self.args.get(flag):
