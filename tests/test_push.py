@@ -395,8 +395,7 @@ def _converter_ready() -> str | None:
 
 OFFICIAL = Path("/work/shared/reference/ofa_micro_official")
 CLEAN_VENV_CHECK = textwrap.dedent("""
-    import json, sys, importlib.util
-    assert importlib.util.find_spec("ofaconv") is None, "ofaconv is importable: not a clean environment"
+    import json, sys
     import torch
     from transformers import AutoModelForSeq2SeqLM
     folder, reference = sys.argv[1], sys.argv[2]
@@ -418,7 +417,6 @@ def test_convert_verify_push_load_in_clean_venv(hub, tmp_path, capsys):
         pytest.skip(reason)
     import gzip
     import shutil
-    import sysconfig
 
     checkpoint = tmp_path / "checkpoint.pt"
     with gzip.open(OFFICIAL / "checkpoint.pt.gz") as src, open(checkpoint, "wb") as dst:
@@ -431,17 +429,64 @@ def test_convert_verify_push_load_in_clean_venv(hub, tmp_path, capsys):
     assert code == 0, err
     received = hub.materialize("alice/ofa-micro", tmp_path / "received")
 
-    # A virtualenv that sees torch/transformers (a plain path entry, whose own .pth files, among
-    # them ofaconv's editable install, are not processed) but not ofaconv.
-    venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
-    site = next(venv.glob("lib/python*/site-packages"))
-    (site / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "HF_"))}
-    env.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"))
-    run = subprocess.run([str(venv / "bin" / "python"), "-c", CLEAN_VENV_CHECK, str(received),
-                          str(OFFICIAL / "reference_io.pt")], capture_output=True, text=True, cwd=tmp_path, env=env)
+    run = subprocess.run([str(_clean_venv(tmp_path)), "-c", CLEAN_VENV_CHECK, str(received),
+                          str(OFFICIAL / "reference_io.pt")], capture_output=True, text=True, cwd=tmp_path,
+                         env=_clean_env(tmp_path))
     assert run.returncode == 0, run.stdout + run.stderr
     result = json.loads(run.stdout.strip().splitlines()[-1])
     assert not result["class"].startswith("ofaconv"), result  # the remote code, not the installed package
     assert result["max_abs_diff"] <= 1e-5, result
+
+
+@pytest.mark.hub
+def test_card_snippet_runs_on_pushed_synthetic_checkpoint(hub, tmp_path, capsys):
+    """``convert synth:ofa-cn-base --verify`` -> push -> the card's trust_remote_code snippet, as
+    the Hub received it, captions an image in a virtualenv without ofaconv."""
+    reason = _converter_ready()
+    if reason:
+        pytest.skip(reason)
+    import re
+
+    from PIL import Image
+
+    out = tmp_path / "out"
+    convert = subprocess.run([sys.executable, "-m", "ofaconv", "convert", "synth:ofa-cn-base", str(out), "--verify"],
+                             capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert convert.returncode == 0, convert.stdout + convert.stderr
+    code, _, err = push(capsys, out, "alice/ofa-cn-micro", "--endpoint", hub.url, "--token", VALID_TOKEN)
+    assert code == 0, err
+    received = hub.materialize("alice/ofa-cn-micro", tmp_path / "received")
+    snippet = re.findall(r"```python\n(.*?)```", (received / "README.md").read_text(encoding="utf-8"), re.S)[0]
+    assert 'repo = "alice/ofa-cn-micro"' in snippet
+    snippet = snippet.replace('"alice/ofa-cn-micro"', repr(str(received)))
+    # Random weights never emit </s>: cap the length so 8 beams x 128 steps do not dominate CI.
+    assert snippet.count("model.generate(**inputs)") == 1
+    snippet = snippet.replace("model.generate(**inputs)", "model.generate(**inputs, max_new_tokens=8)")
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(tmp_path / "image.jpg")
+
+    run = subprocess.run([str(_clean_venv(tmp_path)), "-c", snippet], capture_output=True, text=True,
+                         cwd=tmp_path, env=_clean_env(tmp_path))
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert run.stdout.strip(), "the snippet printed no caption"
+
+
+def _clean_venv(tmp_path: Path) -> Path:
+    """A virtualenv that sees torch/transformers (a plain path entry, whose own .pth files, among
+    them ofaconv's editable install, are not processed) but not ofaconv; returns its python."""
+    import sysconfig
+
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    site = next(venv.glob("lib/python*/site-packages"))
+    (site / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    python = venv / "bin" / "python"
+    probe = subprocess.run([str(python), "-c", "import importlib.util; print(importlib.util.find_spec('ofaconv'))"],
+                           capture_output=True, text=True, cwd=tmp_path, env=_clean_env(tmp_path))
+    assert probe.stdout.strip() == "None", "ofaconv is importable: not a clean environment"
+    return python
+
+
+def _clean_env(tmp_path: Path) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "HF_"))}
+    env.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"))
+    return env

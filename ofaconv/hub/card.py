@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from importlib import resources
 from pathlib import Path
 
 import yaml
@@ -24,7 +23,8 @@ from huggingface_hub.repocard import metadata_load
 
 from .. import __version__
 from ..errors import OfaconvError
-from .report import REPORT_NAME, describe_check, format_number, load_report
+from ..variants import family_from_vocab_size, family_info
+from .report import REPORT_NAME, describe_check, format_number, human_size, load_report
 
 CARD_NAME = "README.md"
 DEFAULT_LICENSE = "apache-2.0"
@@ -141,8 +141,8 @@ def build_model_card(
         report = load_report(root)
     except OfaconvError:
         report = None
-    family = (report or {}).get("family") or _family_from_vocab(config.get("vocab_size"))
-    families = _families()
+    family = (report or {}).get("family") or family_from_vocab_size(config.get("vocab_size"))
+    family_defaults = family_info(family) if family else None
 
     card_data = ModelCardData(
         language=_LANGUAGE.get(family),
@@ -163,8 +163,8 @@ def build_model_card(
         repo=repo_id or "path/to/converted-folder",
         has_processor=any((root / name).is_file() for name in _PROCESSOR_FILES),
         processor_note=((report or {}).get("processing") or {}).get("reason") or "none was saved with the weights",
-        prompt=json.dumps(_prompt(report, families.get(family)), ensure_ascii=False),
-        generate_args=_generate_args(root, families.get(family)),
+        prompt=json.dumps(_prompt(report, family_defaults), ensure_ascii=False),
+        generate_args=_generate_args(root, family_defaults),
         verdict=_verdict(report),
         checks=_check_rows(report),
         source_rows=_source_rows(report, config),
@@ -174,7 +174,7 @@ def build_model_card(
             if not k.startswith("_")  # bookkeeping of the flag reader, not checkpoint flags
         ],
         files=[
-            (name, _human_size(entry.get("size")), entry.get("sha256"))
+            (name, human_size(entry.get("size")), entry.get("sha256"))
             for name, entry in sorted(((report or {}).get("files") or {}).items())
             if isinstance(entry, dict)
         ],
@@ -209,10 +209,7 @@ def card_for_repo(folder: str | os.PathLike, repo_id: str) -> ModelCard | None:
         return build_model_card(root, repo_id=repo_id)
     if CARD_MARKER not in path.read_text(encoding="utf-8", errors="replace"):
         return None
-    try:
-        meta = metadata_load(path) or {}
-    except (yaml.YAMLError, ValueError) as exc:
-        raise OfaconvError(f"card metadata is not valid YAML ({exc})", path=path) from None
+    meta = card_metadata(root)
     tags = meta.get("tags") or []
     return build_model_card(
         root,
@@ -221,6 +218,19 @@ def card_for_repo(folder: str | os.PathLike, repo_id: str) -> ModelCard | None:
         extra_tags=[t for t in tags if t not in DEFAULT_TAGS],
         repo_id=repo_id,
     )
+
+
+def card_metadata(folder: str | os.PathLike) -> dict:
+    """The YAML metadata of ``folder/README.md`` (empty if it has none)."""
+    path = Path(folder) / CARD_NAME
+    try:
+        return metadata_load(path) or {}
+    except (yaml.YAMLError, ValueError) as exc:
+        raise OfaconvError(f"card metadata is not valid YAML ({_one_line(str(exc))})", path=path) from None
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
 
 
 def _load_config(root: Path) -> dict:
@@ -237,16 +247,6 @@ def _load_config(root: Path) -> dict:
     return config
 
 
-def _families() -> dict:
-    text = resources.files("ofaconv.mappings").joinpath("variants.yaml").read_text(encoding="utf-8")
-    return yaml.safe_load(text)["families"]
-
-
-def _family_from_vocab(vocab_size) -> str | None:
-    matches = [name for name, fam in _families().items() if fam.get("vocab_size") == vocab_size]
-    return matches[0] if len(matches) == 1 else None
-
-
 def _default_title(report: dict | None, root: Path) -> str:
     # The converter writes the card inside a temporary sibling, so the folder name is not the
     # model's name; the variant or the checkpoint's file name is.
@@ -258,7 +258,7 @@ def _default_title(report: dict | None, root: Path) -> str:
 def _prompt(report: dict | None, family: dict | None) -> str:
     """The caption prompt the saved processor uses by default."""
     processing = (report or {}).get("processing") or {}
-    return processing.get("prompt") or (family or {}).get("prompt") or _families()["en"]["prompt"]
+    return processing.get("prompt") or (family or family_info("en"))["prompt"]
 
 
 def _generate_args(root: Path, family: dict | None) -> str:
@@ -330,7 +330,7 @@ def _source_rows(report: dict | None, config: dict) -> list[tuple[str, str]]:
     if source.get("sha256"):
         rows.append(("sha256", f"`{source['sha256']}`"))
     if source.get("size") is not None:
-        rows.append(("Size", _human_size(source["size"])))
+        rows.append(("Size", human_size(source["size"])))
     if source.get("layout"):
         rows.append(("Layout", f"`{source['layout']}`"))
     if report.get("variant"):
@@ -355,13 +355,3 @@ def _source_rows(report: dict | None, config: dict) -> list[tuple[str, str]]:
 def _cell(value) -> str:
     return str(value).replace("|", "\\|").replace("\n", " ")
 
-
-def _human_size(size) -> str:
-    if not isinstance(size, int):
-        return "?"
-    value = float(size)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{size} B" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{size} B"

@@ -21,8 +21,8 @@ import yaml
 
 from .. import __version__
 from ..errors import OfaconvError
-from .card import CARD_NAME, card_for_repo
-from .report import REPORT_NAME, folder_files, load_report, validate_report
+from .card import CARD_NAME, card_for_repo, card_metadata
+from .report import REPORT_NAME, folder_files, human_size, load_report, validate_report
 
 _TRUE = {"1", "on", "yes", "true"}
 
@@ -148,12 +148,7 @@ def plan_push(folder: Path, repo_id: str) -> PushPlan:
         files.append(PlannedFile(CARD_NAME, len(data), data, note=f"card built for {repo_id}"))
         metadata = card.data.to_dict()
     else:
-        from huggingface_hub.repocard import metadata_load
-
-        try:
-            metadata = metadata_load(folder / CARD_NAME) or {}
-        except (yaml.YAMLError, ValueError) as exc:
-            raise OfaconvError(f"card metadata is not valid YAML ({exc})", path=folder / CARD_NAME) from None
+        metadata = card_metadata(folder)
     return PushPlan(folder, repo_id, sorted(files, key=lambda f: f.path_in_repo), metadata, [])
 
 
@@ -215,7 +210,8 @@ def _push(folder, repo_id, *, private, revision, create_pr, commit_message, toke
         raise _hub_error(exc, repo_id=repo_id, endpoint=endpoint, revision=revision, refusal=refusal) from None
     changed = [op for op in operations if not _unchanged(op)]
     if changed:
-        print(f"pushed {len(changed)} of {len(plan.files)} files ({_human(plan.total_size)}) to {repo_id} in one commit", file=out)
+        size = sum(op.upload_info.size for op in changed)
+        print(f"pushed {len(changed)} of {len(plan.files)} files ({human_size(size)}) to {repo_id} in one commit", file=out)
     else:
         print(f"nothing to push: {repo_id} already holds these {len(plan.files)} files", file=out)
     print(f"commit: {info.commit_url}", file=out)
@@ -337,8 +333,8 @@ def _print_plan(plan: PushPlan, endpoint, *, private, revision, create_pr, out) 
     width = max(len(f.path_in_repo) for f in plan.files)
     for f in plan.files:
         note = f"  ({f.note})" if f.note else ""
-        print(f"  {f.path_in_repo:<{width}}  {_human(f.size):>10}{note}", file=out)
-    print(f"  {len(plan.files)} files, {_human(plan.total_size)}", file=out)
+        print(f"  {f.path_in_repo:<{width}}  {human_size(f.size):>10}{note}", file=out)
+    print(f"  {len(plan.files)} files, {human_size(plan.total_size)}", file=out)
     if plan.problems:
         print("report: NOT verified (--allow-unverified): " + "; ".join(plan.problems), file=out)
     else:
@@ -348,15 +344,6 @@ def _print_plan(plan: PushPlan, endpoint, *, private, revision, create_pr, out) 
     for line in text.splitlines():
         print(f"  {line}", file=out)
     print("nothing was uploaded (dry run)", file=out)
-
-
-def _human(size: int) -> str:
-    value = float(size)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{size} B" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{size} B"
 
 
 def _one_line(text: str) -> str:

@@ -191,3 +191,15 @@ def format_number(value) -> str:
     if value == 0:
         return "0"
     return f"{value:.3g}"
+
+
+def human_size(size) -> str:
+    """``104 B``, ``117.7 MiB``: sizes in messages, the dry run and the card."""
+    if not isinstance(size, int):
+        return "?"
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{size} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{size} B"
