@@ -255,6 +255,19 @@ def test_interpolate_position_only_above_original_grid(fixture_cases, perturbed_
     assert torch.equal(big_orig, plain)
 
 
+def test_text_only_and_reduced_precision(official, official_io):
+    inputs = official_io["inputs"]
+    reference = FairseqReference.from_checkpoint(official)
+    text_only = reference.forward(inputs["input_ids"], None, None, inputs["decoder_input_ids"])
+    assert text_only.shape == official_io["logits"].shape
+    assert reference.encode(inputs["input_ids"])["encoder_out"].shape[1] == \
+        inputs["input_ids"].shape[1]
+    half = FairseqReference.from_checkpoint(official, dtype=torch.bfloat16)
+    logits = run_forward(half, inputs)
+    assert logits.dtype == torch.bfloat16
+    assert max_diff(logits.float(), official_io["logits"]) < 0.05
+
+
 def test_freeze_flags_mark_embeddings_like_fairseq(official, official_args):
     state = official["model"]
     reference = FairseqReference(state, official_args)
