@@ -132,7 +132,7 @@ def build_model_card(
     """Card for the converted ``folder`` from its ``config.json`` and ``conversion_report.json``.
 
     ``repo_id`` is the Hub repo the snippet loads from (``ofaconv push`` passes it); without it the
-    snippet loads the folder itself. A folder without a report still gets a card, one that says
+    snippet names a placeholder path. A folder without a report still gets a card, one that says
     the weights were not verified.
     """
     root = Path(folder)

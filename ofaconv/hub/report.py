@@ -184,9 +184,7 @@ def describe_check(check: dict) -> str:
 
 def format_number(value) -> str:
     """Compact rendering of a metric: exact zeros stay ``0``, floats get 3 significant digits."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return str(value)
-    if isinstance(value, int):
+    if isinstance(value, (bool, int)) or not isinstance(value, float):
         return str(value)
     if value == 0:
         return "0"
