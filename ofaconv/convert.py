@@ -12,6 +12,7 @@ Invariants:
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import sys
@@ -23,7 +24,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .checkpoint import check_finite, detect_variant, infer_config, load_checkpoint, read_flags
+from .checkpoint import detect_variant, infer_config, load_checkpoint, read_flags
 from .errors import CheckpointError, OfaconvError
 from .keymap import KeyMap
 from .variants import family_info, get_variant
@@ -193,23 +194,40 @@ def convert_checkpoint(
     out_dir,
     *,
     force: bool = False,
+    ema: bool = False,
+    **options,
+) -> ConversionResult:
+    """Convert the fairseq checkpoint ``src`` into the folder ``out_dir`` (see ``convert_loaded``)."""
+    _check_output(out_dir, force)
+    return convert_loaded(load_checkpoint(src, ema=ema), out_dir, force=force, **options)
+
+
+def _check_output(out_dir, force: bool) -> None:
+    if Path(out_dir).exists() and not force:
+        raise OfaconvError("output exists (use --force to replace it)", path=out_dir)
+
+
+def convert_loaded(
+    ckpt,
+    out_dir,
+    *,
+    force: bool = False,
     dtype: str = "fp32",
     max_shard_size="2GB",
-    ema: bool = False,
     keymap: str = DEFAULT_KEYMAP,
     tokenizer: str | None = None,
     prompt: str | None = None,
     verify: bool = False,
     license: str = "apache-2.0",
     progress: bool = False,
+    kind: str = "conversion",
 ) -> ConversionResult:
-    src, out_dir = Path(src), Path(out_dir)
+    """Write the folder for an already opened checkpoint (fairseq names, ``FairseqCheckpoint``)."""
+    src, out_dir = Path(ckpt.path), Path(out_dir)
     if dtype not in DTYPES:
         raise OfaconvError(f"unknown dtype {dtype!r} (choose from {', '.join(DTYPES)})")
-    if out_dir.exists() and not force:
-        raise OfaconvError("output exists (use --force to replace it)", path=out_dir)
-
-    ckpt = load_checkpoint(src, ema=ema)
+    _check_output(out_dir, force)
+    ema = ckpt.from_ema
     state = ckpt.state_dict
     shape = infer_config(state)
     flags = read_flags(ckpt)
@@ -227,18 +245,14 @@ def convert_checkpoint(
     try:
         target_dtype = DTYPES[dtype]
 
-        def thunk(key):
-            def load():
-                tensor = state[key]
-                check_finite(key, tensor, src)
-                return tensor
-
-            return load
-
-        items = [(target, tuple(state[key].shape), state[key].dtype, thunk(key)) for target, key in plan.entries]
+        items = [
+            (target, tuple(state[key].shape), state[key].dtype, functools.partial(state.__getitem__, key))
+            for target, key in plan.entries
+        ]
+        # The writer refuses NaN/Inf (and fp16 overflow) per tensor, naming the source key.
         written = write_shards(
             tmp, items, max_shard_size=parse_size(max_shard_size), dtype=None if dtype == "fp32" else target_dtype,
-            progress=progress,
+            source_path=src, progress=progress,
         )
         config.dtype = target_dtype
         config.save_pretrained(tmp)
@@ -248,7 +262,7 @@ def convert_checkpoint(
 
         report = {
             "schema": "ofaconv/report@1",
-            "kind": "conversion",
+            "kind": kind,
             "ofaconv_version": __version__,
             "source": {"file": src.name, "sha256": ckpt.sha256, "size": src.stat().st_size, "layout": ckpt.layout,
                        "ema": ema},
