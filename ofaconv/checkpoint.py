@@ -130,6 +130,11 @@ def load_checkpoint(path, *, ema: bool = False) -> FairseqCheckpoint:
     With ``ema=True`` the state dict is ``extra_state["ema"]`` (fairseq ``--store-ema``).
     Raises ``CheckpointError`` naming the file (and key) for anything that is not a readable,
     safe fairseq OFA checkpoint.
+
+    Legacy (torch < 1.6, non-zip) files cannot be memory-mapped nor scanned for globals in
+    advance; they are still loaded with ``weights_only=True`` and the same allow-list (the
+    restricted unpickler refuses any other global before constructing it), but the whole file
+    is read into memory (``mmapped`` False). Released OFA checkpoints are zip files.
     """
     path = Path(path)
     kind = _file_kind(path)

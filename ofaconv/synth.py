@@ -481,7 +481,7 @@ class BadFile:
 
 
 BAD_KINDS = (
-    "empty", "random_bytes", "truncated", "zip_not_torch", "malicious_pickle", "not_ofa", "no_model", "no_args",
+    "empty", "random_bytes", "truncated", "zip_not_torch", "malicious_pickle", "malicious_legacy", "not_ofa", "no_model", "no_args",
     "text_only_fairseq", "nan_weight", "inf_weight", "missing_key", "missing_layer", "extra_key", "misshaped_key",
     "legacy_torch_format",
 )
@@ -501,7 +501,7 @@ def write_bad_checkpoint(path, kind: str, *, base=None, marker=None) -> BadFile:
     Kinds derived from a good file (truncated, nan-weight, missing-key, ...) need ``base``, a
     synthetic checkpoint path (micro, with at least 2 encoder and 2 decoder layers). "malicious_pickle"
     writes a ``torch.save`` file whose unpickling would create ``marker`` (default
-    ``<path>.payload-ran``). "legacy_torch_format" is not bad as such: a valid checkpoint in the
+    ``<path>.payload-ran``); "malicious_legacy" the same in the pre-zip format. "legacy_torch_format" is not bad as such: a valid checkpoint in the
     pre-zip format (torch < 1.6), which loads without mmap.
     """
     path = Path(path)
@@ -517,9 +517,10 @@ def write_bad_checkpoint(path, kind: str, *, base=None, marker=None) -> BadFile:
     elif kind == "zip_not_torch":
         with zipfile.ZipFile(path, "w") as z:
             z.writestr("README.txt", "not a checkpoint")
-    elif kind == "malicious_pickle":
+    elif kind in ("malicious_pickle", "malicious_legacy"):
         result.marker = Path(marker) if marker else path.with_name(path.name + ".payload-ran")
-        torch.save({"model": _Payload(str(result.marker)), "args": None}, path)
+        torch.save({"model": _Payload(str(result.marker)), "args": None}, path,
+                   _use_new_zipfile_serialization=kind == "malicious_pickle")
     elif kind == "not_ofa":
         g = torch.Generator().manual_seed(0)
         torch.save(

@@ -133,7 +133,8 @@ def test_flags_never_carry_machine_paths(base_file):
 
 # -- bad inputs ---------------------------------------------------------------------------------
 
-LOAD_TIME = ["empty", "random_bytes", "truncated", "zip_not_torch", "malicious_pickle", "not_ofa", "no_model",
+LOAD_TIME = ["empty", "random_bytes", "truncated", "zip_not_torch", "malicious_pickle", "malicious_legacy", "not_ofa",
+             "no_model",
              "no_args", "text_only_fairseq"]
 SHAPE_TIME = ["missing_key", "missing_layer", "extra_key", "misshaped_key"]
 
@@ -171,15 +172,16 @@ def test_non_finite_weight_named(kind, base_file, tmp_path):
     assert info.value.key == bad.key and str(bad.path) in str(info.value)
 
 
-def test_malicious_pickle_payload_never_runs(tmp_path):
+@pytest.mark.parametrize("kind", ["malicious_pickle", "malicious_legacy"])
+def test_malicious_pickle_payload_never_runs(kind, tmp_path):
     """The payload is real (an unsafe unpickle in a child process runs it), and ofaconv refuses it."""
-    armed = write_bad_checkpoint(tmp_path / "armed.pt", "malicious_pickle", marker=tmp_path / "armed-ran")
+    armed = write_bad_checkpoint(tmp_path / "armed.pt", kind, marker=tmp_path / "armed-ran")
     code = f"import torch; torch.load({str(armed.path)!r}, weights_only=False)"
     subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, timeout=120)
     assert armed.marker.exists(), "control: the payload should run under an unsafe load"
 
-    bad = write_bad_checkpoint(tmp_path / "evil.pt", "malicious_pickle", marker=tmp_path / "evil-ran")
-    with pytest.raises(CheckpointError, match="builtins.exec") as info:
+    bad = write_bad_checkpoint(tmp_path / "evil.pt", kind, marker=tmp_path / "evil-ran")
+    with pytest.raises(CheckpointError, match=r"exec\b") as info:
         load_checkpoint(bad.path)
     assert "refusing to unpickle" in str(info.value) and "never falls back" in str(info.value)
     assert not bad.marker.exists()
