@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import ast
 import gzip
+import math
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
+
+from ofaconv.errors import OfaconvError
+from ofaconv.reference import FairseqReference, SequenceGenerator
+from ofaconv.reference import forward as forward_module
+from ofaconv.reference import generator as generator_module
+from ofaconv.reference.forward import BOS, EOS, PAD, model_args_from_checkpoint
 
 OFFICIAL_DIR = Path("/work/shared/reference/ofa_micro_official")
 PERTURBED_FIXTURE = Path(__file__).parent / "data" / "reference_official_perturbed.pt"
@@ -78,17 +87,6 @@ def load_official_checkpoint(tmp_dir: Path) -> dict:
 
 # ---------------------------------------------------------------------------------------------
 # fixtures
-
-import ast  # noqa: E402
-import math  # noqa: E402
-
-import torch.nn.functional as F  # noqa: E402
-
-from ofaconv.errors import OfaconvError  # noqa: E402
-from ofaconv.reference import FairseqReference, SequenceGenerator  # noqa: E402
-from ofaconv.reference import forward as forward_module  # noqa: E402
-from ofaconv.reference import generator as generator_module  # noqa: E402
-from ofaconv.reference.forward import BOS, EOS, PAD, model_args_from_checkpoint  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not OFFICIAL_DIR.exists(),
                                 reason=f"official reference outputs not found at {OFFICIAL_DIR}")
