@@ -245,6 +245,7 @@ def resolve_settings(model, generation_config: Optional[GenerationConfig], kwarg
     fairseq_knobs = ("max_len_a", "max_len_b", "min_len", "lenpen", "normalize_scores", "unk_penalty",
                      "fairseq_temperature", "constraint_range", "text_token_range")
     explicit = {name: kwargs.pop(name) for name in fairseq_knobs if name in kwargs}
+    explicit = {name: value for name, value in explicit.items() if value is not None}
     text_only = kwargs.pop("text_only", None)
 
     # HF names given as kwargs: map them onto fairseq's knobs (kwargs beat every config field).
