@@ -29,7 +29,12 @@ NAIVE = r"""
 import argparse, sys, torch
 from safetensors.torch import save_file
 src, out = sys.argv[1], sys.argv[2]
-with torch.serialization.safe_globals([argparse.Namespace]):
+import numpy as np
+from numpy._core import multiarray
+# the globals a trainer checkpoint holds: Namespace, numpy scalars/arrays in extra_state
+SAFE = [argparse.Namespace, multiarray.scalar, multiarray._reconstruct, np.dtype, np.ndarray]
+SAFE += [getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType")]
+with torch.serialization.safe_globals(SAFE):
     ckpt = torch.load(src, map_location="cpu", weights_only=True)
 renames = [(".encoder_attn_layer_norm.", ".cross_attn_layer_norm."), (".encoder_attn.", ".cross_attn."),
            (".self_attn_ln.", ".self_attn_mid_layer_norm."), (".cross_attn_ln.", ".cross_attn_mid_layer_norm."),
@@ -47,7 +52,12 @@ save_file(state, out)
 FLOOR = r"""
 import argparse, sys, torch
 src, out = sys.argv[1], sys.argv[2]
-with torch.serialization.safe_globals([argparse.Namespace]):
+import numpy as np
+from numpy._core import multiarray
+# the globals a trainer checkpoint holds: Namespace, numpy scalars/arrays in extra_state
+SAFE = [argparse.Namespace, multiarray.scalar, multiarray._reconstruct, np.dtype, np.ndarray]
+SAFE += [getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType")]
+with torch.serialization.safe_globals(SAFE):
     ckpt = torch.load(src, map_location="cpu", weights_only=True, mmap=True)
 with open(out, "wb") as f:
     for key, value in ckpt["model"].items():
@@ -55,7 +65,7 @@ with open(out, "wb") as f:
             continue
         if key in ("decoder.embed_tokens.weight", "decoder.output_projection.weight"):
             continue
-        f.write(value.contiguous().view(torch.uint8).numpy().tobytes())
+        f.write(value.reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
 """
 
 
