@@ -94,8 +94,10 @@ def perturb_(state: dict[str, torch.Tensor], seed: int = 0) -> dict[str, torch.T
         elif t.dim() >= 2 and "embedding" not in key:
             fan_in = t.shape[1] * (t[0, 0].numel() if t.dim() > 2 else 1)
             value = noise / math.sqrt(fan_in)
-        else:
+        elif "word_embeddings" in key or "token_embedding" in key:
             value = 0.5 * noise
+        else:  # class / position / token-type embeddings: CLIP's width**-0.5 scale
+            value = noise * t.shape[-1] ** -0.5
         state[key] = value.to(t.dtype).reshape(t.shape)
     return state
 
@@ -329,8 +331,13 @@ def write_legacy_bertclip(out: str | os.PathLike, size: str = "micro", *, seed: 
 
 
 # -- inputs of `ofaconv clip init` -----------------------------------------------------------------
-def write_openai_clip(out: str | os.PathLike, size: str = "micro", *, seed: int = 1) -> Path:
-    """An OpenAI CLIP checkpoint folder (CLIPModel, 4.x key layout, CLIP text tower included)."""
+def write_openai_clip(out: str | os.PathLike, size: str = "micro", *, seed: int = 1,
+                      residual_scale: float = 1.0) -> Path:
+    """An OpenAI CLIP checkpoint folder (CLIPModel, 4.x key layout, CLIP text tower included).
+
+    ``residual_scale`` < 1 shrinks the attention/MLP output projections of the vision tower, so
+    its [CLS] output keeps a linearly readable trace of the pixels, as a trained tower does (a
+    random deep tower scrambles it); the learning test uses it to stand in for real CLIP weights."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     v = bertclip_geometry(size)["vision"]
@@ -345,6 +352,9 @@ def write_openai_clip(out: str | os.PathLike, size: str = "micro", *, seed: int 
               "text_model.final_layer_norm.weight": (th,), "text_model.final_layer_norm.bias": (th,)}
     shapes.update(_clip_vit_keys("vision_model.", v))
     state = perturb_({k: torch.zeros(s) for k, s in shapes.items()}, seed)
+    for key in state:
+        if key.startswith("vision_model.encoder.") and key.endswith(("out_proj.weight", "fc2.weight")):
+            state[key] = state[key] * residual_scale
     vision = {k: val for k, val in v.items() if k != "projection_dim"}
     config = {"architectures": ["CLIPModel"], "model_type": "clip", "projection_dim": proj,
               "logit_scale_init_value": 2.6592, "text_config": text, "vision_config": vision}
@@ -371,3 +381,51 @@ def write_bert(out: str | os.PathLike, size: str = "micro", *, seed: int = 2, vo
     save_safetensors(state, out / "model.safetensors")
     _write_bert_tokenizer_files(out, vocab, max_length=512)
     return out
+
+
+# -- synthetic image-caption pairs (learning test, benchmark) ---------------------------------------
+COLORS = {"红": (220, 30, 30), "绿": (30, 180, 60), "蓝": (40, 60, 220), "黄": (230, 210, 40),
+          "紫": (150, 50, 180), "橙": (240, 140, 20), "黑": (15, 15, 15), "白": (245, 245, 245)}
+PLACES = {"左上角": (0, 0), "右上角": (1, 0), "左下角": (0, 1), "右下角": (1, 1)}
+
+
+def caption_classes(places: bool = False) -> list[tuple[str, tuple, tuple | None]]:
+    if not places:
+        return [(f"一个{name}色的方块", rgb, None) for name, rgb in COLORS.items()]
+    return [(f"{place}有一个{name}色的方块", rgb, cell) for name, rgb in COLORS.items() for place, cell in PLACES.items()]
+
+
+def write_caption_pairs(out: str | os.PathLike, *, per_class: int = 4, image_size: int = 32, seed: int = 0,
+                        csv_name: str = "pairs.csv", prefix: str = "img", places: bool = False) -> Path:
+    """A BertCLIP CSV (``text,url,filename``) of caption classes: 8 colours (x 4 quadrants with
+    ``places``); each image draws the coloured square at a jittered size/position on a noisy grey
+    background (without ``places`` the square covers most of the image)."""
+    import csv
+
+    import numpy as np
+    from PIL import Image
+
+    out = Path(out)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    rows = []
+    for c, (caption, rgb, cell) in enumerate(caption_classes(places)):
+        for k in range(per_class):
+            arr = rng.integers(90, 150, (image_size, image_size, 3)).astype(np.uint8)
+            if cell is None:
+                side = int(rng.integers(image_size * 3 // 4, image_size + 1))
+                x0, y0 = (int(rng.integers(0, image_size - side + 1)) for _ in range(2))
+            else:
+                half = image_size // 2
+                side = int(rng.integers(half * 5 // 8, half))
+                x0 = cell[0] * half + int(rng.integers(0, half - side + 1))
+                y0 = cell[1] * half + int(rng.integers(0, half - side + 1))
+            arr[y0 : y0 + side, x0 : x0 + side] = np.clip(np.array(rgb) + rng.integers(-15, 16, 3), 0, 255)
+            name = f"{prefix}_{c:02d}_{k}.png"
+            Image.fromarray(arr, "RGB").save(out / "images" / name)
+            rows.append({"text": caption, "url": f"http://127.0.0.1/{name}", "filename": f"images/{name}"})
+    with open(out / csv_name, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=["text", "url", "filename"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return out / csv_name

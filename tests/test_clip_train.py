@@ -1,0 +1,188 @@
+"""LiT training: it learns (held-out text->image R@1 >= 90%), the locked tower is cached once and
+never changes, data problems are counted and skipped, the recipe is validated, the downloader copes."""
+
+import csv
+import http.server
+import io
+import json
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from PIL import Image
+from safetensors.torch import load_file
+
+from ofaconv.clip import ClipTowers, synth
+from ofaconv.clip.assemble import init_bertclip
+from ofaconv.clip.data import DataStats, read_csv_pairs, read_pairs
+from ofaconv.clip.download import download_images
+from ofaconv.clip.evaluate import recall_at_k
+from ofaconv.clip.train import load_recipe, train
+from ofaconv.errors import OfaconvError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def init_model(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lit")
+    init_bertclip(synth.write_openai_clip(root / "clip"), synth.write_bert(root / "bert"), root / "init")
+    return root / "init"
+
+
+def _recipe(tmp_path, model, csv_path, epochs, **lit):
+    recipe = {"model": str(model), "output_dir": str(tmp_path / "run"), "max_length": 16,
+              "data": {"train": {"csv": str(csv_path)}},
+              "lit": {"clamp_logit_scale": 4.6052, **lit},
+              "training": {"per_device_train_batch_size": 16, "learning_rate": 1e-3, "lr_scheduler_type": "cosine",
+                           "warmup_steps": 5, "num_train_epochs": epochs, "weight_decay": 0.0, "seed": 0,
+                           "use_cpu": True, "dataloader_num_workers": 0, "disable_tqdm": True, "logging_steps": 1000}}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe, allow_unicode=True))
+    return load_recipe(path)
+
+
+def test_lit_learns_held_out_pairs(tmp_path, init_model):
+    torch.set_flush_denormal(True)
+    train_csv = synth.write_caption_pairs(tmp_path / "train", per_class=16, seed=0)
+    held_csv = synth.write_caption_pairs(tmp_path / "held", per_class=4, seed=123)
+    result = train(_recipe(tmp_path, init_model, train_csv, epochs=20))
+    assert result["cached"] and result["data"]["pairs"] == 128
+    towers = ClipTowers.from_pretrained(result["output"])
+    pairs, store = read_csv_pairs(held_csv, None, DataStats())
+    img = towers.encode_images([store.load(p.image_id) for p in pairs])
+    txt = towers.encode_texts([p.text for p in pairs])
+    gt = [{j for j, q in enumerate(pairs) if q.text == p.text} for p in pairs]
+    recall = recall_at_k(txt @ img.t(), gt)
+    assert recall["r1"] >= 90.0, recall
+    # LiT: the image tower is bit-identical to the initial one; the text tower moved
+    before, after = load_file(str(init_model / "model.safetensors")), load_file(str(Path(result["output"]) / "model.safetensors"))
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("vision_model."))
+    assert not torch.equal(before["text_projection.weight"], after["text_projection.weight"])
+    assert float(after["logit_scale"]) <= 4.6052 + 1e-6
+
+
+def test_cache_is_filled_once_and_reused(tmp_path, init_model, monkeypatch):
+    from ofaconv.clip import train as train_mod
+
+    csv_path = synth.write_caption_pairs(tmp_path / "d", per_class=2, seed=1)
+    calls = []
+    real = train_mod.precompute_image_features
+
+    def spy(towers, store, ids, cache, **kw):
+        calls.append(len(cache.missing(ids)))
+        return real(towers, store, ids, cache, **kw)
+
+    monkeypatch.setattr(train_mod, "precompute_image_features", spy)
+    train(_recipe(tmp_path, init_model, csv_path, epochs=1, lock_image_head=True))
+    train(_recipe(tmp_path, init_model, csv_path, epochs=1, lock_image_head=True))
+    assert calls == [16, 0]  # second run: every image served from the cache
+    cache_dirs = list((tmp_path / "run" / "feature_cache" / "clip-image-pooled").iterdir())
+    assert len(cache_dirs) == 1
+    out = load_file(str(tmp_path / "run" / "final" / "model.safetensors"))
+    assert torch.equal(out["visual_projection.weight"], load_file(str(init_model / "model.safetensors"))["visual_projection.weight"])
+
+
+def test_uncached_path_skips_bad_images_and_rows(tmp_path, init_model):
+    csv_path = synth.write_caption_pairs(tmp_path / "d", per_class=1, seed=2)
+    rows = list(csv.DictReader(open(csv_path, encoding="utf-8")))
+    (tmp_path / "d" / rows[0]["filename"]).write_bytes(b"corrupt")
+    rows.append({"text": "", "url": "", "filename": "images/x.png"})
+    rows.append({"text": "缺失", "url": "", "filename": "images/missing.png"})
+    with open(csv_path, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=["text", "url", "filename"])
+        w.writeheader()
+        w.writerows(rows)
+    result = train(_recipe(tmp_path, init_model, csv_path, epochs=1, cache_image_features=False))
+    assert not result["cached"]
+    assert {k: result["data"][k] for k in ("pairs", "bad_rows", "missing_images", "bad_images")} == \
+        {"pairs": 7, "bad_rows": 1, "missing_images": 1, "bad_images": 1}
+
+
+def test_recipe_and_data_schema_errors(tmp_path, init_model):
+    bad = tmp_path / "r.yaml"
+    bad.write_text("model: x\noutput_dir: y\ndata: {}\nlit: {lock_images: true}\n")
+    with pytest.raises(OfaconvError, match="lit.lock_images"):
+        load_recipe(bad)
+    csv_path = tmp_path / "wrong.csv"
+    csv_path.write_text("caption,filename\na,b.png\n")
+    with pytest.raises(OfaconvError, match="text.*filename"):
+        read_pairs({"csv": str(csv_path)})
+    recipe = _recipe(tmp_path, init_model, csv_path, epochs=1, lock_image=False)
+    csv_path.write_text("text,url,filename\n")
+    with pytest.raises(OfaconvError, match="lock_image"):
+        train(recipe)
+
+
+def test_shipped_recipe_is_the_seed_run():
+    recipe = load_recipe(REPO / "training" / "clip_bertclip_lit.yaml")
+    t = recipe["training"]
+    assert (t["per_device_train_batch_size"], t["learning_rate"], t["lr_scheduler_type"], t["warmup_steps"],
+            t["num_train_epochs"], t["fp16"], recipe["max_length"]) == (768, 5e-5, "cosine", 1000, 50, True, 100)
+
+
+def test_cnclip_tsv_jsonl_reader_counts_bad_rows(tmp_path):
+    import base64
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), "red").save(buf, format="PNG")
+    (tmp_path / "train_imgs.tsv").write_text(f"7\t{base64.urlsafe_b64encode(buf.getvalue()).decode()}\n")
+    (tmp_path / "train_texts.jsonl").write_text(
+        '{"text_id": 1, "text": "红色", "image_ids": [7]}\n{"text_id": 2, "text": "x", "image_ids": [9]}\nnot json\n')
+    pairs, store, stats = read_pairs({"texts": "train_texts.jsonl", "images": "train_imgs.tsv"}, tmp_path)
+    assert [(p.text, p.image_id) for p in pairs] == [("红色", "7")]
+    assert (stats.bad_rows, stats.missing_images) == (1, 1) and store.load("7").size == (8, 8)
+
+
+# -- downloader, against a loopback HTTP server only -----------------------------------------------
+class _Handler(http.server.BaseHTTPRequestHandler):
+    hits: dict = {}
+
+    def log_message(self, *a):
+        pass
+
+    def do_GET(self):
+        _Handler.hits[self.path] = _Handler.hits.get(self.path, 0) + 1
+        if self.path == "/flaky.png" and _Handler.hits[self.path] == 1:
+            self.send_response(503)
+            self.end_headers()
+            return
+        if self.path in ("/ok.png", "/flaky.png"):
+            buf = io.BytesIO()
+            Image.new("RGB", (4, 4), "blue").save(buf, format="PNG")
+            body = buf.getvalue()
+        elif self.path == "/text.png":
+            body = b"<html>not an image</html>"
+        else:
+            self.send_response(404)
+            self.end_headers()
+            return
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+def test_downloader_retries_validates_resumes_and_reports(tmp_path):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        src = tmp_path / "urls.csv"
+        src.write_text("text,url,filename\n"
+                       f"a,{base}/ok.png,a/ok.png\nb,{base}/flaky.png,flaky.png\n"
+                       f"c,{base}/missing.png,missing.png\nd,{base}/text.png,text.png\ne,{base}/ok.png,../escape.png\n")
+        r = download_images(src, tmp_path / "img", workers=3, timeout=5, retries=2, backoff=0.01,
+                            out_csv=tmp_path / "ok.csv")
+        assert (r["downloaded"], r["failed"]) == (2, 3)
+        failures = [json.loads(l) for l in open(r["failures"])]
+        assert {f["filename"] for f in failures} == {"missing.png", "text.png", "../escape.png"}
+        assert (tmp_path / "img" / "a" / "ok.png").is_file() and not (tmp_path / "escape.png").exists()
+        assert not list((tmp_path / "img").rglob("*.part"))
+        assert len(list(csv.DictReader(open(tmp_path / "ok.csv")))) == 2
+        again = download_images(src, tmp_path / "img", workers=2, timeout=5, retries=0)
+        assert again["skipped_existing"] == 2 and again["downloaded"] == 0
+    finally:
+        server.shutdown()
