@@ -188,6 +188,7 @@ MUTATIONS = {
                        "decoder.layers.{i:decoder_layers}.fc2.{t:weight|bias}"]),
         _rename_rule(d, "decoder.layers.0.fc1.{t:weight|bias}", "decoder.layers.1.fc1.{t}"),
         _rename_rule(d, "decoder.layers.1.fc1.{t:weight|bias}", "decoder.layers.0.fc1.{t}"),
+        _rename_rule(d, "decoder.layers.2.fc1.{t:weight|bias}", "decoder.layers.2.fc1.{t}"),
     ),
     "swapped_cross_and_self_mid_layer_norm": lambda d: _swap_renames(
         d, "decoder.layers.{i}.self_attn_mid_layer_norm.{t}", "decoder.layers.{i}.cross_attn_mid_layer_norm.{t}"),
