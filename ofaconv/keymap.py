@@ -13,12 +13,22 @@ set is known before any tensor is read:
 Sections: ``keep`` (same name on both sides), ``rename`` (``from`` -> ``to``), ``drop`` (consumed,
 never copied), ``derived`` (buffers the model computes itself: the source tensor is consumed only
 for a one-time equality check), ``tied`` (an alias of a ``canonical`` target: stored once, the
-source alias is checked equal to the canonical source). Any entry may say ``optional: true``.
+source alias is checked equal to the canonical source), ``convert`` (``from`` -> ``to`` through an
+``op`` of a closed vocabulary, each with a declared inverse, so reverse plans invert it bit-exactly:
+
+- ``transpose``: one 2-D source -> one target;
+- ``chunk``: one source split along dim 0 into n equal parts, one per target, in order;
+- ``concat``: n sources of one shape joined along dim 0 -> one target (the inverse of ``chunk``)),
+and ``include`` (``{map: NAME, from_prefix: .., to_prefix: .., drop: false}``: every rule of another
+key map, with the prefixes put in front of its source and target templates; ``drop: true`` drops
+what the included map would read). Any entry may say ``optional: true``.
 
 Invariants of a plan (fail closed): every source key is consumed exactly once; every expected
 source key is present unless optional; a key claimed by two rules is an "ambiguous rule"; a rule
 none of whose keys are present is a "dead rule"; with expected shapes given, every tensor has the
-shape its target expects. A plan can be made in reverse (target layout back to source names).
+shape its target expects; an op's input shapes fit the op. A plan can be made in reverse
+(target layout back to source names). Plans never touch tensor data: ``Plan.materialize(state)``
+(or ``Plan.thunks``) applies the ops when a tensor is asked for.
 """
 
 from __future__ import annotations
@@ -27,6 +37,7 @@ import hashlib
 import importlib.resources
 import math
 import re
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
@@ -40,7 +51,8 @@ SCHEMA = "ofaconv/keymap@1"
 _PLACEHOLDER = re.compile(r"\{(\w+)(?::([^{}]*))?\}")
 _COUNT_SPEC = re.compile(r"(?:(\d+)\.\.)?(\w+)(?:\[(\w+)\])?")
 _ALTERNATIVE = re.compile(r"[\w.\-]+")
-_TOP_FIELDS = {"schema", "description", "source", "target", "keep", "rename", "drop", "derived", "tied"}
+_TOP_FIELDS = {"schema", "description", "source", "target", "include", "keep", "rename", "drop", "derived", "tied",
+               "convert"}
 _ENTRY_FIELDS = {
     "keep": ({"key"}, {"optional"}),
     "drop": ({"key"}, {"optional"}),
@@ -48,7 +60,57 @@ _ENTRY_FIELDS = {
     "rename": ({"from", "to"}, {"optional"}),
     "tied": ({"alias", "canonical"}, {"optional"}),
 }
+_CONVERT_FIELDS = {"from", "to", "op", "optional"}
+_INCLUDE_FIELDS = {"map", "from_prefix", "to_prefix", "drop", "optional"}
 _MAX_LISTED = 12  # groups of keys named in one error line
+
+
+# -- ops: (inverse, arity check, output shapes from input shapes, tensors -> tensors) ---------------
+def _transpose_shapes(shapes, n_out):
+    if len(shapes[0]) != 2:
+        raise ValueError(f"transpose needs a 2-D tensor, got shape {shapes[0]}")
+    return [shapes[0][::-1]]
+
+
+def _chunk_shapes(shapes, n_out):
+    if not shapes[0] or shapes[0][0] % n_out:
+        raise ValueError(f"chunk: dim 0 of shape {shapes[0]} does not split into {n_out} equal parts")
+    return [(shapes[0][0] // n_out, *shapes[0][1:])] * n_out
+
+
+def _concat_shapes(shapes, n_out):
+    if any(not s or s != shapes[0] for s in shapes):  # equal parts, so that chunk inverts it exactly
+        raise ValueError(f"concat needs equal shapes, got {', '.join(map(str, shapes))}")
+    return [(sum(s[0] for s in shapes), *shapes[0][1:])]
+
+
+def _concat(tensors, n_out):
+    import torch
+
+    return [torch.cat(tensors, dim=0)]
+
+
+class Op(NamedTuple):
+    inverse: str
+    arity: Callable[[int, int], bool]  # (n inputs, n outputs) -> allowed
+    shapes: Callable[[list, int], list]  # raises ValueError naming the problem
+    apply: Callable[[list, int], list]
+
+
+OPS = {
+    "transpose": Op("transpose", lambda i, o: i == o == 1, _transpose_shapes, lambda t, n: [t[0].t().contiguous()]),
+    "chunk": Op("concat", lambda i, o: i == 1 and o >= 2, _chunk_shapes,
+                lambda t, n: [c.contiguous() for c in t[0].split(t[0].shape[0] // n, dim=0)]),
+    "concat": Op("chunk", lambda i, o: i >= 2 and o == 1, _concat_shapes, _concat),
+}
+
+
+class Conversion(NamedTuple):
+    """Outputs computed from inputs by one op (names of the plan's direction)."""
+
+    outputs: tuple[str, ...]
+    inputs: tuple[str, ...]
+    op: str
 
 
 class TensorMeta(NamedTuple):
@@ -137,21 +199,50 @@ def _pattern(template: str) -> re.Pattern:
     return re.compile("".join(parts) + re.escape(template[last:]))
 
 
+def _index_pattern(template: str, name: str) -> re.Pattern:
+    """Regex for the keys of ``template`` capturing placeholder ``name`` as digits."""
+    parts, last = [], 0
+    for m in _PLACEHOLDER.finditer(template):
+        parts.append(re.escape(template[last : m.start()]))
+        if m.group(1) != name:
+            parts.append(r"[^.]+")
+        else:
+            parts.append(rf"(?P<{name}>\d+)" if f"(?P<{name}>" not in "".join(parts) else f"(?P={name})")
+        last = m.end()
+    return re.compile("".join(parts) + re.escape(template[last:]))
+
+
 @dataclass(frozen=True)
 class Rule:
-    kind: str  # rename (keep is a rename to the same name) | drop | derived | tied
+    kind: str  # rename (keep is a rename to the same name) | drop | derived | tied | convert
     source: str  # template in the source layout; defines the placeholders
     target: str | None  # template in the target layout (None for drop)
     canonical: str | None = None  # tied: the target the alias shares storage with
     optional: bool = False
+    op: str | None = None  # convert: the op, in the forward direction
+    sources: tuple[str, ...] = ()  # convert: all source templates (source is the first)
+    targets: tuple[str, ...] = ()  # convert: all target templates (target is the first)
 
     def __str__(self):
+        if self.kind == "convert":
+            return f"convert {self.op} {list(self.sources)} -> {list(self.targets)}"
         arrow = f" -> '{self.target}'" if self.target not in (None, self.source) else ""
         return f"{self.kind} '{self.source}'{arrow}"
 
     def sides(self, reverse: bool) -> tuple[str | None, str | None]:
         """(input template, output template) for the direction of a plan."""
         return (self.target, self.source) if reverse else (self.source, self.target)
+
+    def converts(self, reverse: bool) -> tuple[tuple[str, ...], tuple[str, ...], str]:
+        """(input templates, output templates, op) of a convert rule for the direction of a plan."""
+        if reverse:
+            return self.targets, self.sources, OPS[self.op].inverse
+        return self.sources, self.targets, self.op
+
+    def prefixed(self, src: str, dst: str) -> "Rule":
+        add = lambda prefix, t: None if t is None else prefix + t  # noqa: E731
+        return Rule(self.kind, add(src, self.source), add(dst, self.target), add(dst, self.canonical), self.optional,
+                    self.op, tuple(src + t for t in self.sources), tuple(dst + t for t in self.targets))
 
 
 @dataclass
@@ -167,20 +258,38 @@ class Plan:
     tied_sources: dict[str, str] = field(default_factory=dict)  # input alias present -> input key of its canonical
     absent: list[tuple[str, str]] = field(default_factory=list)  # optional (output, input) whose input is absent
     matches: dict[str, Rule] = field(default_factory=dict, repr=False)  # input key -> the rule consuming it
+    converted: list[Conversion] = field(default_factory=list)  # outputs computed by an op, natural order
 
     @property
     def targets(self) -> list[str]:
-        return [out for out, _ in self.entries]
+        return sorted([out for out, _ in self.entries] + [o for c in self.converted for o in c.outputs], key=natural_key)
 
     def rename(self, state: Mapping[str, Any]) -> dict[str, Any]:
         """The output state dict (the same objects, no copies) in plan order; aliases not repeated."""
+        if self.converted:
+            raise KeyMapError(f"key map {self.keymap.name} has ops; use Plan.materialize", key=self.converted[0].inputs[0])
         return {out: state[key] for out, key in self.entries}
+
+    def thunks(self, state: Mapping[str, Any]) -> dict[str, Callable[[], Any]]:
+        """Output name -> function giving its tensor (a renamed tensor as is, an op applied on call)."""
+        out: dict[str, Callable[[], Any]] = {name: (lambda key=key: state[key]) for name, key in self.entries}
+        for conv in self.converted:
+            for i, name in enumerate(conv.outputs):
+                out[name] = lambda conv=conv, i=i: OPS[conv.op].apply([state[k] for k in conv.inputs], len(conv.outputs))[i]
+        return {name: out[name] for name in sorted(out, key=natural_key)}
+
+    def materialize(self, state: Mapping[str, Any]) -> dict[str, Any]:
+        """The output state dict in plan order; ops applied now (each op once), renamed tensors not copied."""
+        out = {name: state[key] for name, key in self.entries}
+        for conv in self.converted:
+            out.update(zip(conv.outputs, OPS[conv.op].apply([state[k] for k in conv.inputs], len(conv.outputs))))
+        return {name: out[name] for name in sorted(out, key=natural_key)}
 
     def summary_lines(self, verbose: bool = False) -> list[str]:
         """Report for ``ofaconv inspect``: what happens to each key, layer indices collapsed."""
         lines = [
             f"key map {self.keymap.name}{' (reverse)' if self.reverse else ''}, sha256 {self.keymap.sha256[:12]}: "
-            f"{len(self.matches)} input keys -> {len(self.entries)} tensors; "
+            f"{len(self.matches)} input keys -> {len(self.targets)} tensors; "
             f"{len(self.tied)} tied, {len(self.derived)} derived, {len(self.dropped)} dropped"
         ]
         by_rule: dict[Rule, list[str]] = {}
@@ -197,6 +306,12 @@ class Plan:
                         lines.append(f"  keep     {shown}")
                     else:
                         lines.append(f"  rename   {shown} -> {_render(out, _pattern(into).fullmatch(shown).groupdict())}")
+            elif rule.kind == "convert":
+                ins, outs, op = rule.converts(self.reverse)
+                firsts = [k for k in by_rule.get(rule, []) if _pattern(ins[0]).fullmatch(k)]
+                for shown in collapse_keys(firsts):
+                    b = _pattern(ins[0]).fullmatch(shown).groupdict()
+                    lines.append(f"  {op:<8} {', '.join(_render(t, b) for t in ins)} -> {', '.join(_render(t, b) for t in outs)}")
         if kept:
             lines.append(f"  keep     {kept} keys unchanged")
         lines += [f"  tied     {alias} = {canonical}" for alias, canonical in self.tied.items()]
@@ -214,7 +329,10 @@ class KeyMap:
         self.name = Path(path).stem
         self.description = ""
         self.rules: list[Rule] = []
+        self.includes: list["KeyMap"] = []
         self._parse(data)
+        if self.includes:  # the identity of a map covers what it includes
+            self.sha256 = hashlib.sha256(" ".join([sha256, *(m.sha256 for m in self.includes)]).encode()).hexdigest()
 
     @staticmethod
     def available() -> list[str]:
@@ -254,6 +372,8 @@ class KeyMap:
             if not isinstance(data.get(text_field, ""), str):
                 self._fail(f"field '{text_field}' must be a string")
         self.description = data.get("description", "")
+        for n, entry in enumerate(self._entries(data, "include")):
+            self._include(entry, f"include[{n}]")
         for section, (required, optional) in _ENTRY_FIELDS.items():
             entries = data.get(section) or []
             if not isinstance(entries, list):
@@ -273,6 +393,54 @@ class KeyMap:
                 if any(not isinstance(entry[f], str) or not entry[f] for f in required):
                     self._fail(f"{where}: fields {', '.join(sorted(required))} must be non-empty strings")
                 self.rules.append(self._rule(section, entry, where))
+        for n, entry in enumerate(self._entries(data, "convert")):
+            self.rules.append(self._convert_rule(entry, f"convert[{n}]"))
+
+    def _entries(self, data, section: str) -> list[dict]:
+        entries = data.get(section) or []
+        if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+            self._fail(f"field '{section}' must be a list of mappings")
+        return entries
+
+    def _include(self, entry: dict, where: str):
+        if set(entry) - _INCLUDE_FIELDS or "map" not in entry:
+            self._fail(f"{where}: want fields map, from_prefix, to_prefix, drop, optional (map required)")
+        prefixes = [entry.get("from_prefix", ""), entry.get("to_prefix", "")]
+        if not all(isinstance(p, str) and "{" not in p and "}" not in p for p in prefixes):
+            self._fail(f"{where}: prefixes must be plain strings without placeholders")
+        if not all(isinstance(entry.get(f, False), bool) for f in ("drop", "optional")):
+            self._fail(f"{where}: fields drop and optional must be true or false")
+        name = entry["map"]
+        local = Path(self.path).parent / f"{name}.yaml"
+        included = KeyMap.load(local if local.is_file() else name)
+        self.includes.append(included)
+        for rule in included.rules:
+            rule = rule.prefixed(*prefixes)
+            optional = rule.optional or entry.get("optional", False)
+            if entry.get("drop"):
+                self.rules += [Rule("drop", s, None, optional=optional) for s in (rule.sources or (rule.source,))]
+            else:
+                self.rules.append(dataclasses.replace(rule, optional=optional))
+
+    def _convert_rule(self, entry: dict, where: str) -> Rule:
+        if set(entry) - _CONVERT_FIELDS or {"from", "to", "op"} - set(entry):
+            self._fail(f"{where}: want fields from, to, op (optional: optional)")
+        op = entry["op"]
+        if op not in OPS:
+            self._fail(f"{where}: unknown op {op!r} (known: {', '.join(OPS)})")
+        sources, targets = ([x] if isinstance(x, str) else x for x in (entry["from"], entry["to"]))
+        if not all(isinstance(t, str) and t for t in (*sources, *targets)):
+            self._fail(f"{where}: from and to must be non-empty strings or lists of them")
+        if not OPS[op].arity(len(sources), len(targets)):
+            self._fail(f"{where}: op {op} cannot map {len(sources)} sources to {len(targets)} targets")
+        if len(set(sources)) < len(sources) or len(set(targets)) < len(targets):
+            self._fail(f"{where}: a template is listed twice")
+        first = self._rule("rename", {"from": sources[0], "to": targets[0], "optional": entry.get("optional", False)}, where)
+        for template in (*sources[1:], *targets[1:]):  # placeholders are typed in the first source only
+            self._rule("rename", {"from": sources[0], "to": template}, where)
+        if not isinstance(entry.get("optional", False), bool):
+            self._fail(f"{where}: field 'optional' must be true or false")
+        return Rule("convert", sources[0], targets[0], None, first.optional, op, tuple(sources), tuple(targets))
 
     def _rule(self, section: str, entry: dict, where: str) -> Rule:
         source = entry.get("from") or entry.get("key") or entry.get("alias")
@@ -331,6 +499,27 @@ class KeyMap:
             self._fail(f"{rule}: count '{count}' must be a non-negative integer, got {n!r}")
         return [str(i) for i in range(int(start or 0), int(start or 0) + n)]
 
+    def infer_counts(self, state: Mapping[str, Any], *, reverse: bool = False) -> dict[str, int]:
+        """Plain counts (``{i:count}``) read off the keys present: one more than the largest index, 0 if none.
+
+        For layouts whose config is not at hand; a gap in the indices still fails the plan as missing keys.
+        """
+        counts: dict[str, int] = {}
+        for rule in self.rules:
+            templates = rule.converts(reverse)[0] if rule.kind == "convert" else [rule.sides(reverse)[0]]
+            for m in _PLACEHOLDER.finditer(rule.source):
+                name, spec = m.groups()
+                count = None if "|" in spec else _COUNT_SPEC.fullmatch(spec)
+                if count is None or count.group(1) or count.group(3):
+                    continue
+                n = counts.setdefault(count.group(2), 0)
+                for template in filter(None, templates):
+                    pattern = _index_pattern(template, name)
+                    found = [int(hit.group(name)) for hit in map(pattern.fullmatch, state) if hit]
+                    n = max([n, *(i + 1 for i in found)])
+                counts[count.group(2)] = n
+        return counts
+
     def plan(
         self,
         state: Mapping[str, Any],
@@ -353,7 +542,22 @@ class KeyMap:
         expected: dict[str, tuple[Rule, dict, str]] = {}  # input key -> (rule, bindings, output name)
         renamed: dict[str, tuple[str, str]] = {}  # target name -> (input key, output name) of renames
         produced: dict[str, Rule] = {}
+        groups: list[tuple[Rule, Conversion]] = []
         for rule in self.rules:
+            if rule.kind == "convert":
+                ins, outs, op = rule.converts(reverse)
+                for bindings in self._expand(rule, counts):
+                    conv = Conversion(tuple(_render(t, bindings) for t in outs), tuple(_render(t, bindings) for t in ins), op)
+                    for key in conv.inputs:
+                        if key in expected:
+                            raise KeyMapError(f"ambiguous rule: claimed by both {expected[key][0]} and {rule} ({self.name})", path=where, key=key)
+                        expected[key] = (rule, bindings, None)
+                    for out in conv.outputs:
+                        if out in produced:
+                            raise KeyMapError(f"ambiguous rule: {produced[out]} and {rule} both produce '{out}' ({self.name})", path=where, key=conv.inputs[0])
+                        produced[out] = rule
+                    groups.append((rule, conv))
+                continue
             into, out_template = rule.sides(reverse)
             for bindings in self._expand(rule, counts):
                 out = _render(out_template, bindings) if out_template is not None else None
@@ -397,8 +601,14 @@ class KeyMap:
                 plan.dropped.append(key)
             elif rule.kind == "derived":
                 plan.derived[out] = key
+        for rule, conv in groups:
+            present = [k in state for k in conv.inputs]
+            if all(present):
+                plan.converted.append(conv)
+            elif any(present) and rule.optional:  # an optional group is all there or all absent
+                missing += [k for k, p in zip(conv.inputs, present) if not p]
 
-        dead = [r for r, n in hits.items() if n == 0 and not r.optional and not (reverse and r.kind != "rename")]
+        dead = [r for r, n in hits.items() if n == 0 and not r.optional and not (reverse and r.kind not in ("rename", "convert"))]
         missing = [k for k in missing if expected[k][0] not in dead]
         unexpected = sorted((k for k in state if k not in expected), key=natural_key)
         problems = []
@@ -414,6 +624,7 @@ class KeyMap:
 
         self._check_shapes(plan, state, expected_shapes, where)
         plan.entries.sort(key=lambda e: natural_key(e[0]))
+        plan.converted.sort(key=lambda c: natural_key(c.outputs[0]))
         plan.dropped.sort(key=natural_key)
         plan.absent.sort(key=lambda e: natural_key(e[0]))
         plan.derived = dict(sorted(plan.derived.items(), key=lambda kv: natural_key(kv[0])))
@@ -426,15 +637,28 @@ class KeyMap:
             return None if shape is None else tuple(shape)
 
         bad = []
+        out_shapes: dict[str, tuple[int, ...] | None] = {out: shape_of(state[key]) for out, key in plan.entries}
+        for conv in plan.converted:
+            shapes = [shape_of(state[k]) for k in conv.inputs]
+            if None in shapes:
+                out_shapes.update(dict.fromkeys(conv.outputs))
+                continue
+            try:
+                out_shapes.update(zip(conv.outputs, OPS[conv.op].shapes(shapes, len(conv.outputs))))
+            except ValueError as exc:
+                raise KeyMapError(f"{exc} ({self.name})", path=where, key=conv.inputs[0]) from None
         for alias, canonical in plan.tied_sources.items():
             if shape_of(state[alias]) != shape_of(state[canonical]):
                 bad.append((alias, shape_of(state[alias]), f"{shape_of(state[canonical])} of its canonical '{canonical}'"))
         if expected_shapes is not None:
             lookup = expected_shapes.get if isinstance(expected_shapes, Mapping) else expected_shapes
-            for out, key in plan.entries:
-                want, have = lookup(out), shape_of(state[key])
+            inputs = {out: key for out, key in plan.entries}
+            inputs.update((out, c.inputs[0]) for c in plan.converted for out in c.outputs)
+            for out, have in out_shapes.items():
+                want = lookup(out)
                 if want is not None and have is not None and tuple(want) != have:
-                    bad.append((key, have, f"{tuple(want)} expected for '{out}'"))
+                    via = "" if out in dict(plan.entries) else " after its op"
+                    bad.append((inputs[out], have, f"{tuple(want)} expected for '{out}'{via}"))
         if bad:
             key, have, want = bad[0]
             more = f" (and {len(bad) - 1} more mis-shaped keys)" if len(bad) > 1 else ""
