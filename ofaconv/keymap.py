@@ -205,7 +205,7 @@ def _index_pattern(template: str, name: str) -> re.Pattern:
     for m in _PLACEHOLDER.finditer(template):
         parts.append(re.escape(template[last : m.start()]))
         if m.group(1) != name:
-            parts.append(r"[^.]+")
+            parts.append(r".+?")
         else:
             parts.append(rf"(?P<{name}>\d+)" if f"(?P<{name}>" not in "".join(parts) else f"(?P={name})")
         last = m.end()

@@ -12,12 +12,14 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors import safe_open
 
 from ofaconv.clip import synth
 from ofaconv.clip import keymap
 from ofaconv.clip.convert import convert, detect_source
 from ofaconv.errors import CheckpointError, KeyMapError, OfaconvError, VerificationError
+from ofaconv.keymap import KeyMap
 
 convert_mod = importlib.import_module("ofaconv.clip.convert")  # the package re-exports a function named convert
 
@@ -48,7 +50,7 @@ def test_cnclip_every_vit_converts_and_verifies(tmp_path, vocab, arch):
     assert max(v for k, v in diffs.items() if k != "logits") <= 1e-5
     out = tmp_path / "out"
     cfg = json.loads((out / "config.json").read_text())
-    spec = keymap.clip_mappings()["cnclip_architectures"][arch]
+    spec = keymap.clip_tables()["cnclip_architectures"][arch]
     micro = spec["micro"]["vision"]
     assert cfg["model_type"] == "chinese_clip"
     assert cfg["vision_config"]["num_attention_heads"] == micro["width"] // spec["vision"]["head_width"]
@@ -155,19 +157,21 @@ def test_reconverting_a_package_is_stable(tmp_path, legacy):
 
 
 # -- mutation tests: each deliberate break must trip the gate -------------------------------------
-def _patched_map(monkeypatch, name, edit):
-    maps = json.loads(json.dumps(keymap.clip_mappings()))
-    edit(maps["maps"][name])
-    monkeypatch.setattr(keymap, "clip_mappings", lambda: maps)
-    monkeypatch.setattr(convert_mod, "clip_mappings", lambda: maps)
+def _patched_map(monkeypatch, tmp_path, name, edit):
+    data = yaml.safe_load(Path(keymap.load_map(name).path).read_text())
+    edit(data)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    patched, real = KeyMap.load(path), keymap.load_map
+    monkeypatch.setattr(keymap, "load_map", lambda n: patched if n == name else real(n))
 
 
 def test_mutation_qkv_order(tmp_path, vocab, monkeypatch):
-    def swap(spec):
-        for rule in spec["rules"]:
-            if rule.get("op") == "chunk3":
-                rule["dst"][0], rule["dst"][1] = rule["dst"][1], rule["dst"][0]
-    _patched_map(monkeypatch, "cnclip_to_chinese_clip", swap)
+    def swap(data):
+        for rule in data["convert"]:
+            if rule["op"] == "chunk":
+                rule["to"][0], rule["to"][1] = rule["to"][1], rule["to"][0]
+    _patched_map(monkeypatch, tmp_path, "cnclip_to_chinese_clip", swap)
     src = synth.write_cnclip_pt(tmp_path, "ViT-B-16")
     with pytest.raises(VerificationError, match="image_features"):
         convert(src, tmp_path / "out", vocab=str(vocab))
@@ -190,9 +194,9 @@ def test_mutation_missing_attention_mask(tmp_path, vocab, monkeypatch):
 def test_mutation_wrong_head_width(tmp_path, vocab, monkeypatch):
     def narrow(maps_arch):
         pass
-    maps = json.loads(json.dumps(keymap.clip_mappings()))
+    maps = json.loads(json.dumps(keymap.clip_tables()))
     maps["cnclip_architectures"]["ViT-B-16"]["vision"]["head_width"] = 32  # 4 heads instead of 2
-    monkeypatch.setattr(convert_mod, "clip_mappings", lambda: maps)
+    monkeypatch.setattr(convert_mod, "clip_tables", lambda: maps)
     src = synth.write_cnclip_pt(tmp_path, "ViT-B-16")
     real_ref = convert_mod.ref.cnclip_encode_image
     monkeypatch.setattr(convert_mod.ref, "cnclip_encode_image",

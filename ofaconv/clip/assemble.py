@@ -15,7 +15,7 @@ import torch
 from ..errors import CheckpointError
 from .checkpoint import atomic_output_dir, check_finite, read_config, read_folder_state_dict
 from .convert import _clip_processor_from_dict, _load_tokenizer, vtde_config
-from .keymap import apply_map, clip_mappings
+from .keymap import apply_map, clip_tables
 from .layout import ClipPackage, check_package, write_package
 
 __all__ = ["init_bertclip"]
@@ -49,7 +49,7 @@ def init_bertclip(vision: str | os.PathLike, text: str | os.PathLike, out: str |
         raise CheckpointError("expected a BERT checkpoint", path=text / "config.json", key="model_type")
     tstate = read_folder_state_dict(text)
     check_finite(tstate, path=text)
-    tmapped = apply_map("bert_to_vtde_text", tstate, path=text)
+    tmapped = apply_map(("bert_to_vtde_text", "bert_mlm_to_vtde_text"), tstate, path=text)
     hidden = tcfg["hidden_size"]
     g = torch.Generator().manual_seed(seed)
     if "text_model.pooler.dense.weight" not in tmapped:  # MLM checkpoints often ship without the pooler
@@ -64,7 +64,7 @@ def init_bertclip(vision: str | os.PathLike, text: str | os.PathLike, out: str |
     pkg = ClipPackage(kind="vtde", config=config, state=state,
                       image_processor=_clip_processor_from_dict(pp, config.vision_config.image_size),
                       tokenizer=_load_tokenizer(text, config.text_config.vocab_size),
-                      max_length=max_length or clip_mappings()["bertclip_max_length"],
+                      max_length=max_length or clip_tables()["bertclip_max_length"],
                       extra={"source_format": "init", "vision_source": str(vision), "text_source": str(text),
                              "notes": notes})
     with atomic_output_dir(out, overwrite=overwrite) as tmp:

@@ -38,7 +38,7 @@ from .checkpoint import (
     read_config,
     read_folder_state_dict,
 )
-from .keymap import apply_map, clip_mappings
+from .keymap import apply_map, clip_tables
 from .layout import ClipPackage, check_package, write_package
 
 __all__ = [
@@ -124,8 +124,8 @@ def _clip_processor_from_dict(cfg: dict, image_size: int) -> CLIPImageProcessorP
 
     size = edge(cfg.get("size"), image_size)
     crop = edge(cfg.get("crop_size"), image_size)
-    mean = cfg.get("image_mean", clip_mappings()["clip_image_mean"])
-    std = cfg.get("image_std", clip_mappings()["clip_image_std"])
+    mean = cfg.get("image_mean", clip_tables()["clip_image_mean"])
+    std = cfg.get("image_std", clip_tables()["clip_image_std"])
     return CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": crop, "width": crop},
                                  do_center_crop=cfg.get("do_center_crop", True), resample=cfg.get("resample", 3),
                                  image_mean=mean, image_std=std, do_resize=True, do_normalize=True, do_rescale=True,
@@ -133,7 +133,7 @@ def _clip_processor_from_dict(cfg: dict, image_size: int) -> CLIPImageProcessorP
 
 
 def squash_processor(image_size: int) -> ChineseCLIPImageProcessorPil:
-    m = clip_mappings()
+    m = clip_tables()
     return ChineseCLIPImageProcessorPil(size={"height": image_size, "width": image_size},
                                         crop_size={"height": image_size, "width": image_size}, do_center_crop=False,
                                         resample=3, image_mean=m["clip_image_mean"], image_std=m["clip_image_std"],
@@ -172,7 +172,7 @@ def _legacy_bertclip_package(src: Path, *, max_length: int | None) -> ClipPackag
     image_processor = _clip_processor_from_dict(pp, config.vision_config.image_size)
     tokenizer = _load_tokenizer(src, config.text_config.vocab_size)
     return ClipPackage(kind="vtde", config=config, state=state, image_processor=image_processor, tokenizer=tokenizer,
-                       max_length=max_length or clip_mappings()["bertclip_max_length"],
+                       max_length=max_length or clip_tables()["bertclip_max_length"],
                        extra={"source": str(src), "source_format": "legacy_bertclip"}), source_state
 
 
@@ -204,7 +204,7 @@ def _arch_from_name(name: str) -> str | None:
 
 def resolve_cnclip_arch(state: dict, *, arch: str | None, path: Path, meta: dict) -> tuple[str, str]:
     """(architecture, how it was found). Heads cannot be read from shapes (ViT-H has 80-wide heads)."""
-    table = clip_mappings()["cnclip_architectures"]
+    table = clip_tables()["cnclip_architectures"]
     if arch:
         canon = _arch_from_name(arch) or (arch if arch in table else None)
         if canon is None:
@@ -233,8 +233,8 @@ def _layer_count(state: dict, prefix: str) -> int:
 
 def cnclip_config(state: dict, arch: str, path: Path) -> tuple[ChineseCLIPConfig, int, int]:
     """Derive the HF config from shapes (clip.md §B.5); heads from the architecture table."""
-    spec = clip_mappings()["cnclip_architectures"][arch]
-    defaults = clip_mappings()["cnclip_text_defaults"]
+    spec = clip_tables()["cnclip_architectures"][arch]
+    defaults = clip_tables()["cnclip_text_defaults"]
     need = ["visual.conv1.weight", "visual.positional_embedding", "visual.proj", "text_projection",
             "bert.embeddings.word_embeddings.weight", "bert.embeddings.position_embeddings.weight",
             "bert.embeddings.token_type_embeddings.weight", "bert.encoder.layer.0.intermediate.dense.weight",
@@ -294,7 +294,7 @@ def _cnclip_package(src: Path, *, arch: str | None, vocab: str | None, max_lengt
     vocab_path = Path(vocab) if vocab else default_vocab_path()
     if vocab_path is None or not vocab_path.is_file():
         raise CheckpointError("Chinese-CLIP checkpoints carry no vocab; pass --vocab PATH/vocab.txt", path=src)
-    length = max_length or clip_mappings()["cnclip_context_length"]
+    length = max_length or clip_tables()["cnclip_context_length"]
     tokenizer = _tokenizer_from_vocab(vocab_path, config.text_config.vocab_size, length, src)
     pkg = ClipPackage(kind="chinese_clip", config=config, state=hf_state,
                       image_processor=squash_processor(config.vision_config.image_size), tokenizer=tokenizer,
@@ -316,16 +316,16 @@ def _hf_folder_package(src: Path, kind: str, *, max_length: int | None) -> ClipP
     if kind == "vtde":
         config = vtde_config(cfg["vision_config"], cfg["text_config"], cfg.get("projection_dim", 512),
                              cfg.get("logit_scale_init_value", 2.6592), where=src / "config.json")
-        state = apply_map("vtde_module_to_file", {k: v for k, v in state.items() if not k.endswith("position_ids")})
+        state = apply_map(("vtde_file", "vtde_module_to_file"), state, path=src)
         image_processor = _clip_processor_from_dict(pp, config.vision_config.image_size)
-        length = max_length or meta.get("max_length") or clip_mappings()["bertclip_max_length"]
+        length = max_length or meta.get("max_length") or clip_tables()["bertclip_max_length"]
     else:
         config = ChineseCLIPConfig.from_pretrained(str(src))
         state = {k: v for k, v in state.items() if not k.endswith("position_ids")}
         size = pp.get("size", {}).get("height", config.vision_config.image_size) if isinstance(pp.get("size"), dict) \
             else config.vision_config.image_size
         image_processor = squash_processor(size)
-        length = max_length or meta.get("max_length") or clip_mappings()["cnclip_context_length"]
+        length = max_length or meta.get("max_length") or clip_tables()["cnclip_context_length"]
     tokenizer = _load_tokenizer(src, config.text_config.vocab_size)
     return ClipPackage(kind=kind, config=config, state=state, image_processor=image_processor, tokenizer=tokenizer,
                        max_length=length, extra={k: v for k, v in meta.items() if k not in ("kind", "text_pooling",
@@ -377,7 +377,7 @@ def verify_package_dir(out: Path, pkg: ClipPackage, source_format: str, source_s
     towers = ClipTowers.from_pretrained(out)
     towers.model = models["root"]  # the stock-class load of the folder, not our own
     images = probe_images()
-    m = clip_mappings()
+    m = clip_tables()
     mean, std = m["clip_image_mean"], m["clip_image_std"]
     if pkg.kind == "chinese_clip":
         size = pkg.config.vision_config.image_size

@@ -87,7 +87,7 @@ def _is_nested(model) -> bool:
 def module_state_to_file(state: dict, model) -> dict:
     """VTDE modules built by transformers >= 5.6 have flat vision keys; files are nested."""
     if isinstance(model, VisionTextDualEncoderModel):
-        return apply_map("vtde_module_to_file", state)
+        return apply_map(("vtde_file", "vtde_module_to_file"), state)
     return dict(state)
 
 

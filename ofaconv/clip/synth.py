@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import save_safetensors
-from .keymap import clip_mappings
+from .keymap import clip_tables
 
 __all__ = [
     "tiny_vocab",
@@ -104,12 +104,12 @@ def perturb_(state: dict[str, torch.Tensor], seed: int = 0) -> dict[str, torch.T
 
 # -- Chinese-CLIP --------------------------------------------------------------------------------
 def _arch_dims(arch: str, micro: bool) -> dict:
-    table = clip_mappings()["cnclip_architectures"]
+    table = clip_tables()["cnclip_architectures"]
     if arch not in table:
         raise ValueError(f"unknown Chinese-CLIP architecture {arch!r}; known: {', '.join(table)}")
     spec = table[arch]
     vision = dict(spec["vision"])
-    text = dict(clip_mappings()["cnclip_text_defaults"], **spec["text"])
+    text = dict(clip_tables()["cnclip_text_defaults"], **spec["text"])
     embed = spec["embed_dim"]
     if micro:
         vision.update(spec["micro"]["vision"])
@@ -219,7 +219,7 @@ def write_cnclip_pt(path: str | os.PathLike, arch: str, *, micro: bool = True, s
                     pooler: bool = False, dtype: torch.dtype = torch.float32, name: str | None = None) -> Path:
     path = Path(path)
     if path.is_dir() or not path.suffix:
-        path = path / clip_mappings()["cnclip_architectures"][arch]["file_name"]
+        path = path / clip_tables()["cnclip_architectures"][arch]["file_name"]
     path.parent.mkdir(parents=True, exist_ok=True)
     state = cnclip_state_dict(arch, micro=micro, seed=seed, pooler=pooler)
     state = {f"module.{k}": (v.to(dtype) if v.is_floating_point() else v) for k, v in state.items()}
@@ -289,8 +289,8 @@ def legacy_bertclip_state_dict(size: str = "micro", *, seed: int = 0, position_i
 
 def _clip_preprocessor(image_size: int, *, processor_class: str | None) -> dict:
     cfg = {"crop_size": image_size, "do_center_crop": True, "do_normalize": True, "do_resize": True,
-           "feature_extractor_type": "CLIPFeatureExtractor", "image_mean": clip_mappings()["clip_image_mean"],
-           "image_std": clip_mappings()["clip_image_std"], "resample": 3, "size": image_size}
+           "feature_extractor_type": "CLIPFeatureExtractor", "image_mean": clip_tables()["clip_image_mean"],
+           "image_std": clip_tables()["clip_image_std"], "resample": 3, "size": image_size}
     if processor_class:
         cfg["processor_class"] = processor_class
     return cfg
