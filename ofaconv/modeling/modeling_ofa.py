@@ -282,38 +282,36 @@ def _layer_norm_or_none(enabled: bool, dim: int):
     return nn.LayerNorm(dim) if enabled else None
 
 
-class OFAEncoderLayer(nn.Module):
-    def __init__(self, config: OFAConfig, drop_path_rate: float = 0.0):
-        super().__init__()
+class OFALayerBase(nn.Module):
+    """Residual sublayers shared by encoder and decoder layers: pre-LN (or post-LN) with
+    NormFormer's mid LayerNorms after attention and inside the feed-forward block."""
+
+    def _init_feed_forward(self, config: OFAConfig, ffn_dim: int, normalize_before: bool, drop_path_rate: float):
         d = config.d_model
-        self.self_attn = OFAAttention(
-            d, config.encoder_attention_heads, config.attention_dropout, config.attn_scale_factor, config.normformer
-        )
-        self.self_attn_layer_norm = nn.LayerNorm(d)
-        self.self_attn_mid_layer_norm = _layer_norm_or_none(config.normformer, d)
         self.dropout = config.dropout
         self.activation_dropout = config.activation_dropout
-        self.normalize_before = config.encoder_normalize_before
-        self.fc1 = nn.Linear(d, config.encoder_ffn_dim)
-        self.fc2 = nn.Linear(config.encoder_ffn_dim, d)
-        self.ffn_layer_norm = _layer_norm_or_none(config.normformer, config.encoder_ffn_dim)
+        self.normalize_before = normalize_before
+        self.fc1 = nn.Linear(d, ffn_dim)
+        self.fc2 = nn.Linear(ffn_dim, d)
+        self.ffn_layer_norm = _layer_norm_or_none(config.normformer, ffn_dim)
         self.final_layer_norm = nn.LayerNorm(d)
         self.drop_path = OFADropPath(drop_path_rate) if drop_path_rate > 0.0 else nn.Identity()
 
-    def forward(self, hidden_states, attn_bias, key_padding_mask, output_attentions=False):
-        residual = hidden_states
-        if self.normalize_before:
-            hidden_states = self.self_attn_layer_norm(hidden_states)
-        hidden_states, weights, _ = self.self_attn(
-            hidden_states, attn_bias=attn_bias, key_padding_mask=key_padding_mask, output_attentions=output_attentions
-        )
-        if self.self_attn_mid_layer_norm is not None:
-            hidden_states = self.self_attn_mid_layer_norm(hidden_states)
+    def _residual(self, residual, hidden_states, norm):
         hidden_states = F.dropout(hidden_states, p=self.dropout, training=self.training)
         hidden_states = residual + self.drop_path(hidden_states)
-        if not self.normalize_before:
-            hidden_states = self.self_attn_layer_norm(hidden_states)
+        return hidden_states if self.normalize_before else norm(hidden_states)
 
+    def _attention_block(self, hidden_states, attention, norm, mid_norm, **kwargs):
+        residual = hidden_states
+        if self.normalize_before:
+            hidden_states = norm(hidden_states)
+        hidden_states, weights, kv = attention(hidden_states, **kwargs)
+        if mid_norm is not None:
+            hidden_states = mid_norm(hidden_states)
+        return self._residual(residual, hidden_states, norm), weights, kv
+
+    def _feed_forward_block(self, hidden_states):
         residual = hidden_states
         if self.normalize_before:
             hidden_states = self.final_layer_norm(hidden_states)
@@ -322,14 +320,29 @@ class OFAEncoderLayer(nn.Module):
         if self.ffn_layer_norm is not None:
             hidden_states = self.ffn_layer_norm(hidden_states)
         hidden_states = self.fc2(hidden_states)
-        hidden_states = F.dropout(hidden_states, p=self.dropout, training=self.training)
-        hidden_states = residual + self.drop_path(hidden_states)
-        if not self.normalize_before:
-            hidden_states = self.final_layer_norm(hidden_states)
-        return hidden_states, weights
+        return self._residual(residual, hidden_states, self.final_layer_norm)
 
 
-class OFADecoderLayer(nn.Module):
+class OFAEncoderLayer(OFALayerBase):
+    def __init__(self, config: OFAConfig, drop_path_rate: float = 0.0):
+        super().__init__()
+        d = config.d_model
+        self.self_attn = OFAAttention(
+            d, config.encoder_attention_heads, config.attention_dropout, config.attn_scale_factor, config.normformer
+        )
+        self.self_attn_layer_norm = nn.LayerNorm(d)
+        self.self_attn_mid_layer_norm = _layer_norm_or_none(config.normformer, d)
+        self._init_feed_forward(config, config.encoder_ffn_dim, config.encoder_normalize_before, drop_path_rate)
+
+    def forward(self, hidden_states, attn_bias, key_padding_mask, output_attentions=False):
+        hidden_states, weights, _ = self._attention_block(
+            hidden_states, self.self_attn, self.self_attn_layer_norm, self.self_attn_mid_layer_norm,
+            attn_bias=attn_bias, key_padding_mask=key_padding_mask, output_attentions=output_attentions,
+        )
+        return self._feed_forward_block(hidden_states), weights
+
+
+class OFADecoderLayer(OFALayerBase):
     def __init__(self, config: OFAConfig, drop_path_rate: float = 0.0):
         super().__init__()
         d = config.d_model
@@ -340,14 +353,7 @@ class OFADecoderLayer(nn.Module):
         self.cross_attn = OFAAttention(d, heads, config.attention_dropout, config.attn_scale_factor, config.normformer)
         self.cross_attn_layer_norm = nn.LayerNorm(d)
         self.cross_attn_mid_layer_norm = _layer_norm_or_none(config.normformer, d)
-        self.dropout = config.dropout
-        self.activation_dropout = config.activation_dropout
-        self.normalize_before = config.decoder_normalize_before
-        self.fc1 = nn.Linear(d, config.decoder_ffn_dim)
-        self.fc2 = nn.Linear(config.decoder_ffn_dim, d)
-        self.ffn_layer_norm = _layer_norm_or_none(config.normformer, config.decoder_ffn_dim)
-        self.final_layer_norm = nn.LayerNorm(d)
-        self.drop_path = OFADropPath(drop_path_rate) if drop_path_rate > 0.0 else nn.Identity()
+        self._init_feed_forward(config, config.decoder_ffn_dim, config.decoder_normalize_before, drop_path_rate)
 
     def forward(
         self,
@@ -362,56 +368,17 @@ class OFADecoderLayer(nn.Module):
         past_cross_kv=None,
         output_attentions=False,
     ):
-        residual = hidden_states
-        if self.normalize_before:
-            hidden_states = self.self_attn_layer_norm(hidden_states)
-        hidden_states, self_weights, self_kv = self.self_attn(
-            hidden_states,
-            attn_bias=self_attn_bias,
-            attn_mask=self_attn_mask,
-            key_padding_mask=self_attn_padding_mask,
-            past_key_value=past_self_kv,
-            output_attentions=output_attentions,
+        hidden_states, self_weights, self_kv = self._attention_block(
+            hidden_states, self.self_attn, self.self_attn_layer_norm, self.self_attn_mid_layer_norm,
+            attn_bias=self_attn_bias, attn_mask=self_attn_mask, key_padding_mask=self_attn_padding_mask,
+            past_key_value=past_self_kv, output_attentions=output_attentions,
         )
-        if self.self_attn_mid_layer_norm is not None:
-            hidden_states = self.self_attn_mid_layer_norm(hidden_states)
-        hidden_states = F.dropout(hidden_states, p=self.dropout, training=self.training)
-        hidden_states = residual + self.drop_path(hidden_states)
-        if not self.normalize_before:
-            hidden_states = self.self_attn_layer_norm(hidden_states)
-
-        residual = hidden_states
-        if self.normalize_before:
-            hidden_states = self.cross_attn_layer_norm(hidden_states)
-        hidden_states, cross_weights, cross_kv = self.cross_attn(
-            hidden_states,
-            key_value_states=encoder_hidden_states,
-            attn_bias=cross_attn_bias,
-            key_padding_mask=encoder_padding_mask,
-            past_key_value=past_cross_kv,
-            is_cross_attention=True,
-            output_attentions=output_attentions,
+        hidden_states, cross_weights, cross_kv = self._attention_block(
+            hidden_states, self.cross_attn, self.cross_attn_layer_norm, self.cross_attn_mid_layer_norm,
+            key_value_states=encoder_hidden_states, attn_bias=cross_attn_bias, key_padding_mask=encoder_padding_mask,
+            past_key_value=past_cross_kv, is_cross_attention=True, output_attentions=output_attentions,
         )
-        if self.cross_attn_mid_layer_norm is not None:
-            hidden_states = self.cross_attn_mid_layer_norm(hidden_states)
-        hidden_states = F.dropout(hidden_states, p=self.dropout, training=self.training)
-        hidden_states = residual + self.drop_path(hidden_states)
-        if not self.normalize_before:
-            hidden_states = self.cross_attn_layer_norm(hidden_states)
-
-        residual = hidden_states
-        if self.normalize_before:
-            hidden_states = self.final_layer_norm(hidden_states)
-        hidden_states = _gelu(self.fc1(hidden_states))
-        hidden_states = F.dropout(hidden_states, p=self.activation_dropout, training=self.training)
-        if self.ffn_layer_norm is not None:
-            hidden_states = self.ffn_layer_norm(hidden_states)
-        hidden_states = self.fc2(hidden_states)
-        hidden_states = F.dropout(hidden_states, p=self.dropout, training=self.training)
-        hidden_states = residual + self.drop_path(hidden_states)
-        if not self.normalize_before:
-            hidden_states = self.final_layer_norm(hidden_states)
-        return hidden_states, self_kv, cross_kv, self_weights, cross_weights
+        return self._feed_forward_block(hidden_states), self_kv, cross_kv, self_weights, cross_weights
 
 
 def _gelu(x: torch.Tensor) -> torch.Tensor:
