@@ -231,7 +231,8 @@ def resolve_settings(model, generation_config: Optional[GenerationConfig], kwarg
     config = copy.deepcopy(generation_config if generation_config is not None else model.generation_config)
     kwargs = dict(kwargs)
     for name in _UNSUPPORTED_ARGS:
-        if kwargs.pop(name, None) not in (None, False):
+        value = kwargs.pop(name, None)
+        if value is not None and value is not False and not (isinstance(value, (list, tuple)) and not value):
             raise ValueError(f"OFA's fairseq search does not support `{name}`")
 
     def take(*names):
