@@ -12,10 +12,13 @@ Invariants:
 from __future__ import annotations
 
 import argparse
+import ctypes
 import hashlib
 import logging
 import math
+import os
 import re
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -626,3 +629,30 @@ def _matches(config: dict, shape: dict) -> bool:
         and list(config.get("resnet_layers") or []) == shape["resnet_layers"]
     )
 
+
+
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+_MADV_DONTNEED = 4
+
+
+def release_pages(tensor: torch.Tensor) -> None:
+    """Drop the resident pages of a tensor memory-mapped from a checkpoint (Linux, read-only use).
+
+    Pages of a private file mapping that were only read are dropped and would be read again from
+    the file if touched, so this is safe; it keeps peak RSS near one tensor instead of growing with
+    every tensor already converted.
+    """
+    if not sys.platform.startswith("linux") or tensor.numel() == 0:
+        return
+    global _LIBC
+    if _LIBC is None:
+        _LIBC = ctypes.CDLL(None, use_errno=True)
+    storage = tensor.untyped_storage()
+    start, end = storage.data_ptr(), storage.data_ptr() + storage.nbytes()
+    first = -(-start // _PAGE) * _PAGE
+    last = end // _PAGE * _PAGE
+    if last > first:
+        _LIBC.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_DONTNEED)
+
+
+_LIBC = None

@@ -12,6 +12,7 @@ Invariants:
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import json
 import shutil
@@ -24,7 +25,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .checkpoint import detect_variant, infer_config, load_checkpoint, read_flags
+from .checkpoint import detect_variant, infer_config, load_checkpoint, read_flags, release_pages
 from .errors import CheckpointError, OfaconvError
 from .keymap import KeyMap
 from .variants import family_info, get_variant
@@ -237,14 +238,23 @@ def convert_loaded(
     config = build_config(shape, flags)
     km = KeyMap.load(keymap)
     plan = km.plan(state, keymap_counts(shape), source_path=src)
+    # The source hash reads the whole file (optimizer state included, never unpickled): overlap
+    # that I/O with the conversion instead of paying for it up front.
+    hashing = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    source_sha256 = hashing.submit(lambda: ckpt.sha256)
+    hashing.shutdown(wait=False)
     check_tied(plan, state, src)
     derived = check_derived(plan, state, config, src)
+    if ckpt.mmapped:
+        for key in [*plan.tied_sources, *plan.tied_sources.values(), *plan.derived.values()]:
+            release_pages(state[key])
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     try:
         target_dtype = DTYPES[dtype]
 
+        sources = dict(plan.entries)
         items = [
             (target, tuple(state[key].shape), state[key].dtype, functools.partial(state.__getitem__, key))
             for target, key in plan.entries
@@ -253,6 +263,7 @@ def convert_loaded(
         written = write_shards(
             tmp, items, max_shard_size=parse_size(max_shard_size), dtype=None if dtype == "fp32" else target_dtype,
             source_path=src, progress=progress,
+            written=(lambda name: release_pages(state[sources[name]])) if ckpt.mmapped else None,
         )
         config.dtype = target_dtype
         config.save_pretrained(tmp)
@@ -264,7 +275,7 @@ def convert_loaded(
             "schema": "ofaconv/report@1",
             "kind": kind,
             "ofaconv_version": __version__,
-            "source": {"file": src.name, "sha256": ckpt.sha256, "size": src.stat().st_size, "layout": ckpt.layout,
+            "source": {"file": src.name, "sha256": source_sha256.result(), "size": src.stat().st_size, "layout": ckpt.layout,
                        "ema": ema},
             "variant": variant,
             "family": family,

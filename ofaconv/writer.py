@@ -142,7 +142,7 @@ def _materialize(t: _Planned, check_finite: bool, source_path) -> torch.Tensor:
     return out
 
 
-def _write_file(path: Path, header: bytes, order: list[_Planned], check_finite, source_path, bar) -> dict:
+def _write_file(path: Path, header: bytes, order: list[_Planned], check_finite, source_path, bar, written) -> dict:
     digest = hashlib.sha256(header)
     with open(path, "wb") as f:
         f.write(header)
@@ -152,6 +152,8 @@ def _write_file(path: Path, header: bytes, order: list[_Planned], check_finite, 
             f.write(data)
             digest.update(data)
             del out, data  # released before the next thunk runs
+            if written is not None:
+                written(t.name)
             bar.update(t.nbytes)
         f.flush()
         os.fsync(f.fileno())
@@ -167,12 +169,14 @@ def write_shards(
     check_finite: bool = True,
     source_path=None,
     progress: bool = False,
+    written=None,
 ) -> WriteResult:
     """Write ``items`` — ``(name, shape, dtype, thunk)`` in the order wanted — as safetensors shards.
 
     ``dtype`` (``"fp32"``, ``"fp16"``, ``"bf16"`` or a torch dtype) casts floating tensors at write
     time; integer buffers keep theirs. ``check_finite`` refuses NaN/Inf (also infinities made by the
-    cast), naming the key and ``source_path``. ``out_dir`` should be fresh: same-named files are
+    cast), naming the key and ``source_path``. ``written(name)`` is called once a tensor's bytes
+    are on disk (the converter drops the source's memory-mapped pages there). ``out_dir`` should be fresh: same-named files are
     replaced, stale shards of another split are not removed.
     """
     from tqdm.auto import tqdm
@@ -191,7 +195,7 @@ def write_shards(
             for name, shard in zip(names, shards):
                 header, order = _layout(shard)
                 partial = out_dir / f".{name}.partial"
-                result.files[name] = _write_file(partial, header, order, check_finite, source_path, bar)
+                result.files[name] = _write_file(partial, header, order, check_finite, source_path, bar, written)
                 partial.replace(out_dir / name)
                 partial = None
         if len(shards) > 1:
