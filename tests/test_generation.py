@@ -483,9 +483,12 @@ def test_hf_names_map_onto_fairseq_knobs(tiny):
                              min_new_tokens=2)
     assert torch.equal(fairseq.sequences, hf.sequences)
     assert torch.equal(fairseq.sequences_scores, hf.sequences_scores)
-    config = GenerationConfig.from_dict({**tiny.model.generation_config.to_dict(), "max_new_tokens": 7})
-    assert torch.equal(tiny.model.generate(**tiny.inputs, generation_config=config, num_beams=4),
-                       tiny.model.generate(**tiny.inputs, num_beams=4, max_len_b=6))
+    # a config passed to generate: what it sets wins, the model's generation_config fills the rest
+    expected = tiny.model.generate(**tiny.inputs, num_beams=4, max_len_b=6)
+    for config in (GenerationConfig(max_new_tokens=7, num_beams=4), GenerationConfig(max_length=8, num_beams=4),
+                   GenerationConfig.from_dict({**tiny.model.generation_config.to_dict(), "max_new_tokens": 7,
+                                               "num_beams": 4})):
+        assert torch.equal(tiny.model.generate(**tiny.inputs, generation_config=config), expected)
 
 
 @pytest.mark.parametrize(

@@ -224,9 +224,11 @@ def _set(value) -> bool:
 def resolve_settings(model, generation_config: Optional[GenerationConfig], kwargs: dict) -> tuple[SearchSettings, dict]:
     """Merge the model's generation config, an explicit one and ``generate`` kwargs.
 
-    Returns the search settings and the remaining (model input) kwargs. Precedence: kwargs, then
-    the config; within the config fairseq's knobs win over the HF fields they shadow, except
-    ``max_new_tokens``, which is never saved by ofaconv and so was set on purpose.
+    Returns the search settings and the remaining (model input) kwargs. Precedence: kwargs (and
+    the fields a config passed to ``generate`` sets), then the model's config; within one source
+    fairseq's knobs win over the HF fields they shadow (``max_len_b`` over ``max_length``, ``lenpen``
+    over ``length_penalty``), except ``max_new_tokens``, which ofaconv never saves and so was set
+    on purpose.
     """
     config = copy.deepcopy(generation_config if generation_config is not None else model.generation_config)
     kwargs = dict(kwargs)
@@ -235,14 +237,6 @@ def resolve_settings(model, generation_config: Optional[GenerationConfig], kwarg
         if value is not None and value is not False and not (isinstance(value, (list, tuple)) and not value):
             raise ValueError(f"OFA's fairseq search does not support `{name}`")
 
-    def take(*names):
-        for name in names:
-            if name in kwargs:
-                value = kwargs.pop(name)
-                if value is not None:
-                    return name, value
-        return None, None
-
     fairseq_knobs = ("max_len_a", "max_len_b", "min_len", "lenpen", "normalize_scores", "unk_penalty",
                      "fairseq_temperature", "constraint_range", "text_token_range")
     explicit = {name: kwargs.pop(name) for name in fairseq_knobs if name in kwargs}
@@ -250,15 +244,13 @@ def resolve_settings(model, generation_config: Optional[GenerationConfig], kwarg
     text_only = kwargs.pop("text_only", None)
 
     # HF names given as kwargs: map them onto fairseq's knobs (kwargs beat every config field).
+    # Length, within one source: max_new_tokens > max_len_b (fairseq) > max_length.
+    length: dict[str, int] = {}
     for hf_name, value in list(kwargs.items()):
         if hf_name in _MODEL_INPUTS or value is None:
             continue
-        if hf_name == "max_new_tokens":
-            explicit.setdefault("max_len_b", int(value) - 1)
-            explicit.setdefault("max_len_a", 0)
-        elif hf_name == "max_length":
-            explicit.setdefault("max_len_b", int(value) - 2)
-            explicit.setdefault("max_len_a", 0)
+        if hf_name in ("max_new_tokens", "max_length"):
+            length[hf_name] = int(value)
         elif hf_name == "min_new_tokens":
             explicit.setdefault("min_len", int(value))
         elif hf_name == "min_length":
@@ -272,6 +264,11 @@ def resolve_settings(model, generation_config: Optional[GenerationConfig], kwarg
         else:
             continue
         kwargs.pop(hf_name)
+
+    if "max_new_tokens" in length:
+        explicit["max_len_a"], explicit["max_len_b"] = 0, length["max_new_tokens"] - 1
+    elif "max_length" in length and "max_len_b" not in explicit:
+        explicit["max_len_a"], explicit["max_len_b"] = 0, length["max_length"] - 2
 
     unsupported = [
         name
@@ -291,7 +288,7 @@ def resolve_settings(model, generation_config: Optional[GenerationConfig], kwarg
         value = getattr(config, name, None)
         return default if value is None else value
 
-    # length: max_new_tokens (never saved by ofaconv) > max_len_b > max_length > transformers' default
+    # config: max_new_tokens (never saved by ofaconv) > max_len_b > max_length > transformers' default
     if "max_len_b" in explicit:
         max_len_a, max_len_b = float(explicit.get("max_len_a", knob("max_len_a", 0))), int(explicit["max_len_b"])
     elif _set(config.max_new_tokens):
@@ -628,6 +625,12 @@ def ofa_generate(model, inputs: Optional[torch.Tensor] = None, generation_config
         if kwargs.get("input_ids") is not None:
             raise ValueError("pass the prompt as `inputs` or `input_ids`, not both")
         kwargs["input_ids"] = inputs
+    if generation_config is not None and generation_config is not model.generation_config:
+        # as in transformers: what the given config sets wins, the model's config fills the rest
+        # (and HF-named fields map onto fairseq's knobs exactly as kwargs do)
+        given = {k: v for k, v in generation_config.to_diff_dict().items() if k != "transformers_version"}
+        kwargs = {**given, **kwargs}
+        generation_config = None
     sample_requested = kwargs.get("do_sample")
     if sample_requested is None:
         config = generation_config if generation_config is not None else model.generation_config
