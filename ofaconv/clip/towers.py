@@ -35,7 +35,7 @@ class ImageError(OfaconvError):
 def load_image(item) -> Image.Image:
     """A PIL RGB image from a PIL image, a path or raw bytes; corrupt input names the file."""
     if isinstance(item, Image.Image):
-        return item.convert("RGB")
+        return item if item.mode == "RGB" else item.convert("RGB")
     try:
         if isinstance(item, (bytes, bytearray)):
             with Image.open(io.BytesIO(item)) as im:
@@ -100,10 +100,24 @@ class ClipTowers:
     def tokenize(self, texts: Sequence[str], *, padding="longest", max_length: int | None = None) -> dict:
         length = max_length or self.max_length
         texts = [str(t) for t in texts]
+        if not texts:
+            self.last_truncated = 0
+            empty = torch.zeros(0, 0, dtype=torch.long)
+            return {"input_ids": empty, "attention_mask": empty.clone()}
+        # One encode pass: a truncated text also yields overflow rows, which count the truncation
+        # and are dropped. Kept rows are exactly the plain truncated batch (a truncated row is
+        # max_length long, so the padding length is the same).
         batch = self.tokenizer(texts, max_length=length, truncation=True, padding=padding, return_tensors="pt",
-                               return_token_type_ids=False)
-        probe = self.tokenizer(texts, max_length=length + 1, truncation=True)["input_ids"] if texts else []
-        self.last_truncated = sum(len(ids) > length for ids in probe)
+                               return_token_type_ids=False, return_overflowing_tokens=True)
+        rows = batch.pop("overflow_to_sample_mapping", None)
+        if rows is None:  # a tokenizer without overflow rows: probe one token further
+            probe = self.tokenizer(texts, max_length=length + 1, truncation=True)["input_ids"]
+            self.last_truncated = sum(len(ids) > length for ids in probe)
+        else:
+            first = torch.ones(len(rows), dtype=torch.bool)
+            first[1:] = rows[1:] != rows[:-1]
+            batch = {k: v[first] for k, v in batch.items()}
+            self.last_truncated = int((torch.bincount(rows) > 1).sum())
         if self.last_truncated:
             logger.info("truncated %d of %d texts to %d tokens", self.last_truncated, len(texts), length)
         return dict(batch)
@@ -117,16 +131,22 @@ class ClipTowers:
     def _dtype(self):
         return next(self.model.parameters()).dtype
 
+    # inference_mode skips autograd's version/view bookkeeping; the clone outside it hands back
+    # ordinary tensors, which callers may still use as constants in a graph.
     def encode_pixels(self, pixel_values: torch.Tensor, *, normalize: bool = True) -> torch.Tensor:
-        with torch.no_grad():
+        with torch.inference_mode():
             feats = _unwrap(self.model.get_image_features(pixel_values=pixel_values.to(self.device, self._dtype)))
-        return torch.nn.functional.normalize(feats, dim=-1) if normalize else feats
+            if normalize:
+                feats = torch.nn.functional.normalize(feats, dim=-1)
+        return feats.clone()
 
     def encode_token_batch(self, batch: dict, *, normalize: bool = True) -> torch.Tensor:
-        with torch.no_grad():
+        with torch.inference_mode():
             feats = _unwrap(self.model.get_text_features(
                 input_ids=batch["input_ids"].to(self.device), attention_mask=batch["attention_mask"].to(self.device)))
-        return torch.nn.functional.normalize(feats, dim=-1) if normalize else feats
+            if normalize:
+                feats = torch.nn.functional.normalize(feats, dim=-1)
+        return feats.clone()
 
     def encode_images(self, images: Iterable, *, batch_size: int = 64, normalize: bool = True) -> torch.Tensor:
         out, chunk = [], []
