@@ -211,7 +211,8 @@ def export_package(base: ClipPackage, clip_model, out: Path, *, overwrite: bool 
         check_package(pkg, tmp)
 
 
-def train(recipe: dict, *, resume: str | bool | None = None) -> dict:
+def train(recipe: dict, *, resume: str | bool | None = None, callbacks: list | None = None) -> dict:
+    """Run a loaded recipe; ``callbacks``: extra ``TrainerCallback`` objects (progress, timing)."""
     from accelerate import PartialState
     from transformers import Trainer, set_seed
 
@@ -255,7 +256,9 @@ def train(recipe: dict, *, resume: str | bool | None = None) -> dict:
     model = LiTModel(clip_model, lock_image=lit["lock_image"], lock_image_head=lit["lock_image_head"])
     dataset = PairDataset(pairs, store, pkg.image_processor, cache)
     args = _build_trainer_args(recipe, output_dir)
-    callbacks = [_clamp_callback(float(lit["clamp_logit_scale"]))] if lit["clamp_logit_scale"] is not None else []
+    callbacks = list(callbacks or [])
+    if lit["clamp_logit_scale"] is not None:
+        callbacks.append(_clamp_callback(float(lit["clamp_logit_scale"])))
     trainer = Trainer(model=model, args=args, train_dataset=dataset,
                       data_collator=PairCollator(pkg.tokenizer, max_length), callbacks=callbacks)
     result = trainer.train(resume_from_checkpoint=resume)
