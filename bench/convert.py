@@ -122,8 +122,6 @@ def main() -> int:
     parser.add_argument("--workdir", help="where to put checkpoints and outputs (default: a temp dir)")
     args = parser.parse_args()
 
-    from ofaconv.synth import write_synthetic_checkpoint
-
     variants = ["ofa-cn-base"] if args.smoke else args.variants.split(",")
     size = "micro" if args.smoke else "full"
     repeat = 1 if args.smoke else args.repeat
@@ -134,7 +132,10 @@ def main() -> int:
         for variant in variants:
             src = work / f"{variant}-{size}.pt"
             if not src.exists():
-                write_synthetic_checkpoint(src, variant, size=size, optimizer_state=True)
+                # In a child: wait4's ru_maxrss of a forked child starts at the parent's RSS, so
+                # this process must stay small (it never imports torch).
+                synth = [sys.executable, "-m", "ofaconv", "synth", variant, str(src)] + (["--full"] if size == "full" else [])
+                subprocess.run(synth, check=True, stdout=subprocess.DEVNULL)
             res = measure(src, work, repeat)
             rows.append((variant, src.stat().st_size, res))
             for leftover in ("naive.safetensors", "floor.bin"):

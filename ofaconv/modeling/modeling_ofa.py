@@ -109,6 +109,8 @@ class OFADecoderCache:
     def __init__(self, num_layers: int):
         self.self_kv: list = [None] * num_layers
         self.cross_kv: list = [None] * num_layers
+        # Encoder positions through cross_pos_k_linear, [batch, heads, src_len, hd]: static like cross_kv.
+        self.cross_pos_key = None
 
     def get_seq_length(self) -> int:
         return 0 if self.self_kv[0] is None else self.self_kv[0][0].shape[1]
@@ -120,6 +122,8 @@ class OFADecoderCache:
             for i, kv in enumerate(store):
                 if kv is not None:
                     store[i] = (kv[0].index_select(0, flat), kv[1].index_select(0, flat))
+        if self.cross_pos_key is not None:
+            self.cross_pos_key = self.cross_pos_key.index_select(0, batch_index)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -678,15 +682,17 @@ class OFADecoder(OFAPreTrainedModel):
         self_abs_pos_bias = _pos_bias(
             self.self_pos_q_linear, self.self_pos_k_linear, tgt_pos_normed, tgt_pos_normed, self.num_heads, self.pos_scaling
         )
-        cross_abs_pos_bias = _pos_bias(
-            self.cross_pos_q_linear,
-            self.cross_pos_k_linear,
-            tgt_pos_normed,
-            encoder_position_embedding,
-            self.num_heads,
-            self.pos_scaling,
-        )
-        cross_abs_pos_bias = cross_abs_pos_bias.reshape(-1, total_len, cross_abs_pos_bias.shape[-1])[:, past_len:, :]
+        cross_pos_key = past_key_values.cross_pos_key if past_key_values is not None else None
+        if cross_pos_key is None:
+            src_len = encoder_position_embedding.shape[1]
+            cross_pos_key = self.cross_pos_k_linear(encoder_position_embedding)
+            cross_pos_key = cross_pos_key.view(bsz, src_len, self.num_heads, -1).transpose(1, 2)
+            if past_key_values is not None:
+                past_key_values.cross_pos_key = cross_pos_key
+        cross_pos_query = self.cross_pos_q_linear(tgt_pos_normed[:, past_len:, :])
+        cross_pos_query = cross_pos_query.view(bsz, new_len, self.num_heads, -1).transpose(1, 2) * self.pos_scaling
+        cross_abs_pos_bias = torch.matmul(cross_pos_query, cross_pos_key.transpose(2, 3))
+        cross_abs_pos_bias = cross_abs_pos_bias.reshape(-1, new_len, cross_abs_pos_bias.shape[-1])
 
         x = self.embed_scale * self.embed_tokens(input_ids)
         if not self.config.disable_entangle:
