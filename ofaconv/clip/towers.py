@@ -157,6 +157,8 @@ class ClipTowers:
                 chunk = []
         if chunk:
             out.append(self.encode_pixels(self.preprocess_images(chunk), normalize=normalize).float().cpu())
+        if len(out) == 1:
+            return out[0]
         return torch.cat(out) if out else torch.empty(0, self.model.config.projection_dim)
 
     def encode_texts(self, texts: Sequence[str], *, batch_size: int = 64, normalize: bool = True,
