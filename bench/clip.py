@@ -187,7 +187,7 @@ def bench_lit(tmp: Path, model_dir: Path, csv_path: Path, n_pairs: int, batch: i
     cached, over_c = run("cached", True, cache_dir)
 
     (u, pu, steps), (c, pc, _) = steady(uncached), steady(cached)
-    ceiling = u / (c - pc.get("data", 0) * steps)
+    image_share = 1 - (c - pc.get("data", 0) * steps) / u  # what any image-side saving could remove
     payoff = math.floor(t_fill / (u - c)) + 1 if u > c else None
     print(f"\nLiT epoch: {n_pairs} pairs, batch {batch}, {steps} step(s)/epoch, {epochs} epochs per run "
           f"(first is warm-up; best of the rest)")
@@ -196,7 +196,8 @@ def bench_lit(tmp: Path, model_dir: Path, csv_path: Path, n_pairs: int, batch: i
           f"weight fingerprint at every run start")
     print(f"  {'cached epoch, steady state':28s} {c:9.2f} s   cache already filled")
     print(f"  {'ratio uncached / cached':28s} {u / c:9.2f} x   target >= 5x: {'reached' if u / c >= 5 else 'NOT reached'}")
-    print(f"  {'ceiling (image side free)':28s} {ceiling:9.2f} x   uncached / (cached - cache reads)")
+    print(f"  {'image side of uncached epoch':28s} {100 * image_share:9.0f} %   all a cache can remove; "
+          f"5x needs >= 80 %, the rest is text tower fwd+bwd + optimizer")
     print(f"  {'cache pays off from epoch':28s} {payoff if payoff else 'never':>9}     fill + E cached < E uncached")
     print(f"  {'per step, seconds':28s} {'data':>9s} {'fwd+bwd':>9s} {'optimizer':>9s} {'other':>9s}")
     for name, ph in (("uncached", pu), ("cached", pc)):
@@ -210,8 +211,8 @@ def main(argv=None) -> int:
     ap.add_argument("--smoke", action="store_true", help="micro models, seconds (CI)")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--pairs", type=int, default=64, help="LiT training pairs (base size)")
-    ap.add_argument("--epochs", type=int, default=3, help="epochs per LiT run (the first is warm-up)")
-    ap.add_argument("--repeat", type=int, default=3, help="timed embedding calls per path (best is kept)")
+    ap.add_argument("--epochs", type=int, default=None, help="epochs per LiT run, the first is warm-up (3 smoke, 2 base)")
+    ap.add_argument("--repeat", type=int, default=2, help="timed embedding calls per path (best is kept)")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch intra-op threads (default: torch's; 1 with --smoke)")
     args = ap.parse_args(argv)
@@ -251,9 +252,9 @@ def main(argv=None) -> int:
 
         pairs, store = read_csv_pairs(csv_path, None, DataStats())
         images = [store.load(p.image_id) for p in pairs[:batch]]
-        texts = [p.text for p in pairs[: 2 * batch]]
+        texts = [caption(synth.caption_classes()[i % 8][0], i) for i in range(2 * batch)]
         bench_embeddings(tmp / "model", images, texts, batch, repeat)
-        bench_lit(tmp, tmp / "model", csv_path, len(pairs), batch, args.epochs)
+        bench_lit(tmp, tmp / "model", csv_path, len(pairs), batch, args.epochs or (3 if args.smoke else 2))
     return 0
 
 
