@@ -29,17 +29,10 @@ from .data import DataIssues, ImageDecodeError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["EncoderCache", "default_cache_dir", "encoder_fingerprint"]
+__all__ = ["EncoderCache", "encoder_fingerprint"]
 
 _POSITION_KEY = "__position_embedding__"
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def default_cache_dir() -> Path:
-    root = os.environ.get("OFACONV_CACHE")
-    if root:
-        return Path(root) / "finetune"
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ofaconv" / "finetune"
 
 
 def _modeling_digest() -> str:

@@ -15,6 +15,7 @@ import copy
 import dataclasses
 import difflib
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -51,6 +52,28 @@ TRAINING_RESERVED = {
     "train_sampling_strategy": "set sampler at the top level (random | length | image)",
     "group_by_length": "set sampler: length at the top level",
 }
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads ``5e-5`` as a string; recipes mean a float (as YAML 1.2 and JSON do)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+][0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def _yaml(text: str):
+    return yaml.load(text, Loader=_Loader)
 
 
 class RecipeError(OfaconvError):
@@ -100,7 +123,9 @@ class DataConfig:
 @dataclass
 class CacheConfig:
     enabled: Any = "auto"  # true | false | "auto" (on whenever the encoder output is fixed)
-    dir: str | None = None  # default: $OFACONV_CACHE or ~/.cache/ofaconv/finetune
+    # Default: <checkpoint_dir>/encoder-cache. Opening a cache deletes caches of other encoders
+    # in the same folder, so concurrent runs on different models need different folders.
+    dir: str | None = None
     dtype: str = "float32"
     batch_size: int = 32  # images per encoder forward while filling the cache
 
@@ -150,7 +175,7 @@ def _read_yaml(path: Path) -> dict:
     except OSError as exc:
         raise RecipeError(f"cannot read recipe ({exc.strerror})", path=path) from None
     try:
-        data = yaml.safe_load(text)
+        data = _yaml(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
@@ -219,7 +244,7 @@ def smoke_overlay() -> dict:
     from importlib.resources import files
 
     text = files("ofaconv.finetune").joinpath("smoke.yaml").read_text(encoding="utf-8")
-    return yaml.safe_load(text) or {}
+    return _yaml(text) or {}
 
 
 def _parse_override(item: str) -> tuple[str, Any]:
@@ -230,7 +255,7 @@ def _parse_override(item: str) -> tuple[str, Any]:
     if not key:
         raise RecipeError(f"override {item!r} has an empty key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = _yaml(raw) if raw.strip() else None
     except yaml.YAMLError:
         value = raw
     return key, value

@@ -22,7 +22,7 @@ from transformers import TrainerCallback, TrainingArguments
 from ..errors import OfaconvError
 from .base import BaseModel, init_random_folder, load_base
 from .batching import CaptionCollator, CaptionDataset, CaptionSampler, global_batch_size, tokenize_targets
-from .cache import EncoderCache, default_cache_dir, encoder_fingerprint
+from .cache import EncoderCache, encoder_fingerprint
 from .data import CaptionSet, DataIssues, ImageDecodeError, load_split, split_holdout
 from .engine import CaptionTrainer, EngineSetup, generate_captions
 from .lit import apply_freezing
@@ -52,6 +52,9 @@ def training_arguments(recipe: Recipe) -> tuple[TrainingArguments, list[str]]:
     values = {**TRAINING_DEFAULTS, **recipe.training}
     if not torch.cuda.is_available():
         values.setdefault("dataloader_pin_memory", False)
+        if not torch.backends.mps.is_available():
+            # Without it, accelerate ignores a torchrun process group on CPU (gloo) and each rank trains alone.
+            values.setdefault("use_cpu", True)
         for flag in ("fp16", "bf16"):
             if values.get(flag):
                 values[flag] = False
@@ -178,7 +181,7 @@ def _fill_cache(recipe, args, base, prompt_ids, splits, issues) -> tuple[Encoder
     fp = encoder_fingerprint(base.model.get_encoder(), prompt_ids=prompt_ids.tolist(),
                              image_settings=_image_settings(base),
                              compute_dtype=str(autocast or torch.float32))
-    root = Path(recipe.encoder_cache.dir) if recipe.encoder_cache.dir else default_cache_dir()
+    root = Path(recipe.encoder_cache.dir) if recipe.encoder_cache.dir else recipe.resolved_checkpoint_dir() / "encoder-cache"
     with args.main_process_first(desc="encoder cache"):
         cache = EncoderCache(root, fp, dtype=recipe.encoder_cache.dtype)
     encoder = base.model.get_encoder().to(device)

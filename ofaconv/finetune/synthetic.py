@@ -22,13 +22,15 @@ COLORS = {
     "蓝色": (40, 80, 220),
     "黄色": (235, 200, 30),
 }
-SHAPES = ("圆形", "正方形", "三角形")
+# Shapes whose outlines differ at a coarse patch grid (a circle and a square of the same size
+# differ only in their corners, which a frozen random trunk barely sees).
+SHAPES = ("圆形", "长方形", "三角形")
 # Extra phrasings for runs that want several captions per image.
 TEMPLATES = ("{color}的{shape}", "一个{color}的{shape}", "图中有一个{color}的{shape}", "{shape}是{color}的")
 
 
 def draw_shape(color: str, shape: str, size: int = 64, rng: random.Random | None = None):
-    """A ``size``-pixel RGB image of one filled shape at a random place and scale, on a noisy ground."""
+    """A ``size``-pixel RGB image of one filled shape, jittered in place, scale and shade, on a noisy ground."""
     from PIL import Image, ImageDraw
 
     rng = rng or random.Random(0)
@@ -39,16 +41,17 @@ def draw_shape(color: str, shape: str, size: int = 64, rng: random.Random | None
         x, y = rng.randrange(size), rng.randrange(size)
         grey = rng.randint(170, 240)
         draw.point((x, y), fill=(grey, grey, grey))
-    extent = rng.uniform(0.45, 0.75) * size
-    cx = rng.uniform(extent / 2, size - extent / 2)
-    cy = rng.uniform(extent / 2, size - extent / 2)
+    # Large and near the centre: the shape, not its place, is what a caption names.
+    extent = rng.uniform(0.6, 0.8) * size
+    cx = size / 2 + rng.uniform(-0.08, 0.08) * size
+    cy = size / 2 + rng.uniform(-0.08, 0.08) * size
     half = extent / 2
     fill = tuple(max(0, min(255, c + rng.randint(-20, 20))) for c in COLORS[color])
     box = (cx - half, cy - half, cx + half, cy + half)
     if shape == "圆形":
         draw.ellipse(box, fill=fill)
-    elif shape == "正方形":
-        draw.rectangle(box, fill=fill)
+    elif shape == "长方形":  # a wide, flat rectangle
+        draw.rectangle((cx - half, cy - half * 0.4, cx + half, cy + half * 0.4), fill=fill)
     elif shape == "三角形":
         draw.polygon([(cx, cy - half), (cx - half, cy + half), (cx + half, cy + half)], fill=fill)
     else:
