@@ -69,11 +69,13 @@ def _cached_buckets(kind: str, bucket_size: int, extra: int, device: torch.devic
     key = (kind, bucket_size, extra, str(device))
     table = _BUCKET_CACHE.get(key)
     if table is None:
-        if kind == "token":
-            table = make_token_bucket_position(bucket_size, extra)
-        else:
-            table = make_image_bucket_position(bucket_size, extra)
-        table = _BUCKET_CACHE[key] = table.to(device)
+        # Cached across calls, so never an inference-mode tensor (autograd would refuse it later).
+        with torch.inference_mode(False):
+            if kind == "token":
+                table = make_token_bucket_position(bucket_size, extra)
+            else:
+                table = make_image_bucket_position(bucket_size, extra)
+            table = _BUCKET_CACHE[key] = table.to(device)
     return table
 
 
