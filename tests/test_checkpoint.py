@@ -31,7 +31,7 @@ from ofaconv.errors import CheckpointError, OfaconvError
 from ofaconv.reference import buckets
 from ofaconv.synth import write_bad_checkpoint, write_synthetic_checkpoint
 
-OFFICIAL = Path("/work/shared/reference/ofa_micro_official")
+OFFICIAL = Path(__file__).resolve().parents[2] / "shared" / "reference" / "ofa_micro_official"
 
 
 @pytest.fixture(scope="session")

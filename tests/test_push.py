@@ -393,7 +393,7 @@ def _converter_ready() -> str | None:
     return None
 
 
-OFFICIAL = Path("/work/shared/reference/ofa_micro_official")
+OFFICIAL = Path(__file__).resolve().parents[2] / "shared" / "reference" / "ofa_micro_official"
 CLEAN_VENV_CHECK = textwrap.dedent("""
     import json, sys
     import torch

@@ -19,7 +19,7 @@ from ofaconv.reference import forward as forward_module
 from ofaconv.reference import generator as generator_module
 from ofaconv.reference.forward import BOS, EOS, PAD, model_args_from_checkpoint
 
-OFFICIAL_DIR = Path("/work/shared/reference/ofa_micro_official")
+OFFICIAL_DIR = Path(__file__).resolve().parents[2] / "shared" / "reference" / "ofa_micro_official"
 PERTURBED_FIXTURE = Path(__file__).parent / "data" / "reference_official_perturbed.pt"
 TIED_EMBEDDINGS = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight",
                    "decoder.output_projection.weight")

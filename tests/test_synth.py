@@ -26,8 +26,8 @@ from ofaconv.cli import main as cli
 from ofaconv.errors import OfaconvError
 from ofaconv.synth import synthetic_checkpoint_dict, synthetic_key_spec, write_synthetic_checkpoint
 
-OFFICIAL = Path("/work/shared/reference/ofa_micro_official")
-KEY_LISTS = Path("/work/shared/research/keys")
+OFFICIAL = Path(__file__).resolve().parents[2] / "shared" / "reference" / "ofa_micro_official"
+KEY_LISTS = Path(__file__).resolve().parents[1] / "fixtures" / "keys"
 
 # sha256 of the fairseq key lists ("name<TAB>shape<TAB>dtype" lines) measured on the real
 # OFA code at full size (research/keys/fairseq_ofa_*.txt), so the test needs no shared files.
