@@ -25,7 +25,14 @@ from ofaconv.finetune.data import (
     read_pairs,
     split_holdout,
 )
-from ofaconv.finetune.lit import apply_freezing, caption_loss, first_rows, pin_eval, shared_encoder_rows
+from ofaconv.finetune.lit import (
+    apply_freezing,
+    caption_loss,
+    first_rows,
+    logits_at_targets,
+    pin_eval,
+    shared_encoder_rows,
+)
 from ofaconv.finetune.metrics import caption_metrics, cider_d, corpus_bleu, exact_match, tokenize_caption
 from ofaconv.finetune.recipe import RecipeError, load_recipe
 from ofaconv.finetune.synthetic import draw_shape, write_muge_split
@@ -379,14 +386,17 @@ def test_first_rows():
     assert first_rows(index, 3).tolist() == [2, 3, 0]
 
 
-def test_shared_encoder_rows_is_exact(micro):
-    """Projecting each image once for all its captions gives the same loss and gradients."""
+def test_decoder_savings_are_exact(micro):
+    """Projecting each image once for all its captions, and the vocabulary only at targets, give the
+    same loss and gradients as the plain forward."""
     from ofaconv.modeling import OFAEncoderOutput
 
     model = _fresh(micro).model
     apply_freezing(model, freeze_encoder=True, freeze_word_embed=True, freeze_batchnorm=True)
     b = _batch(micro, n=6)
     index = torch.tensor([0, 0, 1, 2, 1, 0])
+    b["labels"][1, 3:] = IGNORE_INDEX  # padding
+    b["labels"][4, 2:] = IGNORE_INDEX
     with torch.no_grad():
         enc = model.encoder(input_ids=b["prompt"][None].expand(3, -1), patch_images=b["pixels"][:3])
     rows = OFAEncoderOutput(last_hidden_state=enc.last_hidden_state[index], padding_mask=enc.padding_mask[index],
@@ -396,10 +406,11 @@ def test_shared_encoder_rows_is_exact(micro):
         model.zero_grad()
         calls = []
         hook = model.decoder.layers[0].cross_attn.k_proj.register_forward_hook(lambda m, a, o: calls.append(a[0].shape[0]))
-        ctx = shared_encoder_rows(model, index, 3) if shared else shared_encoder_rows(model, None)
-        with ctx:
-            loss = caption_loss(model(decoder_input_ids=b["decoder_input_ids"], encoder_outputs=rows).logits,
-                                b["labels"])[0]
+        targets = b["labels"].ne(IGNORE_INDEX) if shared else None
+        with shared_encoder_rows(model, index if shared else None, 3), logits_at_targets(model, targets):
+            logits = model(decoder_input_ids=b["decoder_input_ids"], encoder_outputs=rows).logits
+        assert logits.dim() == (2 if shared else 3)
+        loss = caption_loss(logits, b["labels"])[0]
         hook.remove()
         loss.backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -556,6 +567,14 @@ def test_finetune_writes_a_publishable_folder_and_resumes_exactly(tmp_path, smal
         assert (out / name).is_file(), name
     assert "finetuned with ofaconv" in (out / "README.md").read_text()
     assert push_folder(out, "someone/micro-caption", dry_run=True, out=io.StringIO()) is None
+    from ofaconv.cli import main
+
+    draw_shape("红色", "圆形", 32).save(tmp_path / "red.png")
+    args = ["caption", str(out), str(tmp_path / "red.png"), "--out", str(tmp_path / "c.jsonl"), "--beams", "2",
+            "--max-len", "6", "--no-progress"]
+    assert main(args) == 0
+    record = json.loads((tmp_path / "c.jsonl").read_text().splitlines()[0])
+    assert isinstance(record["caption"], str) and "error" not in record
 
     import ofaconv  # noqa: F401
     from transformers import AutoModelForSeq2SeqLM, AutoProcessor
@@ -602,3 +621,28 @@ def test_cli_reports_bad_recipe_on_one_line(tmp_path, capsys):
     assert main(["finetune", str(tmp_path / "r.yaml")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "freeze_encodr" in err and "freeze_encoder" in err
+
+
+@pytest.mark.parametrize("cache", [False, True])
+def test_undecodable_images_are_counted_and_skipped(tmp_path, small_config, cache):
+    """A corrupt image is reported with its line; in the uncached run a batch holding only that
+    image becomes an ignored row instead of a crash."""
+    from ofaconv.finetune import finetune
+
+    records = [(f"i{k}", draw_shape("红色", "圆形", 32), ["红色的圆形", "一个红色的圆形"]) for k in range(4)]
+    caps, tsv = write_muge_split(tmp_path / "data", "train", records)
+    lines = tsv.read_text().splitlines()
+    lines[2] = "i2\t" + base64.urlsafe_b64encode(b"\x89PNG truncated").decode()
+    tsv.write_text("\n".join(lines) + "\n")
+    with open(caps, "a", encoding="utf-8") as fh:
+        fh.write("{broken json\n")
+    recipe = _tiny_recipe(tmp_path, small_config, max_steps=4, per_device_train_batch_size=2, save_steps=100)
+    recipe["data"] = {"format": "muge", "train": {"captions": str(caps), "images": str(tsv)}}
+    recipe["encoder_cache"] = {"enabled": cache}
+    report = finetune(recipe).report
+    skipped = report["training"]["data"]["skipped"]
+    assert skipped["undecodable_image"]["count"] >= 1 and skipped["undecodable_image"]["first"] == ["train.tsv:3"]
+    assert skipped["malformed_line"] == {"count": 1, "first": ["train.jsonl:5"]}
+    assert report["training"]["encoder"] == ("cache" if cache else "frozen")
+    assert report["training"]["data"]["train_pairs"] == (6 if cache else 8)
+    assert report["passed"] and report["training"]["global_steps"] == 4

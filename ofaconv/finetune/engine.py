@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 from transformers import Trainer
 
 from .data import DataIssues
-from .lit import caption_loss, shared_encoder_rows
+from .lit import caption_loss, logits_at_targets, shared_encoder_rows
 from .metrics import caption_metrics
 
 logger = logging.getLogger(__name__)
@@ -54,6 +54,7 @@ class EngineSetup:
     encoder_mode: str  # "cache" | "frozen" | "full"
     label_smoothing: float = 0.0
     share_encoder_rows: bool = True
+    pad_free_logits: bool = True
     position_embedding: torch.Tensor | None = None  # [L, d] (cache mode)
     eval_dataset: torch.utils.data.Dataset | None = None
     eval_collator: Callable | None = None
@@ -62,6 +63,7 @@ class EngineSetup:
     family: str = "cn"
     data_issues: DataIssues = field(default_factory=DataIssues)
     epoch_seconds: list = field(default_factory=list)
+    epoch_cpu_seconds: list = field(default_factory=list)
 
 
 class CaptionTrainer(Trainer):
@@ -114,18 +116,20 @@ class CaptionTrainer(Trainer):
         labels = inputs["labels"]
         decoder_input_ids = inputs["decoder_input_ids"]
         encoder_outputs = self._encoder_outputs(model, inputs)
-        if encoder_outputs is None:
-            pixels = inputs["patch_images"].index_select(0, index)
-            prompt = self.setup.prompt_ids.to(pixels.device).unsqueeze(0).expand(index.numel(), -1)
-            out = model(input_ids=prompt, patch_images=pixels,
-                        patch_masks=torch.ones(index.numel(), dtype=torch.bool, device=pixels.device),
-                        decoder_input_ids=decoder_input_ids, use_cache=False)
-        else:
-            num_images = int(index.max().item()) + 1 if index.numel() else 0
-            share = self.setup.share_encoder_rows
-            unwrapped = self.accelerator.unwrap_model(model)
-            ctx = shared_encoder_rows(unwrapped, index, num_images) if share else contextlib.nullcontext()
-            with ctx:
+        unwrapped = self.accelerator.unwrap_model(model)
+        with contextlib.ExitStack() as stack:
+            if self.setup.pad_free_logits:
+                stack.enter_context(logits_at_targets(unwrapped, labels.ne(-100)))
+            if encoder_outputs is None:
+                pixels = inputs["patch_images"].index_select(0, index)
+                prompt = self.setup.prompt_ids.to(pixels.device).unsqueeze(0).expand(index.numel(), -1)
+                out = model(input_ids=prompt, patch_images=pixels,
+                            patch_masks=torch.ones(index.numel(), dtype=torch.bool, device=pixels.device),
+                            decoder_input_ids=decoder_input_ids, use_cache=False)
+            else:
+                if self.setup.share_encoder_rows:
+                    num_images = int(index.max().item()) + 1 if index.numel() else 0
+                    stack.enter_context(shared_encoder_rows(unwrapped, index, num_images))
                 out = model(decoder_input_ids=decoder_input_ids, encoder_outputs=encoder_outputs, use_cache=False)
         return caption_loss(out.logits, labels, label_smoothing=self.setup.label_smoothing)
 

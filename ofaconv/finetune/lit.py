@@ -8,6 +8,8 @@
 - ``caption_loss``: token cross-entropy that ignores padding (the seed counted pad targets,
   ofa.md §F #20) with fairseq's label smoothing, normalised by the number of target tokens in
   the whole accumulated (and distributed) batch.
+- ``logits_at_targets``: the vocabulary projection (the largest per-token cost of a LiT step at
+  OFA-CN size) runs only at target positions, not at padding.
 - ``shared_encoder_rows``: when several captions of one image are in a batch, the decoder's
   cross-attention key/value projections of that image are computed once and reused, the
   ``seq_per_img`` trick of captioning trainers. Exact: the rows are identical, so the gradient of
@@ -24,7 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["FreezeReport", "apply_freezing", "pin_eval", "caption_loss", "shared_encoder_rows", "first_rows"]
+__all__ = ["FreezeReport", "apply_freezing", "pin_eval", "caption_loss", "logits_at_targets", "shared_encoder_rows",
+           "first_rows"]
 
 
 def _eval_only_train(self, mode: bool = True):
@@ -124,12 +127,16 @@ def caption_loss(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(summed loss, summed NLL, number of target tokens) over non-ignored positions, in fp32.
 
+    ``logits`` are [B, T, V], or [N, V] already restricted to the N target positions
+    (``logits_at_targets``).
+
     Label smoothing follows fairseq's ``label_smoothed_nll_loss``: the smoothing mass eps is spread
     over the other V-1 classes, ``(1 - eps - eps/(V-1)) * nll + eps/(V-1) * sum(-log p)``.
     """
     mask = labels.ne(ignore_index)
     target = labels[mask]
-    lprobs = F.log_softmax(logits[mask].float(), dim=-1)
+    selected = logits if logits.dim() == 2 else logits[mask]
+    lprobs = F.log_softmax(selected.float(), dim=-1)
     nll = -lprobs.gather(1, target.unsqueeze(1)).squeeze(1)
     if label_smoothing > 0:
         eps_i = label_smoothing / (lprobs.shape[-1] - 1)
@@ -138,6 +145,23 @@ def caption_loss(
     else:
         loss = nll
     return loss.sum(), nll.detach().sum(), mask.sum()
+
+
+@contextlib.contextmanager
+def logits_at_targets(model: nn.Module, mask: torch.Tensor | None):
+    """Within the block, the model's logits are [N, V] for the N positions where ``mask`` [B, T] is True."""
+    if mask is None:
+        yield
+        return
+
+    def select(module, args):
+        return (args[0][mask],) + tuple(args[1:])
+
+    handle = model.get_output_embeddings().register_forward_pre_hook(select)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def first_rows(index: torch.Tensor, num_unique: int) -> torch.Tensor:

@@ -144,6 +144,9 @@ class Recipe:
     label_smoothing: float = 0.0
     sampler: str = "random"  # random (the seed's) | length (bucketed) | image (captions of an image together)
     bucket_size: int = 64  # global batches per length bucket (sampler: length)
+    # Exact savings (same loss and gradients); switched off only to measure them (bench/finetune.py).
+    pad_free_logits: bool = True  # vocabulary logits only at target positions, not at padding
+    share_encoder_rows: bool = True  # project an image's encoder states once for all its captions in a batch
     data: DataConfig = field(default_factory=DataConfig)
     encoder_cache: CacheConfig = field(default_factory=CacheConfig)
     generation: dict = field(default_factory=dict)  # evaluation beam search; default: the family's
@@ -329,7 +332,7 @@ def validate(recipe: Recipe) -> None:
         raise RecipeError("model_init needs exactly one of 'config' and 'variant'", key="model_init")
     if not recipe.output_dir:
         raise RecipeError("'output_dir' (the final model folder) is required", key="output_dir")
-    for key in ("freeze_encoder", "freeze_word_embed", "freeze_batchnorm"):
+    for key in ("freeze_encoder", "freeze_word_embed", "freeze_batchnorm", "pad_free_logits", "share_encoder_rows"):
         _expect(getattr(recipe, key), bool, key, "true or false")
     _expect(recipe.label_smoothing, (int, float), "label_smoothing", "a number in [0, 1)")
     if not 0.0 <= recipe.label_smoothing < 1.0:

@@ -39,6 +39,7 @@ class FinetuneResult:
     metrics: dict
     report: dict | None
     epoch_seconds: list
+    epoch_cpu_seconds: list
 
 
 def _say(args: TrainingArguments, message: str) -> None:
@@ -55,10 +56,10 @@ def training_arguments(recipe: Recipe) -> tuple[TrainingArguments, list[str]]:
         if not torch.backends.mps.is_available():
             # Without it, accelerate ignores a torchrun process group on CPU (gloo) and each rank trains alone.
             values.setdefault("use_cpu", True)
-        for flag in ("fp16", "bf16"):
-            if values.get(flag):
-                values[flag] = False
-                notes.append(f"{flag} needs a GPU; training in fp32 on the CPU")
+        if values.get("fp16"):
+            values["fp16"] = False
+            notes.append("fp16 mixed precision needs a GPU; training in fp32 on the CPU "
+                         "(training.bf16=true is the CPU's mixed precision where it has bf16 instructions)")
     has_eval = recipe.data.eval is not None or recipe.data.eval_fraction > 0 or (
         recipe.data.synthetic is not None and recipe.data.synthetic.eval_images > 0
     )
@@ -93,16 +94,19 @@ class _JsonlLog(TrainerCallback):
 
 
 class _EpochTimer(TrainerCallback):
-    def __init__(self, sink: list):
-        self.sink = sink
+    """Wall and process CPU seconds of every epoch (CPU time resists a shared machine's noise)."""
+
+    def __init__(self, wall: list, cpu: list):
+        self.wall, self.cpu = wall, cpu
         self.start = None
 
     def on_epoch_begin(self, args, state, control, **kwargs):
-        self.start = time.perf_counter()
+        self.start = (time.perf_counter(), time.process_time())
 
     def on_epoch_end(self, args, state, control, **kwargs):
         if self.start is not None:
-            self.sink.append(time.perf_counter() - self.start)
+            self.wall.append(time.perf_counter() - self.start[0])
+            self.cpu.append(time.process_time() - self.start[1])
 
 
 def _image_loader(base: BaseModel, data: CaptionSet):
@@ -313,7 +317,8 @@ def finetune(
         prompt_ids=prompt_ids,
         encoder_mode=mode,
         label_smoothing=float(recipe.label_smoothing),
-        share_encoder_rows=True,
+        share_encoder_rows=recipe.share_encoder_rows,
+        pad_free_logits=recipe.pad_free_logits,
         position_embedding=cache.position_embedding if use_cache else None,
         eval_dataset=eval_set,
         eval_collator=eval_collator,
@@ -328,7 +333,7 @@ def finetune(
         data_collator=collator_for(train_data),
         processing_class=None,
         setup=setup,
-        callbacks=[_JsonlLog(checkpoint_dir / "training_log.jsonl"), _EpochTimer(setup.epoch_seconds)],
+        callbacks=[_JsonlLog(checkpoint_dir / "training_log.jsonl"), _EpochTimer(setup.epoch_seconds, setup.epoch_cpu_seconds)],
     )
     _say(args, f"{len(train_set)} training pairs over {len(train_data.image_ids)} images"
                + (f", {len(eval_set)} held-out pairs" if eval_set is not None else "")
@@ -383,6 +388,7 @@ def finetune(
             "global_steps": trainer.state.global_step,
             "epochs": trainer.state.epoch,
             "epoch_seconds": setup.epoch_seconds,
+            "epoch_cpu_seconds": setup.epoch_cpu_seconds,
             "metrics": metrics,
             "wall_seconds": round(time.perf_counter() - started, 2),
         }
@@ -393,7 +399,7 @@ def finetune(
             c["name"] for c in report["checks"] if not c["passed"])
         _say(args, f"wrote {recipe.output_dir} ({verdict})")
     trainer.accelerator.wait_for_everyone()
-    return FinetuneResult(Path(recipe.output_dir), metrics, report, setup.epoch_seconds)
+    return FinetuneResult(Path(recipe.output_dir), metrics, report, setup.epoch_seconds, setup.epoch_cpu_seconds)
 
 
 def _caption_evaluator(recipe: Recipe, base: BaseModel, data: CaptionSet, cache, prompt_ids):
