@@ -442,7 +442,7 @@ class OFAPreTrainedModel(PreTrainedModel):
                 module.num_batches_tracked.zero_()
         elif isinstance(module, OFAAttention) and module.c_attn is not None:
             module.c_attn.fill_(1.0)
-        if isinstance(module, (OFAEncoder, OFADecoder)):
+        if isinstance(module, OFAStack):
             for table in list(module.token_rel_pos_table_list) + list(module.image_rel_pos_table_list):
                 table.weight.zero_()
 
@@ -452,50 +452,59 @@ class OFAPreTrainedModel(PreTrainedModel):
 # ---------------------------------------------------------------------------------------------
 
 
-class OFAEncoder(OFAPreTrainedModel):
-    def __init__(self, config: OFAConfig, embed_tokens: Optional[nn.Embedding] = None):
-        super().__init__(config)
+class OFAStack(OFAPreTrainedModel):
+    """What the encoder and decoder share: token embeddings, absolute positions and their
+    LayerNorms, and per-layer relative-position tables."""
+
+    def _init_stack(self, config: OFAConfig, num_heads: int, num_layers: int, embed_tokens):
         d = config.d_model
-        self.num_heads = config.encoder_attention_heads
+        self.num_heads = num_heads
         self.dropout = config.dropout
         self.padding_idx = config.pad_token_id
         self.embed_scale = math.sqrt(d) if config.scale_embedding else 1.0
         self.embed_tokens = embed_tokens if embed_tokens is not None else nn.Embedding(config.vocab_size, d, config.pad_token_id)
         self.layernorm_embedding = _layer_norm_or_none(config.layernorm_embedding, d)
-        self.type_embedding = nn.Embedding(2, d) if config.add_type_embedding else None
-        self.embed_images = OFAResNet(config.resnet_layers, drop_path_rate=config.resnet_drop_path_rate)
-        self.image_proj = nn.Linear(1024, d)
-        self.patch_layernorm_embedding = _layer_norm_or_none(config.patch_layernorm_embedding, d)
         self.embed_positions = nn.Embedding(config.max_position_embeddings + 2, d)
         self.embed_image_positions = nn.Embedding(config.image_bucket_size**2 + 1, d)
         self.pos_ln = nn.LayerNorm(d)
         self.image_pos_ln = nn.LayerNorm(d)
-        self.pos_scaling = float(d / self.num_heads * config.attn_scale_factor) ** -0.5
-        self.pos_q_linear = nn.Linear(d, d)
-        self.pos_k_linear = nn.Linear(d, d)
-        rates = [x.item() for x in torch.linspace(0, config.encoder_drop_path_rate, config.encoder_layers)]
-        self.layers = nn.ModuleList([OFAEncoderLayer(config, rates[i]) for i in range(config.encoder_layers)])
-        self.layer_norm = _layer_norm_or_none(config.encoder_normalize_before, d)
+        self.pos_scaling = float(d / num_heads * config.attn_scale_factor) ** -0.5
         self.token_rel_pos_table_list = nn.ModuleList(
-            [nn.Embedding(2 * config.token_bucket_size - 1, self.num_heads) for _ in range(config.encoder_layers)]
+            [nn.Embedding(2 * config.token_bucket_size - 1, num_heads) for _ in range(num_layers)]
         )
         self.image_rel_pos_table_list = nn.ModuleList(
-            [nn.Embedding(image_num_rel_dis(config.image_bucket_size), self.num_heads) for _ in range(config.encoder_layers)]
+            [nn.Embedding(image_num_rel_dis(config.image_bucket_size), num_heads) for _ in range(num_layers)]
         )
-        self.post_init()
 
     def token_rp_bucket(self, device) -> torch.Tensor:
         return _cached_buckets("token", self.config.token_bucket_size, self.config.max_position_embeddings, device)
-
-    def image_rp_bucket(self, device) -> torch.Tensor:
-        bucket = self.config.image_bucket_size
-        return _cached_buckets("image", bucket, image_num_rel_dis(bucket), device)
 
     def get_input_embeddings(self):
         return self.embed_tokens
 
     def set_input_embeddings(self, value):
         self.embed_tokens = value
+
+
+class OFAEncoder(OFAStack):
+    def __init__(self, config: OFAConfig, embed_tokens: Optional[nn.Embedding] = None):
+        super().__init__(config)
+        d = config.d_model
+        self._init_stack(config, config.encoder_attention_heads, config.encoder_layers, embed_tokens)
+        self.type_embedding = nn.Embedding(2, d) if config.add_type_embedding else None
+        self.embed_images = OFAResNet(config.resnet_layers, drop_path_rate=config.resnet_drop_path_rate)
+        self.image_proj = nn.Linear(1024, d)
+        self.patch_layernorm_embedding = _layer_norm_or_none(config.patch_layernorm_embedding, d)
+        self.pos_q_linear = nn.Linear(d, d)
+        self.pos_k_linear = nn.Linear(d, d)
+        rates = [x.item() for x in torch.linspace(0, config.encoder_drop_path_rate, config.encoder_layers)]
+        self.layers = nn.ModuleList([OFAEncoderLayer(config, rates[i]) for i in range(config.encoder_layers)])
+        self.layer_norm = _layer_norm_or_none(config.encoder_normalize_before, d)
+        self.post_init()
+
+    def image_rp_bucket(self, device) -> torch.Tensor:
+        bucket = self.config.image_bucket_size
+        return _cached_buckets("image", bucket, image_num_rel_dis(bucket), device)
 
     def _image_inputs(self, patch_images: torch.Tensor):
         image_embed = self.embed_images(patch_images)
@@ -616,23 +625,13 @@ class OFAEncoder(OFAPreTrainedModel):
 # ---------------------------------------------------------------------------------------------
 
 
-class OFADecoder(OFAPreTrainedModel):
+class OFADecoder(OFAStack):
     def __init__(self, config: OFAConfig, embed_tokens: Optional[nn.Embedding] = None):
         super().__init__(config)
         d = config.d_model
-        self.num_heads = config.decoder_attention_heads
-        self.dropout = config.dropout
-        self.padding_idx = config.pad_token_id
-        self.embed_scale = math.sqrt(d) if config.scale_embedding else 1.0
-        self.embed_tokens = embed_tokens if embed_tokens is not None else nn.Embedding(config.vocab_size, d, config.pad_token_id)
-        self.layernorm_embedding = _layer_norm_or_none(config.layernorm_embedding, d)
+        self._init_stack(config, config.decoder_attention_heads, config.decoder_layers, embed_tokens)
         # Used only when generating image codes; kept so every released weight has a home.
         self.code_layernorm_embedding = _layer_norm_or_none(config.code_layernorm_embedding, d)
-        self.embed_positions = nn.Embedding(config.max_position_embeddings + 2, d)
-        self.embed_image_positions = nn.Embedding(config.image_bucket_size**2 + 1, d)
-        self.pos_ln = nn.LayerNorm(d)
-        self.image_pos_ln = nn.LayerNorm(d)
-        self.pos_scaling = float(d / self.num_heads * config.attn_scale_factor) ** -0.5
         self.self_pos_q_linear = nn.Linear(d, d)
         self.self_pos_k_linear = nn.Linear(d, d)
         self.cross_pos_q_linear = nn.Linear(d, d)
@@ -641,22 +640,7 @@ class OFADecoder(OFAPreTrainedModel):
         self.layers = nn.ModuleList([OFADecoderLayer(config, rates[i]) for i in range(config.decoder_layers)])
         self.layer_norm = _layer_norm_or_none(config.decoder_normalize_before, d)
         self.output_projection = nn.Linear(d, config.vocab_size, bias=False)
-        self.token_rel_pos_table_list = nn.ModuleList(
-            [nn.Embedding(2 * config.token_bucket_size - 1, self.num_heads) for _ in range(config.decoder_layers)]
-        )
-        self.image_rel_pos_table_list = nn.ModuleList(
-            [nn.Embedding(image_num_rel_dis(config.image_bucket_size), self.num_heads) for _ in range(config.decoder_layers)]
-        )
         self.post_init()
-
-    def token_rp_bucket(self, device) -> torch.Tensor:
-        return _cached_buckets("token", self.config.token_bucket_size, self.config.max_position_embeddings, device)
-
-    def get_input_embeddings(self):
-        return self.embed_tokens
-
-    def set_input_embeddings(self, value):
-        self.embed_tokens = value
 
     def forward(
         self,
