@@ -4,12 +4,10 @@ __version__ = "0.1.0"
 
 
 def _register_auto_classes() -> None:
-    """Make ``AutoConfig``/``AutoModel*`` know ``model_type: ofa`` without trust_remote_code."""
-    try:
-        from .modeling import register
-    except ImportError:  # modeling not importable (e.g. partial checkout): nothing to register
-        return
-    register()
+    """Make ``AutoConfig``/``AutoModel*``/``AutoProcessor`` know ``model_type: ofa`` without trust_remote_code."""
+    from .modeling.register import register_lazily
+
+    register_lazily()
 
 
 _register_auto_classes()

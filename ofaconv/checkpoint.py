@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import hashlib
 import logging
 import math
 import os
@@ -26,6 +25,7 @@ from pathlib import Path
 import torch
 
 from . import layout, variants
+from .digest import file_sha256
 from .errors import CheckpointError
 from .reference import buckets
 
@@ -112,8 +112,7 @@ class FairseqCheckpoint:
     def sha256(self) -> str:
         """sha256 of the file, streamed on first use and cached."""
         if self._sha256 is None:
-            with open(self.path, "rb") as f:
-                self._sha256 = hashlib.file_digest(f, "sha256").hexdigest()
+            self._sha256 = file_sha256(self.path)
         return self._sha256
 
     def flags(self) -> dict:

@@ -11,21 +11,32 @@ import sys
 
 from .errors import OfaconvError
 
-# Modules that register sub-commands, in the order they appear in --help.
-COMMAND_MODULES = [
-    "ofaconv.convert",
-    "ofaconv.inspect",
-    "ofaconv.verify",
-    "ofaconv.synth",
-    "ofaconv.caption",
-    "ofaconv.hub.push",
-    "ofaconv.hub.upgrade",
-    "ofaconv.finetune.cli",
-    "ofaconv.clip.cli",
-]
+# Sub-command -> the module whose ``add_parser`` registers it, in the order of --help. Only the
+# module of the command being run is imported: the others pull in transformers' model, trainer and
+# image machinery, seconds of start-up that e.g. ``ofaconv convert`` never needs.
+COMMANDS = {
+    "convert": "ofaconv.convert",
+    "inspect": "ofaconv.inspect",
+    "verify": "ofaconv.verify",
+    "synth": "ofaconv.synth",
+    "caption": "ofaconv.caption",
+    "push": "ofaconv.hub.push",
+    "upgrade": "ofaconv.hub.upgrade",
+    "finetune": "ofaconv.finetune.cli",
+    "clip": "ofaconv.clip.cli",
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _command(argv: list[str]) -> str | None:
+    """The sub-command named by ``argv``, or None when the full parser is needed (help, errors)."""
+    for arg in argv:
+        if arg.startswith("-"):
+            return None
+        return arg if arg in COMMANDS else None
+    return None
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ofaconv",
         description="Convert fairseq OFA checkpoints to Hugging Face transformers and prove parity.",
@@ -34,19 +45,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser.add_argument("--version", action="version", version=f"ofaconv {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name == name:  # not written yet in this checkout
-                continue
-            raise
-        module.add_parser(sub)
+    for name, module in COMMANDS.items():
+        if command is None or name == command:
+            importlib.import_module(module).add_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(_command(argv))
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()

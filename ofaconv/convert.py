@@ -12,7 +12,6 @@ Invariants:
 
 from __future__ import annotations
 
-import concurrent.futures
 import functools
 import json
 import shutil
@@ -22,24 +21,25 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-import torch
-
 from . import __version__
-from .checkpoint import detect_variant, infer_config, load_checkpoint, read_flags, release_pages
+from .digest import BackgroundSha256
 from .errors import CheckpointError, OfaconvError
 from .keymap import KeyMap
 from .variants import family_info, get_variant
-from .writer import write_shards
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# torch, transformers and the checkpoint reader are imported where used: the CLI starts hashing
+# the source (the longest job of a conversion) before paying for those imports.
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}  # --dtype -> torch dtype name
 DEFAULT_KEYMAP = "ofa_fairseq"
 # Files copied next to the weights so the folder works with trust_remote_code and no ofaconv.
 REMOTE_CODE_FILES = [
     "configuration_ofa.py",
+    "buckets_ofa.py",
     "modeling_ofa.py",
     "generation_ofa.py",
     "image_processing_ofa.py",
     "processing_ofa.py",
+    "tokenization_ofa.py",
 ]
 # fairseq flags the model does not implement: refuse rather than convert something that differs.
 UNSUPPORTED_FLAGS = {
@@ -122,7 +122,9 @@ def keymap_counts(shape: dict) -> dict:
 
 def check_derived(plan, state: dict, config, path) -> list[dict]:
     """The rp-bucket tables and image_position_idx are recomputed by the model: compare once."""
-    from .modeling.modeling_ofa import image_num_rel_dis, make_image_bucket_position, make_token_bucket_position
+    import torch
+
+    from .modeling.buckets_ofa import image_num_rel_dis, make_image_bucket_position, make_token_bucket_position
     from .reference.buckets import make_image_position_idx
 
     expected = {
@@ -131,6 +133,7 @@ def check_derived(plan, state: dict, config, path) -> list[dict]:
             config.image_bucket_size, image_num_rel_dis(config.image_bucket_size)
         ),
     }
+    tables = {}  # each table is built once, for the encoder's and the decoder's copy
     results = []
     for target, source in plan.derived.items():
         tensor = state[source]
@@ -140,7 +143,9 @@ def check_derived(plan, state: dict, config, path) -> list[dict]:
             candidates = [make_image_position_idx(config.image_bucket_size, length=n) for n in (1025, 1026)]
             ok = any(c.shape == tensor.shape and torch.equal(c, tensor) for c in candidates)
         else:
-            ok = torch.equal(expected[name]().to(tensor.dtype), tensor)
+            if name not in tables:
+                tables[name] = expected[name]()
+            ok = torch.equal(tables[name].to(tensor.dtype), tensor)
         results.append({"key": source, "equal": ok})
         if not ok:
             raise CheckpointError("derived table differs from the one ofaconv recomputes", path=path, key=source)
@@ -148,8 +153,12 @@ def check_derived(plan, state: dict, config, path) -> list[dict]:
 
 
 def check_tied(plan, state: dict, path) -> None:
+    import torch
+
     for alias, canonical in plan.tied_sources.items():
         a, c = state[alias], state[canonical]
+        if a.shape == c.shape and a.dtype == c.dtype and a.stride() == c.stride() and a.data_ptr() == c.data_ptr():
+            continue  # one storage, as torch.save writes a tied parameter: nothing to read
         if a.shape != c.shape or not torch.equal(a, c):
             raise CheckpointError(f"tied alias differs from '{canonical}'", path=path, key=alias)
 
@@ -171,6 +180,7 @@ def _copy_remote_code(folder: Path) -> None:
 
 
 def _versions() -> dict:
+    import torch
     import transformers
 
     return {
@@ -182,7 +192,7 @@ def _versions() -> dict:
 
 
 def _write_generation_config(folder: Path, family: str | None, variant: str | None, config) -> None:
-    from .modeling.generation_ofa import build_generation_config
+    from .modeling.configuration_ofa import build_generation_config
 
     settings = dict(family_info(family)["generation"]) if family else {}
     if variant:
@@ -196,11 +206,26 @@ def convert_checkpoint(
     *,
     force: bool = False,
     ema: bool = False,
+    source_sha256=None,
     **options,
 ) -> ConversionResult:
-    """Convert the fairseq checkpoint ``src`` into the folder ``out_dir`` (see ``convert_loaded``)."""
+    """Convert the fairseq checkpoint ``src`` into the folder ``out_dir`` (see ``convert_loaded``).
+
+    ``source_sha256`` may be a ``BackgroundSha256`` of the file already running (the CLI starts
+    it first thing); otherwise hashing starts here, before the checkpoint is opened.
+    """
     _check_output(out_dir, force)
-    return convert_loaded(load_checkpoint(src, ema=ema), out_dir, force=force, **options)
+    if source_sha256 is None and Path(src).is_file():
+        source_sha256 = BackgroundSha256(src)
+    try:
+        from .checkpoint import load_checkpoint
+
+        ckpt = load_checkpoint(src, ema=ema)
+    except BaseException:
+        if source_sha256 is not None:
+            source_sha256.cancel()
+        raise
+    return convert_loaded(ckpt, out_dir, force=force, source_sha256=source_sha256, **options)
 
 
 def _check_output(out_dir, force: bool) -> None:
@@ -222,8 +247,46 @@ def convert_loaded(
     license: str = "apache-2.0",
     progress: bool = False,
     kind: str = "conversion",
+    source_sha256=None,
 ) -> ConversionResult:
-    """Write the folder for an already opened checkpoint (fairseq names, ``FairseqCheckpoint``)."""
+    """Write the folder for an already opened checkpoint (fairseq names, ``FairseqCheckpoint``).
+
+    ``source_sha256``: a ``BackgroundSha256`` of the source file if the caller started one.
+    """
+    if source_sha256 is None:
+        # The source hash reads the whole file (optimizer state included, never unpickled), the
+        # longest single job of a conversion: it runs on a worker thread beside everything else.
+        source_sha256 = BackgroundSha256(ckpt.path)
+    try:
+        return _convert(ckpt, out_dir, source_sha256=source_sha256, force=force, dtype=dtype,
+                        max_shard_size=max_shard_size, keymap=keymap, tokenizer=tokenizer, prompt=prompt,
+                        verify=verify, license=license, progress=progress, kind=kind)
+    except BaseException:
+        source_sha256.cancel()
+        raise
+
+
+def _convert(
+    ckpt,
+    out_dir,
+    *,
+    source_sha256,
+    force: bool,
+    dtype: str,
+    max_shard_size,
+    keymap: str,
+    tokenizer: str | None,
+    prompt: str | None,
+    verify: bool,
+    license: str,
+    progress: bool,
+    kind: str,
+) -> ConversionResult:
+    import torch
+
+    from .checkpoint import detect_variant, infer_config, read_flags, release_pages
+    from .writer import write_shards
+
     src, out_dir = Path(ckpt.path), Path(out_dir)
     if dtype not in DTYPES:
         raise OfaconvError(f"unknown dtype {dtype!r} (choose from {', '.join(DTYPES)})")
@@ -238,11 +301,6 @@ def convert_loaded(
     config = build_config(shape, flags)
     km = KeyMap.load(keymap)
     plan = km.plan(state, keymap_counts(shape), source_path=src)
-    # The source hash reads the whole file (optimizer state included, never unpickled): overlap
-    # that I/O with the conversion instead of paying for it up front.
-    hashing = concurrent.futures.ThreadPoolExecutor(max_workers=1)
-    source_sha256 = hashing.submit(lambda: ckpt.sha256)
-    hashing.shutdown(wait=False)
     check_tied(plan, state, src)
     derived = check_derived(plan, state, config, src)
     if ckpt.mmapped:
@@ -252,7 +310,14 @@ def convert_loaded(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     try:
-        target_dtype = DTYPES[dtype]
+        target_dtype = getattr(torch, DTYPES[dtype])
+        # The small files first: their Python work overlaps the source hash instead of trailing
+        # after the weights on one core.
+        config.dtype = target_dtype
+        config.save_pretrained(tmp)
+        _copy_remote_code(tmp)
+        _write_generation_config(tmp, family, variant, config)
+        processing_note = _save_processing(tmp, family, config.patch_image_size, tokenizer, prompt)
 
         sources = dict(plan.entries)
         items = [
@@ -265,11 +330,6 @@ def convert_loaded(
             source_path=src, progress=progress,
             written=(lambda name: release_pages(state[sources[name]])) if ckpt.mmapped else None,
         )
-        config.dtype = target_dtype
-        config.save_pretrained(tmp)
-        _copy_remote_code(tmp)
-        _write_generation_config(tmp, family, variant, config)
-        processing_note = _save_processing(tmp, family, config.patch_image_size, tokenizer, prompt)
 
         report = {
             "schema": "ofaconv/report@1",
@@ -353,6 +413,9 @@ SYNTH_PREFIX = "synth:"
 
 def _run(args) -> int:
     source = args.checkpoint
+    source_sha256 = None
+    if not source.startswith(SYNTH_PREFIX) and Path(source).is_file():
+        source_sha256 = BackgroundSha256(source)  # before torch is even imported
     if source.startswith(SYNTH_PREFIX):
         # The embedded default: a micro synthetic checkpoint of a released variant, in the exact
         # trainer format, written to a temporary file and converted like any other.
@@ -376,6 +439,7 @@ def _run(args) -> int:
         verify=args.verify,
         license=args.license,
         progress=sys.stderr.isatty(),
+        source_sha256=source_sha256,
     )
     report = result.report
     print(f"wrote {result.out_dir} (variant {report['variant'] or 'unknown'}, {report['dtype']}, "

@@ -27,7 +27,7 @@ from pathlib import Path
 import yaml
 
 from .errors import OfaconvError
-from .modeling.processing_ofa import CJK_CHARACTERS, decode_caption, decode_captions
+from .modeling.tokenization_ofa import CJK_CHARACTERS, decode_caption, decode_captions
 
 FAMILIES = ("en", "cn")
 SPECIAL_TOKENS = ("<s>", "<pad>", "</s>", "<unk>")
@@ -309,7 +309,7 @@ def read_vocabulary(family: str, source=None) -> tuple[list[str], list | None]:
 
 
 def _cjk_space_regex() -> str:
-    # Same rule as processing_ofa.join_cjk_spaces, for the tokenizer.json decoder (Oniguruma).
+    # Same rule as tokenization_ofa.join_cjk_spaces, for the tokenizer.json decoder (Oniguruma).
     return f"(?<=[{CJK_CHARACTERS}]) +| +(?=[{CJK_CHARACTERS}])"
 
 
@@ -411,62 +411,91 @@ def _check_layout(tokenizer, family: str) -> None:
         raise OfaconvError(f"{family} tokenizer layout is off: {got} (size {len(tokenizer)}), expected {expected}")
 
 
-def save_tokenizer(tokenizer, folder) -> None:
-    """`save_pretrained` plus a `tokenizer_class` every transformers release resolves."""
+def save_tokenizer(tokenizer, folder, processor_class: str | None = None) -> None:
+    """`save_pretrained` plus a `tokenizer_class` every transformers release resolves (and the
+    `processor_class` a processor's `save_pretrained` records)."""
     folder = Path(folder)
     tokenizer.save_pretrained(folder)
     config_path = folder / "tokenizer_config.json"
     config = json.loads(config_path.read_text(encoding="utf-8"))
     # transformers 5 writes "TokenizersBackend"; 4.x only knows the old name of the same class.
     config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    if processor_class is not None:
+        config["processor_class"] = processor_class
     config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def save_processing(folder, family: str, image_size: int, tokenizer_source=None, prompt: str | None = None):
+# The processing files of a converted folder, written as the classes' own ``save_pretrained`` would
+# write them (tests/test_image_processing.py holds the two equal): building OFAImageProcessor and
+# OFAProcessor here would import transformers' image and processor machinery (and torchvision),
+# seconds that ``ofaconv convert`` otherwise never pays.
+IMAGE_PROCESSOR_AUTO_MAP = {
+    "AutoImageProcessor": "image_processing_ofa.OFAImageProcessor",
+    "AutoProcessor": "processing_ofa.OFAProcessor",
+}
+PROCESSOR_AUTO_MAP = {"AutoProcessor": "processing_ofa.OFAProcessor"}
+PROCESSING_CODE = ("image_processing_ofa.py", "processing_ofa.py", "tokenization_ofa.py")
+
+
+def image_processor_dict(image_size: int) -> dict:
+    """``preprocessor_config.json``: fairseq's caption transform (bicubic resize, mean = std = 0.5)."""
+    return {
+        "auto_map": dict(IMAGE_PROCESSOR_AUTO_MAP),
+        "image_mean": [0.5, 0.5, 0.5],
+        "image_processor_type": "OFAImageProcessor",
+        "image_std": [0.5, 0.5, 0.5],
+        "resample": 3,  # PIL.Image.BICUBIC
+        "size": {"height": int(image_size), "width": int(image_size)},
+    }
+
+
+def processor_dict(family: str, image_size: int, prompt: str) -> dict:
+    """``processor_config.json``: the caption prompt and family, with the image processor nested."""
+    return {
+        "auto_map": dict(PROCESSOR_AUTO_MAP),
+        "family": family,
+        "image_processor": image_processor_dict(image_size),
+        "processor_class": "OFAProcessor",
+        "prompt": prompt,
+    }
+
+
+def _json_file(data: dict) -> str:
+    return json.dumps(data, indent=2, sort_keys=True) + "\n"
+
+
+def save_processing(folder, family: str, image_size: int, tokenizer_source=None, prompt: str | None = None) -> None:
     """Write the tokenizer, image processor and processor of an OFA checkpoint into `folder`.
 
-    Also copies `image_processing_ofa.py` and `processing_ofa.py` there and names them in
+    Also copies `image_processing_ofa.py`, `processing_ofa.py` and `tokenization_ofa.py` there and names them in
     `auto_map`, so `AutoProcessor.from_pretrained(folder, trust_remote_code=True)` works without
     ofaconv. `prompt` defaults to the family's fairseq caption prompt (mappings/variants.yaml).
     Files are written to a temporary sibling folder first and moved in when all are complete.
-    Returns the processor.
     """
     import os
     import shutil
     import tempfile
 
-    from .modeling import image_processing_ofa, processing_ofa
-
     _check_family(family)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    image_processor = image_processing_ofa.OFAImageProcessor(size=int(image_size))
-    image_processor.auto_map = {
-        "AutoImageProcessor": "image_processing_ofa.OFAImageProcessor",
-        "AutoProcessor": "processing_ofa.OFAProcessor",
-    }
-    processor = processing_ofa.OFAProcessor(
-        image_processor,
-        build_tokenizer(family, tokenizer_source),
-        prompt=prompt if prompt is not None else _families()[family]["prompt"],
-        family=family,
-    )
-    processor.auto_map = {"AutoProcessor": "processing_ofa.OFAProcessor"}
-
+    prompt = prompt if prompt is not None else _families()[family]["prompt"]
+    tokenizer = build_tokenizer(family, tokenizer_source)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.processing-", dir=folder.parent))
     try:
-        processor.save_pretrained(staging)
-        image_processor.save_pretrained(staging)
-        save_tokenizer(processor.tokenizer, staging)
-        for module in (image_processing_ofa, processing_ofa):
-            shutil.copyfile(module.__file__, staging / Path(module.__file__).name)
+        (staging / "preprocessor_config.json").write_text(_json_file(image_processor_dict(image_size)), encoding="utf-8")
+        (staging / "processor_config.json").write_text(_json_file(processor_dict(family, image_size, prompt)),
+                                                       encoding="utf-8")
+        save_tokenizer(tokenizer, staging, processor_class="OFAProcessor")
+        code = files("ofaconv.modeling")
+        for name in PROCESSING_CODE:
+            (staging / name).write_bytes(code.joinpath(name).read_bytes())
         for path in sorted(staging.iterdir()):
             os.replace(path, folder / path.name)
     except OSError as exc:
         raise OfaconvError(f"cannot write the processing files ({exc})", path=folder) from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return processor
 
 
 __all__ = [

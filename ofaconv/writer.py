@@ -3,8 +3,9 @@
 Invariants:
 - shard membership, file names and every header are fixed from the items' shapes and dtypes before
   any tensor is read (greedy in item order, like ``huggingface_hub``'s splitter, but never reordered);
-- each tensor comes from its thunk, is cast, written, hashed and released before the next thunk
-  runs, so peak memory is about one tensor plus its cast copy, never a shard;
+- each tensor comes from its thunk and is copied (cast) chunk by chunk through two reusable staging
+  buffers, checked, written and hashed (on a worker thread) before the next thunk runs, so peak
+  memory is two chunks plus what the thunk maps, never a tensor copy or a shard;
 - identical input gives byte-identical files: fixed header order and metadata, no timestamps;
 - files appear under their final names only when complete (written as hidden ``.partial`` siblings)
   and a failure removes whatever this call wrote.
@@ -15,8 +16,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -41,6 +42,7 @@ SAFETENSORS_DTYPES = {
 }  # fmt: skip
 
 Item = tuple[str, Sequence[int], torch.dtype, Callable[[], torch.Tensor]]
+CHUNK_BYTES = 64 * 2**20  # staging buffer size: memory is two of these, whatever the tensor size
 
 
 @dataclass
@@ -123,7 +125,7 @@ def _all_finite(tensor: torch.Tensor) -> bool:
     return all(bool(torch.isfinite(chunk.sum(dtype=torch.float64))) for chunk in flat.split(1 << 20))
 
 
-def _materialize(t: _Planned, check_finite: bool, source_path) -> torch.Tensor:
+def _source(t: _Planned, source_path) -> torch.Tensor:
     tensor = t.thunk()
     if not isinstance(tensor, torch.Tensor):
         raise OfaconvError(f"expected a tensor, got {type(tensor).__name__}", path=source_path, key=t.name)
@@ -132,31 +134,76 @@ def _materialize(t: _Planned, check_finite: bool, source_path) -> torch.Tensor:
             f"tensor is {tuple(tensor.shape)} {tensor.dtype}, the plan said {t.shape} {t.source_dtype}",
             path=source_path, key=t.name,
         )  # fmt: skip
-    out = tensor.detach().to(device="cpu", dtype=t.dtype).contiguous()
-    if check_finite and out.is_floating_point() and not _all_finite(out):
-        if out.dtype != tensor.dtype and _all_finite(tensor):
-            message = f"tensor overflows {str(t.dtype).removeprefix('torch.')} (finite in {str(t.source_dtype).removeprefix('torch.')})"
-        else:
-            message = "tensor holds NaN or Inf values"
-        raise OfaconvError(message, path=source_path, key=t.name)
-    return out
+    return tensor.detach().reshape(-1)
 
 
-def _write_file(path: Path, header: bytes, order: list[_Planned], check_finite, source_path, bar, written) -> dict:
+class _Staging:
+    """Two reusable buffers: chunk i is hashed on a worker thread while chunk i+1 is filled and written.
+
+    Filling a buffer with ``copy_`` reads a memory-mapped source much faster than computing on its
+    pages directly, casts on the way, and keeps memory at two chunks whatever the tensor size.
+    Hashing releases the GIL, so on two cores it costs no wall time; updates run in submission order.
+    """
+
+    def __init__(self, chunk_bytes: int):
+        self.buffers = [torch.empty(chunk_bytes, dtype=torch.uint8) for _ in range(2)]
+        self.pending = [None, None]
+        self.turn = 0
+        self.hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ofaconv-hash")
+
+    def next(self) -> torch.Tensor:
+        self.turn ^= 1
+        if self.pending[self.turn] is not None:
+            self.pending[self.turn].result()  # that buffer's hash is done: it may be refilled
+        return self.buffers[self.turn]
+
+    def hash(self, digest, data) -> None:
+        self.pending[self.turn] = self.hasher.submit(digest.update, data)
+
+    def drain(self) -> None:
+        for i, future in enumerate(self.pending):
+            if future is not None:
+                future.result()
+            self.pending[i] = None
+
+    def close(self) -> None:
+        self.hasher.shutdown(wait=True)
+
+
+def _write_tensor(f, t: _Planned, digest, staging: _Staging, check_finite: bool, source_path) -> None:
+    flat = _source(t, source_path)
+    per_chunk = staging.buffers[0].numel() // t.dtype.itemsize
+    for start in range(0, flat.numel(), per_chunk):
+        src = flat[start : start + per_chunk]
+        out = staging.next()[: src.numel() * t.dtype.itemsize].view(t.dtype)
+        out.copy_(src)  # the cast, if any, happens here
+        if check_finite and out.is_floating_point() and not _all_finite(out):
+            if out.dtype != src.dtype and _all_finite(src):
+                message = (f"tensor overflows {str(t.dtype).removeprefix('torch.')} "
+                           f"(finite in {str(t.source_dtype).removeprefix('torch.')})")
+            else:
+                message = "tensor holds NaN or Inf values"
+            raise OfaconvError(message, path=source_path, key=t.name)
+        data = memoryview(out.view(torch.uint8).numpy())
+        staging.hash(digest, data)
+        f.write(data)
+
+
+def _write_file(path: Path, header: bytes, order: list[_Planned], check_finite, source_path, bar, written,
+                staging: _Staging) -> dict:
+    # No fsync, like save_pretrained: the rename makes a complete file appear at once, durability
+    # across a power cut is the file system's business (fsync cost ~10% of a conversion).
     digest = hashlib.sha256(header)
-    with open(path, "wb") as f:
-        f.write(header)
-        for t in order:
-            out = _materialize(t, check_finite, source_path)
-            data = memoryview(out.reshape(-1).view(torch.uint8).numpy())
-            f.write(data)
-            digest.update(data)
-            del out, data  # released before the next thunk runs
-            if written is not None:
-                written(t.name)
-            bar.update(t.nbytes)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(path, "wb") as f:
+            f.write(header)
+            for t in order:
+                _write_tensor(f, t, digest, staging, check_finite, source_path)
+                if written is not None:
+                    written(t.name)  # its bytes are all copied out of the source
+                bar.update(t.nbytes)
+    finally:
+        staging.drain()
     return {"sha256": digest.hexdigest(), "size": path.stat().st_size}
 
 
@@ -176,8 +223,9 @@ def write_shards(
     ``dtype`` (``"fp32"``, ``"fp16"``, ``"bf16"`` or a torch dtype) casts floating tensors at write
     time; integer buffers keep theirs. ``check_finite`` refuses NaN/Inf (also infinities made by the
     cast), naming the key and ``source_path``. ``written(name)`` is called once a tensor's bytes
-    are on disk (the converter drops the source's memory-mapped pages there). ``out_dir`` should be fresh: same-named files are
-    replaced, stale shards of another split are not removed.
+    are all copied out of its source (the converter drops the source's memory-mapped pages there).
+    ``out_dir`` should be fresh: same-named files are replaced, stale shards of another split are
+    not removed.
     """
     from tqdm.auto import tqdm
 
@@ -189,13 +237,20 @@ def write_shards(
     out_dir.mkdir(parents=True, exist_ok=True)
     total = sum(t.nbytes for shard in shards for t in shard)
     result = WriteResult({}, None, total)
+    largest = max(t.nbytes for shard in shards for t in shard)
+    staging = _Staging(max(8, min(CHUNK_BYTES, -(-largest // 8) * 8)))
     partial = None
+    # Copies and sums here are memory-bound; torch's OpenMP workers would spin after each one and
+    # starve the hashing threads (the converter also hashes the source) of the other core.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     try:
         with tqdm(total=total, unit="B", unit_scale=True, desc="Writing", disable=not progress) as bar:
             for name, shard in zip(names, shards):
                 header, order = _layout(shard)
                 partial = out_dir / f".{name}.partial"
-                result.files[name] = _write_file(partial, header, order, check_finite, source_path, bar, written)
+                result.files[name] = _write_file(partial, header, order, check_finite, source_path, bar, written,
+                                                 staging)
                 partial.replace(out_dir / name)
                 partial = None
         if len(shards) > 1:
@@ -214,4 +269,7 @@ def write_shards(
             if path is not None:
                 path.unlink(missing_ok=True)
         raise
+    finally:
+        staging.close()
+        torch.set_num_threads(threads)
     return result

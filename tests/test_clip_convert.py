@@ -18,7 +18,7 @@ from safetensors import safe_open
 from ofaconv.clip import synth
 from ofaconv.clip import keymap
 from ofaconv.clip.convert import convert, detect_source
-from ofaconv.errors import CheckpointError, KeyMapError, OfaconvError, VerificationError
+from ofaconv.errors import CheckpointError, KeyMapError, VerificationError
 from ofaconv.keymap import KeyMap
 
 convert_mod = importlib.import_module("ofaconv.clip.convert")  # the package re-exports a function named convert

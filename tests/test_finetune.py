@@ -14,8 +14,6 @@ import pytest
 import torch
 from PIL import Image
 
-from ofaconv.errors import OfaconvError
-from ofaconv.finetune import recipe as recipe_mod
 from ofaconv.finetune.batching import IGNORE_INDEX, CaptionCollator, CaptionDataset, CaptionSampler, tokenize_targets
 from ofaconv.finetune.data import (
     DataError,

@@ -200,7 +200,7 @@ def test_save_processing_files(folders, family):
     folder = folders[family]
     names = set(os.listdir(folder))
     assert {"tokenizer.json", "tokenizer_config.json", "preprocessor_config.json", "processor_config.json",
-            "image_processing_ofa.py", "processing_ofa.py"} <= names
+            "image_processing_ofa.py", "processing_ofa.py", "tokenization_ofa.py"} <= names
     assert not [n for n in os.listdir(folder.parent) if n.startswith(".")]  # staging folder removed
     pre = json.loads((folder / "preprocessor_config.json").read_text())
     assert pre["image_processor_type"] == "OFAImageProcessor"
@@ -211,6 +211,27 @@ def test_save_processing_files(folders, family):
     assert proc["processor_class"] == "OFAProcessor" and proc["auto_map"] == {"AutoProcessor": "processing_ofa.OFAProcessor"}
     assert proc["family"] == family
     assert proc["prompt"] == {"en": " what does the image describe?", "cn": "图片描述了什么内容?"}[family]
+
+
+@pytest.mark.parametrize("family", ["en", "cn"])
+def test_saved_processing_files_are_what_the_classes_write(folders, family, tmp_path):
+    """save_processing writes the JSON without building the classes (a converter start-up cost):
+    the files must be byte-identical to the classes' own save_pretrained output."""
+    folder = folders[family]
+    processor = OFAProcessor.from_pretrained(folder)
+    processor.auto_map = {"AutoProcessor": "processing_ofa.OFAProcessor"}
+    processor.image_processor.auto_map = {"AutoImageProcessor": "image_processing_ofa.OFAImageProcessor",
+                                          "AutoProcessor": "processing_ofa.OFAProcessor"}
+    processor.save_pretrained(tmp_path)
+    processor.image_processor.save_pretrained(tmp_path)
+    for name in ("preprocessor_config.json", "processor_config.json"):
+        assert (tmp_path / name).read_text(encoding="utf-8") == (folder / name).read_text(encoding="utf-8"), name
+    fresh = OFAImageProcessor(size={"en": 64, "cn": 48}[family]).to_dict()
+    saved = json.loads((folder / "preprocessor_config.json").read_text())
+    assert {k: v for k, v in saved.items() if k != "auto_map"} == fresh  # the class defaults, nothing else
+    ours = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+    theirs = json.loads((tmp_path / "tokenizer_config.json").read_text(encoding="utf-8"))
+    assert ours["processor_class"] == theirs["processor_class"] == "OFAProcessor"
 
 
 @pytest.mark.parametrize("family", ["en", "cn"])

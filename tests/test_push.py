@@ -24,7 +24,7 @@ ROUTES = ["create", "validate_yaml", "preupload", "commit"]
 @pytest.fixture(autouse=True)
 def _only_push_command(monkeypatch):
     # Drive the real CLI entry point, independent of the other sub-commands' state.
-    monkeypatch.setattr(cli, "COMMAND_MODULES", ["ofaconv.hub.push"])
+    monkeypatch.setattr(cli, "COMMANDS", {"push": "ofaconv.hub.push"})
 
 
 @pytest.fixture

@@ -46,8 +46,17 @@ def file_sha(path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+@pytest.fixture(params=[None, 24], ids=["one-chunk", "24-byte-chunks"])
+def chunk(request, monkeypatch):
+    """Tensors go through staging buffers chunk by chunk; tiny chunks split every tensor (and
+    leave a short last chunk) so the chunk seams are exercised."""
+    if request.param is not None:
+        monkeypatch.setattr("ofaconv.writer.CHUNK_BYTES", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("dtype", [None, "fp32", "fp16", "bf16"])
-def test_round_trip(tmp_path, dtype):
+def test_round_trip(tmp_path, dtype, chunk):
     state = sample()
     result = write_shards(tmp_path, items_of(state), dtype=dtype)
     assert result.index is None and list(result.files) == ["model.safetensors"]
@@ -154,8 +163,8 @@ def test_thunks_follow_layout_order_within_a_shard(tmp_path):
         (1e6, "fp16", "tensor overflows float16 (finite in float32)"),
     ],
 )
-def test_non_finite_is_refused_with_key_and_path(tmp_path, value, dtype, message):
-    state = {"ok": torch.ones(4), "encoder.layers.3.fc2.weight": torch.tensor([1.0, value])}
+def test_non_finite_is_refused_with_key_and_path(tmp_path, value, dtype, message, chunk):
+    state = {"ok": torch.ones(4), "encoder.layers.3.fc2.weight": torch.tensor([1.0] * 9 + [value])}
     with pytest.raises(OfaconvError) as info:
         write_shards(tmp_path, items_of(state), dtype=dtype, source_path="ckpt.pt")
     assert str(info.value) == f"ckpt.pt: key 'encoder.layers.3.fc2.weight': {message}"

@@ -4,7 +4,6 @@ CLIP text projection, plus a sentence-transformers layout; checked by loading it
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import torch
 from safetensors.torch import load_file

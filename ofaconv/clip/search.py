@@ -9,11 +9,10 @@ import json
 import os
 from pathlib import Path
 
-import torch
 
 from ..errors import OfaconvError
 from ..featcache import FeatureCache
-from .data import DataStats, ImageStore, list_image_folder
+from .data import DataStats, ImageStore
 from .towers import ClipTowers
 
 __all__ = ["build_index", "query_index"]

@@ -14,9 +14,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import math
 import os
-import random
 from dataclasses import dataclass
 from pathlib import Path
 

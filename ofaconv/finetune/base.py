@@ -121,7 +121,7 @@ def config_from_init(init) -> tuple[dict, str, str]:
 def init_random_folder(init, folder: str | os.PathLike) -> Path:
     """Write a randomly initialised model in the converted-folder format (idempotent per settings)."""
     from ..modeling import OFAConfig, OFAForConditionalGeneration
-    from ..modeling.generation_ofa import build_generation_config
+    from ..modeling.configuration_ofa import build_generation_config
     from ..tokenization import save_processing
     from ..variants import family_info
 

@@ -37,7 +37,7 @@ __all__ = ["CaptionTrainer", "EngineSetup", "generate_captions"]
 def generate_captions(model, encoder_outputs, prompt_ids: torch.Tensor, tokenizer, family: str,
                       generation: dict) -> list[str]:
     """Captions from encoder outputs with the model's fairseq-exact search (one place to switch)."""
-    from ..modeling.processing_ofa import decode_captions
+    from ..modeling.tokenization_ofa import decode_captions
 
     bsz = encoder_outputs.last_hidden_state.shape[0]
     input_ids = prompt_ids.to(encoder_outputs.last_hidden_state.device).unsqueeze(0).expand(bsz, -1)

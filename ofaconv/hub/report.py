@@ -25,12 +25,12 @@ Schema ``ofaconv/report@1`` (keys this module relies on are marked *)::
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
 
+from ..digest import file_sha256
 from ..errors import OfaconvError
 
 REPORT_NAME = "conversion_report.json"
@@ -40,16 +40,10 @@ KINDS = ("conversion", "finetune", "upgrade")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
 INDEX_SUFFIXES = (".safetensors.index.json", ".bin.index.json")
 
-_CHUNK = 8 * 1024 * 1024
-
 
 def file_digest(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file, read in chunks (shards are gigabytes)."""
-    sha = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            sha.update(chunk)
-    return sha.hexdigest()
+    """Hex sha256 of a file (shards are gigabytes: hashed in chunks)."""
+    return file_sha256(path)
 
 
 def file_entry(path: str | os.PathLike) -> dict:
