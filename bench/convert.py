@@ -1,12 +1,13 @@
 """Conversion cost: ofaconv vs the naive converter vs the I/O floor, measured in one run.
 
 Each approach runs in its own child process on the same synthetic checkpoint in the exact OFA
-trainer format (with optimizer state); wall time and peak RSS (``wait4`` rusage of that child)
-are recorded, medians over --repeat runs after one warm-up, with the page cache primed before
-each run. Approaches:
+trainer format (with optimizer state); wall time, CPU time and peak RSS (``wait4`` rusage of that
+child) are recorded, medians over --repeat runs after one warm-up, with the page cache primed and
+every approach's output deleted before each run (see ``measure``). Approaches:
   naive   what OFA-Compress's converter does: torch.load everything, rename, save (safetensors)
   floor   the I/O floor: read each weight's bytes once and write them once
-  ofaconv ``ofaconv convert`` (no --verify)
+  ofaconv ``ofaconv convert`` (no --verify): also sha256 of the whole source (optimizer state
+          included) and of every file written, for the report
 
   python bench/convert.py --smoke            # micro checkpoint, seconds (CI)
   python bench/convert.py --variants ofa-base,ofa-large
@@ -69,7 +70,8 @@ with open(out, "wb") as f:
 """
 
 
-def run_child(argv: list[str]) -> tuple[float, int]:
+def run_child(argv: list[str]) -> tuple[float, int, float]:
+    """Wall seconds, peak RSS bytes and CPU seconds (user + system) of one child process."""
     start = time.perf_counter()
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(proc.pid, 0)
@@ -78,7 +80,7 @@ def run_child(argv: list[str]) -> tuple[float, int]:
     proc.stderr.close()
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"child failed: {' '.join(argv)}\n{err}")
-    return wall, usage.ru_maxrss * 1024
+    return wall, usage.ru_maxrss * 1024, usage.ru_utime + usage.ru_stime
 
 
 def prime(path: Path) -> None:
@@ -93,24 +95,51 @@ def approaches(src: Path, work: Path) -> dict[str, list[str]]:
         "naive": [py, "-c", NAIVE, str(src), str(work / "naive.safetensors")],
         "floor": [py, "-c", FLOOR, str(src), str(work / "floor.bin")],
         "ofaconv": [py, "-m", "ofaconv", "convert", str(src), str(work / "ofaconv_out"), "--force"],
-        # fixed start-up costs, to split each wall time into start-up and streaming
+        # the fixed start-up cost every approach pays
         "startup:torch": [py, "-c", "import torch, numpy"],
-        "startup:ofaconv": [py, "-c", "import ofaconv.convert"],
     }
 
 
-def measure(src: Path, work: Path, repeat: int) -> dict[str, tuple[float, int]]:
+OUTPUTS = ("naive.safetensors", "floor.bin", "ofaconv_out")
+
+
+def clear_outputs(work: Path) -> None:
+    for name in OUTPUTS:
+        path = work / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def measure(src: Path, work: Path, repeat: int, settle: float) -> dict[str, tuple[float, int, float]]:
+    """Every run starts the same way: no output of any approach on disk, source in the page cache.
+
+    On a VM with free-page reporting (this kind of machine) memory freed a few seconds ago is back
+    with the host and costs a slow first touch (writing 2 GB into the page cache: ~1 s with pages
+    just freed, ~4 s with pages given back), so when outputs are deleted matters:
+      settle > 0  delete outputs, wait ``settle`` s for freed memory to go back, then run: every
+                  approach writes into cold memory, whatever its timing (reproducible);
+      settle = 0  delete outputs right before the run: memory freed just now is warm, and an
+                  approach that writes earlier after its start gets warmer pages.
+    An approach that overwrote its previous output in place (truncate, then write) would always
+    get warm pages, so outputs are deleted by the harness, never overwritten.
+    """
     results = {}
     for name, argv in approaches(src, work).items():
-        prime(src)
-        run_child(argv)  # warm-up: first touch of fresh memory is slow on this kind of machine
-        walls, rss = [], []
-        for _ in range(repeat):
+        walls, rss, cpu = [], [], []
+        for attempt in range(repeat + 1):  # the first run is a warm-up
+            clear_outputs(work)
+            if settle:
+                time.sleep(settle)
             prime(src)
-            wall, peak = run_child(argv)
-            walls.append(wall)
-            rss.append(peak)
-        results[name] = (statistics.median(walls), max(rss))
+            wall, peak, seconds = run_child(argv)
+            if attempt:
+                walls.append(wall)
+                rss.append(peak)
+                cpu.append(seconds)
+        results[name] = (statistics.median(walls), max(rss), statistics.median(cpu))
+    clear_outputs(work)
     return results
 
 
@@ -120,11 +149,14 @@ def main() -> int:
     parser.add_argument("--variants", default="ofa-base,ofa-large")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--workdir", help="where to put checkpoints and outputs (default: a temp dir)")
+    parser.add_argument("--settle", default="10,0",
+                        help="seconds to wait after deleting outputs, one table per value (see measure())")
     args = parser.parse_args()
 
     variants = ["ofa-cn-base"] if args.smoke else args.variants.split(",")
     size = "micro" if args.smoke else "full"
     repeat = 1 if args.smoke else args.repeat
+    settles = [0.0] if args.smoke else [float(v) for v in args.settle.split(",")]
     work = Path(args.workdir or tempfile.mkdtemp(prefix="ofaconv-bench-convert-"))
     work.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -136,29 +168,28 @@ def main() -> int:
                 # this process must stay small (it never imports torch).
                 synth = [sys.executable, "-m", "ofaconv", "synth", variant, str(src)] + (["--full"] if size == "full" else [])
                 subprocess.run(synth, check=True, stdout=subprocess.DEVNULL)
-            res = measure(src, work, repeat)
-            rows.append((variant, src.stat().st_size, res))
-            for leftover in ("naive.safetensors", "floor.bin"):
-                (work / leftover).unlink(missing_ok=True)
-            shutil.rmtree(work / "ofaconv_out", ignore_errors=True)
+            for settle in settles:
+                rows.append((settle, variant, src.stat().st_size, measure(src, work, repeat, settle)))
     finally:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)
 
-    print(f"\nconversion, {size} synthetic checkpoints with optimizer state, median of {repeat} "
-          f"(wall) / max (peak RSS), page cache primed\n")
-    print("| variant | file | approach | wall s | peak RSS MiB | RSS vs naive | wall vs floor | wall net of start-up vs floor net |")
-    print("|---|---|---|---|---|---|---|---|")
-    for variant, file_size, res in rows:
-        naive_rss, floor_wall = res["naive"][1], res["floor"][0]
-        torch_start, ofaconv_start = res["startup:torch"][0], res["startup:ofaconv"][0]
-        floor_net = max(floor_wall - torch_start, 1e-3)
-        for name in ("naive", "floor", "ofaconv"):
-            wall, rss = res[name]
-            net = wall - (ofaconv_start if name == "ofaconv" else torch_start)
-            print(f"| {variant} | {file_size / 2**30:.2f} GiB | {name} | {wall:.2f} | {rss / 2**20:.0f} | "
-                  f"{rss / naive_rss:.2f}x | {wall / floor_wall:.2f}x | {net / floor_net:.2f}x |")
-        print(f"| {variant} | | start-up: import torch / import ofaconv | {torch_start:.2f} / {ofaconv_start:.2f} | | | | |")
+    for settle in settles:
+        memory = (f"outputs deleted {settle:g} s before each run (cold memory)" if settle
+                  else "outputs deleted right before each run (memory just freed)")
+        print(f"\nconversion, {size} synthetic checkpoints with optimizer state, median of {repeat} "
+              f"(wall, CPU) / max (peak RSS), page cache primed, {memory}\n")
+        print("| variant | file | approach | wall s | CPU s | peak RSS MiB | RSS vs naive | wall vs floor |")
+        print("|---|---|---|---|---|---|---|---|")
+        for row_settle, variant, file_size, res in rows:
+            if row_settle != settle:
+                continue
+            naive_rss, floor_wall = res["naive"][1], res["floor"][0]
+            for name in ("naive", "floor", "ofaconv"):
+                wall, rss, cpu = res[name]
+                print(f"| {variant} | {file_size / 2**30:.2f} GiB | {name} | {wall:.2f} | {cpu:.2f} | {rss / 2**20:.0f} | "
+                      f"{rss / naive_rss:.2f}x | {wall / floor_wall:.2f}x |")
+            print(f"| {variant} | | start-up: import torch | {res['startup:torch'][0]:.2f} | | | | |")
     return 0
 
 
