@@ -61,19 +61,23 @@ def parse_size(text: str | int) -> int:
     return int(s)
 
 
-def build_config(shape: dict, flags: dict):
-    """OFAConfig from inferred shapes plus the checkpoint's non-shape flags."""
-    from .modeling import OFAConfig
-
+def check_supported(shape: dict, flags: dict) -> None:
+    """Refuse what the transformers model does not implement (no transformers import: runs first)."""
     for flag, bad in UNSUPPORTED_FLAGS.items():
         if flags.get(flag) == bad or shape.get(flag) == bad:
             raise CheckpointError(f"flag {flag}={bad} is not supported by the transformers model")
     if shape["max_source_positions"] != shape["max_target_positions"]:
         raise CheckpointError("different source and target position table sizes are not supported")
     # Structural flags come from which keys exist; the rest from the checkpoint's arguments.
-    normformer = [shape[k] for k in ("scale_attn", "scale_fc", "scale_heads")]
-    if len(set(normformer)) != 1:
+    if len({shape[k] for k in ("scale_attn", "scale_fc", "scale_heads")}) != 1:
         raise CheckpointError("mixed NormFormer flags (scale_attn/scale_fc/scale_heads) are not supported")
+
+
+def build_config(shape: dict, flags: dict):
+    """OFAConfig from inferred shapes plus the checkpoint's non-shape flags."""
+    from .modeling import OFAConfig
+
+    check_supported(shape, flags)
     return OFAConfig(
         vocab_size=shape["vocab_size"],
         max_position_embeddings=shape["max_source_positions"],
@@ -88,7 +92,7 @@ def build_config(shape: dict, flags: dict):
         resnet_layers=shape["resnet_layers"],
         token_bucket_size=shape["token_bucket_size"],
         image_bucket_size=shape["image_bucket_size"],
-        normformer=normformer[0],
+        normformer=shape["scale_attn"],
         attn_scale_factor=float(flags["attn_scale_factor"]),
         scale_embedding=not flags["no_scale_embedding"],
         encoder_normalize_before=shape["encoder_normalize_before"],
@@ -120,18 +124,17 @@ def keymap_counts(shape: dict) -> dict:
     }
 
 
-def check_derived(plan, state: dict, config, path) -> list[dict]:
+def check_derived(plan, state: dict, shape: dict, path) -> list[dict]:
     """The rp-bucket tables and image_position_idx are recomputed by the model: compare once."""
     import torch
 
     from .modeling.buckets_ofa import image_num_rel_dis, make_image_bucket_position, make_token_bucket_position
     from .reference.buckets import make_image_position_idx
 
+    token_buckets, image_buckets = shape["token_bucket_size"], shape["image_bucket_size"]
     expected = {
-        "token_rp_bucket": lambda: make_token_bucket_position(config.token_bucket_size, config.max_position_embeddings),
-        "image_rp_bucket": lambda: make_image_bucket_position(
-            config.image_bucket_size, image_num_rel_dis(config.image_bucket_size)
-        ),
+        "token_rp_bucket": lambda: make_token_bucket_position(token_buckets, shape["max_source_positions"]),
+        "image_rp_bucket": lambda: make_image_bucket_position(image_buckets, image_num_rel_dis(image_buckets)),
     }
     tables = {}  # each table is built once, for the encoder's and the decoder's copy
     results = []
@@ -140,7 +143,7 @@ def check_derived(plan, state: dict, config, path) -> list[dict]:
         name = target.rsplit(".", 1)[-1]
         if name == "image_position_idx":
             # 1026 in fairseq's current code, 1025 in released checkpoints (OFA#229).
-            candidates = [make_image_position_idx(config.image_bucket_size, length=n) for n in (1025, 1026)]
+            candidates = [make_image_position_idx(image_buckets, length=n) for n in (1025, 1026)]
             ok = any(c.shape == tensor.shape and torch.equal(c, tensor) for c in candidates)
         else:
             if name not in tables:
@@ -298,11 +301,15 @@ def _convert(
     variant, family = detect_variant(shape, flags)
     if family is not None and shape["vocab_size"] != family_info(family)["vocab_size"]:
         variant, family = None, None  # same layer shapes as a released variant, another vocabulary
-    config = build_config(shape, flags)
+    check_supported(shape, flags)
     km = KeyMap.load(keymap)
     plan = km.plan(state, keymap_counts(shape), source_path=src)
     check_tied(plan, state, src)
-    derived = check_derived(plan, state, config, src)
+    derived = check_derived(plan, state, shape, src)
+    if tokenizer is not None and family is not None:
+        from .tokenization import read_vocabulary
+
+        read_vocabulary(family, tokenizer)  # a bad --tokenizer fails before any weight is written
     if ckpt.mmapped:
         for key in [*plan.tied_sources, *plan.tied_sources.values(), *plan.derived.values()]:
             release_pages(state[key])
@@ -311,14 +318,8 @@ def _convert(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     try:
         target_dtype = getattr(torch, DTYPES[dtype])
-        # The small files first: their Python work overlaps the source hash instead of trailing
-        # after the weights on one core.
-        config.dtype = target_dtype
-        config.save_pretrained(tmp)
-        _copy_remote_code(tmp)
-        _write_generation_config(tmp, family, variant, config)
-        processing_note = _save_processing(tmp, family, config.patch_image_size, tokenizer, prompt)
-
+        # The weights first, as soon as the checks pass: the small files' work (transformers
+        # imports, tokenizer) then overlaps the source hash.
         sources = dict(plan.entries)
         items = [
             (target, tuple(state[key].shape), state[key].dtype, functools.partial(state.__getitem__, key))
@@ -330,6 +331,12 @@ def _convert(
             source_path=src, progress=progress,
             written=(lambda name: release_pages(state[sources[name]])) if ckpt.mmapped else None,
         )
+        config = build_config(shape, flags)
+        config.dtype = target_dtype
+        config.save_pretrained(tmp)
+        _copy_remote_code(tmp)
+        _write_generation_config(tmp, family, variant, config)
+        processing_note = _save_processing(tmp, family, config.patch_image_size, tokenizer, prompt)
 
         report = {
             "schema": "ofaconv/report@1",

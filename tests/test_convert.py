@@ -151,6 +151,21 @@ def test_bad_input_one_line_error_and_no_output(kind, micro_checkpoint, tmp_path
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")], "temporary output left behind"
 
 
+def test_bad_tokenizer_source_fails_before_any_weight_is_written(micro_checkpoint, tmp_path, capsys, monkeypatch):
+    import ofaconv.writer
+
+    def no_write(*args, **kwargs):
+        raise AssertionError("weights written before the tokenizer source was checked")
+
+    monkeypatch.setattr(ofaconv.writer, "write_shards", no_write)
+    out = tmp_path / "out"
+    code = cli(["convert", str(micro_checkpoint("ofa-tiny")), str(out), "--tokenizer", str(tmp_path / "no-such-folder")])
+    err = capsys.readouterr().err.strip()
+    assert code != 0 and len(err.splitlines()) == 1 and "no-such-folder" in err, err
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
+
+
 # -- mutation tests: a deliberately broken mapping or flag must make --verify fail -------------
 
 def _mutated_keymap(tmp_path: Path, edit) -> Path:
