@@ -420,6 +420,7 @@ SYNTH_PREFIX = "synth:"
 
 def _run(args) -> int:
     source = args.checkpoint
+    _check_output(args.out, args.force)
     source_sha256 = None
     if not source.startswith(SYNTH_PREFIX) and Path(source).is_file():
         source_sha256 = BackgroundSha256(source)  # before torch is even imported
