@@ -306,10 +306,6 @@ def _convert(
     plan = km.plan(state, keymap_counts(shape), source_path=src)
     check_tied(plan, state, src)
     derived = check_derived(plan, state, shape, src)
-    if tokenizer is not None and family is not None:
-        from .tokenization import read_vocabulary
-
-        read_vocabulary(family, tokenizer)  # a bad --tokenizer fails before any weight is written
     if ckpt.mmapped:
         for key in [*plan.tied_sources, *plan.tied_sources.values(), *plan.derived.values()]:
             release_pages(state[key])
@@ -318,8 +314,16 @@ def _convert(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     try:
         target_dtype = getattr(torch, DTYPES[dtype])
-        # The weights first, as soon as the checks pass: the small files' work (transformers
-        # imports, tokenizer) then overlaps the source hash.
+        # The small files first: their Python work (transformers imports, tokenizer) overlaps the
+        # source hash instead of trailing after the weights on one core, and a bad --tokenizer
+        # fails before any weight is written.
+        config = build_config(shape, flags)
+        config.dtype = target_dtype
+        config.save_pretrained(tmp)
+        _copy_remote_code(tmp)
+        _write_generation_config(tmp, family, variant, config)
+        processing_note = _save_processing(tmp, family, config.patch_image_size, tokenizer, prompt)
+
         sources = dict(plan.entries)
         items = [
             (target, tuple(state[key].shape), state[key].dtype, functools.partial(state.__getitem__, key))
@@ -331,12 +335,6 @@ def _convert(
             source_path=src, progress=progress,
             written=(lambda name: release_pages(state[sources[name]])) if ckpt.mmapped else None,
         )
-        config = build_config(shape, flags)
-        config.dtype = target_dtype
-        config.save_pretrained(tmp)
-        _copy_remote_code(tmp)
-        _write_generation_config(tmp, family, variant, config)
-        processing_note = _save_processing(tmp, family, config.patch_image_size, tokenizer, prompt)
 
         report = {
             "schema": "ofaconv/report@1",
