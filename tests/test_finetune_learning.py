@@ -15,8 +15,9 @@ from ofaconv.finetune.synthetic import COLORS, SHAPES, draw_shape
 REPO = Path(__file__).resolve().parents[1]
 
 
-# Chance is 1/12 per image. The bar sits well under what every seed reaches (0.92-0.94 exact match
-# over seeds 0-2) because float reduction order differs between CPUs and so does the trajectory.
+# The bar is 90% exact match (chance: 1/12). The recipe is chosen to clear it with margin on
+# every seed tried (0.96-0.98 over seeds 0-2): float reduction order differs between CPUs, and so
+# does the trajectory; a recipe that only just clears the bar on one machine fails on another.
 SEED = 0
 
 
@@ -30,7 +31,7 @@ def test_lit_learns_to_caption_held_out_shapes(tmp_path):
         "sampler": "image",
         "data": {
             # 12 colour x shape classes, two phrasings per image ("红色的圆形", "一个红色的圆形").
-            "synthetic": {"train_images": 480, "eval_images": 48, "captions_per_image": 2, "image_size": 96},
+            "synthetic": {"train_images": 720, "eval_images": 48, "captions_per_image": 2, "image_size": 96},
             "max_eval_images": 48,
         },
         "generation": {"num_beams": 1, "max_len_b": 10},
@@ -51,7 +52,7 @@ def test_lit_learns_to_caption_held_out_shapes(tmp_path):
     assert result.report["training"]["encoder"] == "cache"
     assert result.report["passed"]
     assert result.metrics["eval_num_images"] == 48
-    assert result.metrics["eval_exact_match"] >= 0.75, result.metrics
+    assert result.metrics["eval_exact_match"] >= 0.9, result.metrics
 
     # The written folder captions new images through the processor and fairseq-exact generate.
     import ofaconv  # noqa: F401
@@ -64,4 +65,4 @@ def test_lit_learns_to_caption_held_out_shapes(tmp_path):
     images = [draw_shape(c, s, 96, rng) for c, s in pairs]
     captions = processor.batch_decode(model.generate(**processor(images=images), num_beams=1, max_len_b=10))
     hits = sum(cap.endswith(f"{c}的{s}") for cap, (c, s) in zip(captions, pairs))
-    assert hits >= 8, list(zip(pairs, captions))
+    assert hits >= 10, list(zip(pairs, captions))
