@@ -25,7 +25,6 @@ from pathlib import Path
 import torch
 
 from . import layout, variants
-from .digest import file_sha256
 from .errors import CheckpointError
 from .reference import buckets
 
@@ -106,14 +105,6 @@ class FairseqCheckpoint:
     from_ema: bool = False  # state_dict is extra_state["ema"]
     mmapped: bool = True  # False only for legacy (torch < 1.6) files
     common_args: dict = field(default_factory=dict)  # cfg["common"] (fp16, seed, ...)
-    _sha256: str | None = field(default=None, repr=False)
-
-    @property
-    def sha256(self) -> str:
-        """sha256 of the file, streamed on first use and cached."""
-        if self._sha256 is None:
-            self._sha256 = file_sha256(self.path)
-        return self._sha256
 
     def flags(self) -> dict:
         return read_flags(self)

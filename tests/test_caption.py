@@ -17,7 +17,7 @@ from PIL import Image
 from ofaconv.caption import caption_items, decode_base64, expand_images, load_captioner, read_tsv
 from ofaconv.cli import main
 from ofaconv.convert import convert_checkpoint
-from ofaconv.modeling.processing_ofa import CJK_CHARACTERS
+from ofaconv.modeling.tokenization_ofa import CJK_CHARACTERS
 from ofaconv.synth import write_synthetic_checkpoint
 from ofaconv.tokenization import decode_caption
 

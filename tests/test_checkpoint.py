@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import datetime
 import gzip
-import hashlib
 import json
 import os
 import subprocess
@@ -94,7 +93,6 @@ def test_official_micro(official_micro):
     ckpt = load_checkpoint(official_micro)
     assert ckpt.layout == "cfg" and ckpt.mmapped
     assert not ckpt.has_optimizer_state and not ckpt.has_ema
-    assert ckpt.sha256 == hashlib.sha256(official_micro.read_bytes()).hexdigest()
     flags = read_flags(ckpt)
     json.dumps(flags)
     expected = {"arch": "ofa_tiny", "task": "caption", "disable_entangle": True, "entangle_position_embedding": False,

@@ -30,7 +30,8 @@ from ofaconv.convert import convert_checkpoint
 from ofaconv.generation_parity import compare_generation, hypothesis_tokens
 from ofaconv.modeling import OFAEncoderOutput, OFAForConditionalGeneration
 from ofaconv.modeling import generation_ofa
-from ofaconv.modeling.generation_ofa import SearchSettings, build_generation_config, fairseq_search
+from ofaconv.modeling.configuration_ofa import build_generation_config
+from ofaconv.modeling.generation_ofa import SearchSettings, fairseq_search
 from ofaconv.reference import FairseqReference
 from ofaconv.reference.generator import SequenceGenerator
 from ofaconv.synth import write_synthetic_checkpoint

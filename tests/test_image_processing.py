@@ -332,37 +332,15 @@ def test_loads_without_ofaconv(tmp_path, folders):
     assert got["en_decode"].tolist() == [" a red phone", "a red phone"]
 
 
-@pytest.fixture
-def ofa_config_registered():
-    """model_type "ofa" registered with AutoConfig (a stand-in class when the model is not yet
-    registered in this process); every registration this test adds is removed afterwards."""
-    from transformers import AutoConfig, PretrainedConfig
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-    from transformers.models.auto.image_processing_auto import IMAGE_PROCESSOR_MAPPING
-    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING
-
-    added_config = "ofa" not in CONFIG_MAPPING
-    if added_config:
-        AutoConfig.register("ofa", type("OFAConfig", (PretrainedConfig,), {"model_type": "ofa"}))
-    config_class = CONFIG_MAPPING["ofa"]
-    before = {id(m): dict(m._extra_content) for m in (IMAGE_PROCESSOR_MAPPING, PROCESSOR_MAPPING)}
-    yield config_class
-    for mapping in (IMAGE_PROCESSOR_MAPPING, PROCESSOR_MAPPING):
-        mapping._extra_content.clear()
-        mapping._extra_content.update(before[id(mapping)])
-    if added_config:
-        CONFIG_MAPPING._extra_content.pop("ofa", None)
-
-
-def test_register_processing(folders, ofa_config_registered):
+def test_register_processing(folders):
     """With ofaconv installed, Auto* resolve to ofaconv's classes without trust_remote_code."""
     from transformers import AutoImageProcessor, AutoProcessor
 
     from ofaconv.modeling.image_processing_ofa import OFAImageProcessor as LocalImageProcessor
-    from ofaconv.modeling.processing_ofa import register_processing
+    from ofaconv.modeling.register import register
 
-    register_processing()
-    register_processing(ofa_config_registered)  # idempotent
+    register()
+    register()  # idempotent
     processor = AutoProcessor.from_pretrained(folders["cn"])
     image_processor = AutoImageProcessor.from_pretrained(folders["cn"])
     assert type(processor) is OFAProcessor

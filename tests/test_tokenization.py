@@ -14,7 +14,7 @@ import yaml
 
 from ofaconv import tokenization
 from ofaconv.errors import OfaconvError
-from ofaconv.modeling.processing_ofa import join_cjk_spaces
+from ofaconv.modeling.tokenization_ofa import join_cjk_spaces
 from ofaconv.tokenization import (
     build_tokenizer,
     decode_caption,

@@ -41,14 +41,10 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgp
 INDEX_SUFFIXES = (".safetensors.index.json", ".bin.index.json")
 
 
-def file_digest(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file (shards are gigabytes: hashed in chunks)."""
-    return file_sha256(path)
-
 
 def file_entry(path: str | os.PathLike) -> dict:
     """The report's entry for one file: ``{"sha256": ..., "size": ...}``."""
-    return {"sha256": file_digest(path), "size": os.path.getsize(path)}
+    return {"sha256": file_sha256(path), "size": os.path.getsize(path)}
 
 
 def is_weight_file(name: str) -> bool:
@@ -158,7 +154,7 @@ def _check_files(root: Path, listed, digests: Mapping[str, tuple[str, int]]) -> 
             if size != entry.get("size"):
                 reasons.append(f"{name}: size {size} differs from {entry.get('size')} in {REPORT_NAME}")
                 continue
-            sha256 = sha256 or file_digest(path)
+            sha256 = sha256 or file_sha256(path)
             if sha256 != entry["sha256"].lower():
                 reasons.append(
                     f"{name}: sha256 {sha256[:12]}… differs from {entry['sha256'][:12]}… in {REPORT_NAME}"

@@ -40,15 +40,7 @@ import torch.nn.functional as F
 from transformers import GenerationConfig, GenerationMixin
 from transformers.generation.utils import GenerateBeamEncoderDecoderOutput
 
-from .configuration_ofa import (  # noqa: F401 - build_generation_config is re-exported
-    BOS,
-    EOS,
-    FAIRSEQ_DEFAULTS,
-    PAD,
-    UNK,
-    build_generation_config,
-    default_text_token_range,
-)
+from .configuration_ofa import BOS, EOS, FAIRSEQ_DEFAULTS, PAD, UNK, default_text_token_range
 
 # transformers' length default when nothing else says how long to generate (max_length = 20).
 _HF_DEFAULT_MAX_LENGTH = 20

@@ -15,14 +15,7 @@ from __future__ import annotations
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 
-from .tokenization_ofa import (  # noqa: F401 - re-exported
-    CJK_CHARACTERS,
-    caption_ids,
-    decode_caption,
-    decode_captions,
-    infer_family,
-    join_cjk_spaces,
-)
+from .tokenization_ofa import decode_caption, decode_captions, infer_family
 
 _IMAGE_KWARGS = ("size", "resample", "image_mean", "image_std")
 
@@ -111,33 +104,4 @@ class OFAProcessor(ProcessorMixin):
         return ["input_ids", "attention_mask", "patch_images", "patch_masks"]
 
 
-def register_processing(config_class=None) -> None:
-    """Register the image processor and processor with AutoImageProcessor / AutoProcessor.
-
-    `config_class` defaults to the config class registered for model_type "ofa" with AutoConfig.
-    """
-    from transformers import AutoImageProcessor, AutoProcessor
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-
-    from .image_processing_ofa import OFAImageProcessor
-
-    if config_class is None:
-        if "ofa" not in CONFIG_MAPPING:
-            raise ValueError("register the OFA config with AutoConfig (model_type 'ofa') before register_processing()")
-        config_class = CONFIG_MAPPING["ofa"]
-    AutoImageProcessor.register(
-        config_class, image_processor_classes={"pil": OFAImageProcessor, "torchvision": OFAImageProcessor}, exist_ok=True
-    )
-    AutoProcessor.register(config_class, OFAProcessor, exist_ok=True)
-
-
-__all__ = [
-    "CJK_CHARACTERS",
-    "OFAProcessor",
-    "caption_ids",
-    "decode_caption",
-    "decode_captions",
-    "infer_family",
-    "join_cjk_spaces",
-    "register_processing",
-]
+__all__ = ["OFAProcessor"]
