@@ -612,6 +612,19 @@ def test_full_finetuning_trains_the_encoder(tmp_path, small_config):
     assert torch.equal(before["encoder.embed_images.bn1.running_mean"], after["encoder.embed_images.bn1.running_mean"])
 
 
+def test_mixed_precision_run_writes_a_folder_that_passes_its_checks(tmp_path, small_config):
+    """The reload check compares fp32 with fp32: the trained model is checked without the
+    Trainer's autocast wrapper (with it, bf16 logits were compared with the reloaded fp32 ones)."""
+    from ofaconv.finetune import finetune
+
+    recipe = _tiny_recipe(tmp_path, small_config, max_steps=2, save_steps=100, bf16=True)
+    recipe["data"]["synthetic"]["eval_images"] = 0
+    report = finetune(recipe).report
+    checks = {c["name"]: c for c in report["checks"]}
+    assert report["passed"] and checks["reload-logits"]["value"] == 0.0
+    assert report["training"]["settings"]["training"]["bf16"] is True
+
+
 def test_cli_reports_bad_recipe_on_one_line(tmp_path, capsys):
     from ofaconv.cli import main
 

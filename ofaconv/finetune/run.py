@@ -392,7 +392,8 @@ def finetune(
             "metrics": metrics,
             "wall_seconds": round(time.perf_counter() - started, 2),
         }
-        unwrapped = trainer.accelerator.unwrap_model(trainer.model)
+        # Without the mixed-precision wrapper: the reload check compares fp32 logits with fp32 logits.
+        unwrapped = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
         report = write_finetuned(unwrapped, base, recipe.output_dir, prompt=prompt, probe=probe, training=training,
                                  log_history=trainer.state.log_history)
         verdict = "all checks passed" if report["passed"] else "CHECKS FAILED: " + ", ".join(
