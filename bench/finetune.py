@@ -8,11 +8,22 @@ batch (no grad, eval mode), random order, padding to the longest caption of the 
 embedding frozen. Variants add one saving at a time:
 
   seed                encoder every step, random order, logits at every position (the seed's recipe)
+                      on the same pairs, each pair with its own copy of its image (see below)
   cache               encoder outputs from the cache (filled once, before the first epoch)
   cache+padfree       ... and vocabulary logits only at target positions, not at padding
   cache+padfree+length  ... and captions of similar length batched together (less padding)
-  cache+padfree+image   ... and the captions of an image batched together, the decoder projecting
-                      each image's encoder states once per batch (the recipe default)
+  cache+padfree+image   ... and the captions of an image batched together (sampler: image), the
+                      decoder's cross-attention computing each image's keys and values once per
+                      batch for all its captions (lit.shared_encoder_rows)
+
+Why the uncached rows get one image per pair: the seed's data loader decodes and encodes the image
+of every pair, and so does ofaconv's uncached path on real data, where a random batch almost never
+holds two captions of one image (MUGE: 55k images x 10 captions; a random batch of 128 pairs repeats
+an image 0.13 times on average). On the bench's 16 images a random batch of 32 pairs holds only ~14
+distinct images, and the engine encodes each distinct image of a batch once, so without the copies
+the bench would give the uncached baseline a saving it never gets on real data. For the same reason
+only the image sampler shares cross-attention keys and values between captions: with random or
+length-grouped batches of real data there is nothing to share.
 
 Each variant trains --epochs epochs; the table gives the fastest epoch (wall) and its process CPU
 time (all threads), which a shared machine distorts less. The cache fill (once per image, reused
@@ -45,22 +56,26 @@ CHARS = ("的一是了在有这个上们来到时大地为子中你说生国年�
          "很给名法间斯知世什两次使身者被高已亲其进此话常与活正感衣服裙子色款时尚休闲简约修身显瘦宽松百搭印花条纹连衣短袖")
 
 _OFF = {"pad_free_logits": False, "share_encoder_rows": False}
+PER_PAIR = "per-pair"  # the data set with one image per pair (uncached rows)
 VARIANTS = {
-    "seed": {"encoder_cache": {"enabled": False}, "sampler": "random", **_OFF},
+    "seed": {"encoder_cache": {"enabled": False}, "sampler": "random", **_OFF, "data": PER_PAIR},
     "cache": {"encoder_cache": {"enabled": True}, "sampler": "random", **_OFF},
     "cache+padfree": {"encoder_cache": {"enabled": True}, "sampler": "random", "pad_free_logits": True},
-    "cache+padfree+length": {"encoder_cache": {"enabled": True}, "sampler": "length", "pad_free_logits": True},
+    "cache+padfree+length": {"encoder_cache": {"enabled": True}, "sampler": "length", "pad_free_logits": True,
+                             "share_encoder_rows": False},
     "cache+padfree+image": {"encoder_cache": {"enabled": True}, "sampler": "image", "pad_free_logits": True,
                             "share_encoder_rows": True},
     # Mixed precision, separately: what bf16 autocast alone gives the seed, and everything together.
-    "seed+bf16": {"encoder_cache": {"enabled": False}, "sampler": "random", **_OFF, "training": {"bf16": True, "fp16": False}},
+    "seed+bf16": {"encoder_cache": {"enabled": False}, "sampler": "random", **_OFF, "data": PER_PAIR,
+                  "training": {"bf16": True, "fp16": False}},
     "cache+padfree+image+bf16": {"encoder_cache": {"enabled": True}, "sampler": "image", "pad_free_logits": True,
                                  "share_encoder_rows": True, "training": {"bf16": True, "fp16": False}},
 }
 EXACT = ["seed", "cache", "cache+padfree", "cache+padfree+length", "cache+padfree+image"]
 
 
-def make_data(folder: Path, images: int, captions: int, size: int, seed: int = 0) -> tuple[Path, Path]:
+def make_data(folder: Path, images: int, captions: int, size: int, seed: int = 0) -> dict:
+    """{"shared": (jsonl, tsv) of N images x C captions, PER_PAIR: the same pairs, one image copy each}."""
     from ofaconv.finetune.synthetic import COLORS, SHAPES, draw_shape, write_muge_split
 
     rng = random.Random(seed)
@@ -69,15 +84,20 @@ def make_data(folder: Path, images: int, captions: int, size: int, seed: int = 0
         image = draw_shape(rng.choice(list(COLORS)), rng.choice(SHAPES), size, rng)
         texts = ["".join(rng.choices(CHARS, k=rng.randint(10, 30))) for _ in range(captions)]
         records.append((f"img{i}", image, texts))
-    return write_muge_split(folder, "train", records, fmt="JPEG")
+    per_pair = [(f"{image_id}-{k}", image, [text]) for image_id, image, texts in records for k, text in enumerate(texts)]
+    return {"shared": write_muge_split(folder, "train", records, fmt="JPEG"),
+            PER_PAIR: write_muge_split(folder, "train-per-pair", per_pair, fmt="JPEG")}
 
 
-def run_variant(name, base_recipe, work: Path, epochs: int) -> dict:
+def run_variant(name, base_recipe, work: Path, epochs: int, data: dict) -> dict:
     from ofaconv.finetune import finetune
 
     recipe = json.loads(json.dumps(base_recipe))
     for key, value in VARIANTS[name].items():
-        if isinstance(value, dict):
+        if key == "data":
+            captions, images = data[value]
+            recipe["data"]["train"] = {"captions": str(captions), "images": str(images)}
+        elif isinstance(value, dict):
             recipe.setdefault(key, {}).update(value)
         else:
             recipe[key] = value
@@ -140,7 +160,8 @@ def main(argv=None) -> int:
     try:
         t = time.perf_counter()
         base = init_random_folder(ModelInit(variant=args.variant, micro=args.smoke), work / "base")
-        captions_file, tsv = make_data(work / "data", args.images, args.captions, args.image_size)
+        data = make_data(work / "data", args.images, args.captions, args.image_size)
+        captions_file, tsv = data["shared"]
         print(f"model {args.variant} ({'micro' if args.smoke else 'full'}), {args.images} images x {args.captions} "
               f"captions, batch {args.batch}, device {'cuda' if torch.cuda.is_available() else 'cpu'}, "
               f"torch threads {torch.get_num_threads()}; setup {time.perf_counter() - t:.1f}s", flush=True)
@@ -167,8 +188,8 @@ def main(argv=None) -> int:
         # Warm-up: first touches of fresh memory and lazy initialisations would land on whoever runs first.
         warm = json.loads(json.dumps(base_recipe))
         warm["training"]["max_steps"] = 2
-        run_variant("cache", warm, work, 1)
-        results = [run_variant(name, base_recipe, work, args.epochs) for name in names]
+        run_variant("cache", warm, work, 1, data)
+        results = [run_variant(name, base_recipe, work, args.epochs, data) for name in names]
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)

@@ -397,7 +397,9 @@ def test_decoder_savings_are_exact(micro):
     b["labels"][4, 2:] = IGNORE_INDEX
     with torch.no_grad():
         enc = model.encoder(input_ids=b["prompt"][None].expand(3, -1), patch_images=b["pixels"][:3])
-    rows = OFAEncoderOutput(last_hidden_state=enc.last_hidden_state[index], padding_mask=enc.padding_mask[index],
+    padding = enc.padding_mask.clone()
+    padding[1, -2:] = True  # image 1 has padded positions: its captions must not attend to them
+    rows = OFAEncoderOutput(last_hidden_state=enc.last_hidden_state[index], padding_mask=padding[index],
                             position_embedding=enc.position_embedding[index])
     results = []
     for shared in (False, True):

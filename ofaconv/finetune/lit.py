@@ -11,9 +11,9 @@
 - ``logits_at_targets``: the vocabulary projection (the largest per-token cost of a LiT step at
   OFA-CN size) runs only at target positions, not at padding.
 - ``shared_encoder_rows``: when several captions of one image are in a batch, the decoder's
-  cross-attention key/value projections of that image are computed once and reused, the
-  ``seq_per_img`` trick of captioning trainers. Exact: the rows are identical, so the gradient of
-  the projection is the same sum.
+  cross-attention keys and values of that image are computed once and all its captions attend to
+  them together, the ``seq_per_img`` trick of captioning trainers. Exact: the rows are identical,
+  so the gradient of the projection is the same sum.
 """
 
 from __future__ import annotations
@@ -172,12 +172,51 @@ def first_rows(index: torch.Tensor, num_unique: int) -> torch.Tensor:
     return rows
 
 
-def _cross_projections(model: nn.Module) -> list[nn.Module]:
-    decoder = model.get_decoder()
-    modules = [decoder.cross_pos_k_linear]
-    for layer in decoder.layers:
-        modules += [layer.cross_attn.k_proj, layer.cross_attn.v_proj]
-    return modules
+def _grouped_cross_attention(attn: nn.Module, rows: torch.Tensor, groups: list[torch.Tensor], inverse: torch.Tensor):
+    """A forward for the cross-attention ``attn`` (an ``OFAAttention``) when batch rows share images.
+
+    ``rows[u]`` is one batch row of image u, ``groups[u]`` all of them, ``inverse`` puts rows sorted
+    by image back in batch order. Keys and values are projected once per image, and the queries of
+    all captions of an image attend to them in one product: nothing image-sized is ever copied per
+    caption (expanding keys and values to every caption, then to heads, cost more than the
+    projection saved). Same arithmetic per query as ``OFAAttention.forward``.
+    """
+    original = attn.forward
+    heads, head_dim = attn.num_heads, attn.head_dim
+    memo: list = [None, None]  # (key_value_states, its rows): every layer gets the same tensor
+
+    def forward(hidden_states, key_value_states=None, attn_bias=None, attn_mask=None, key_padding_mask=None,
+                past_key_value=None, is_cross_attention=False, output_attentions=False):
+        if key_value_states is None or past_key_value is not None or attn_mask is not None or output_attentions:
+            return original(hidden_states, key_value_states, attn_bias, attn_mask, key_padding_mask, past_key_value,
+                            is_cross_attention, output_attentions)
+        bsz, tgt_len, embed_dim = hidden_states.shape
+        if memo[0] is not key_value_states:
+            memo[:] = [key_value_states, key_value_states.index_select(0, rows)]
+        source = memo[1]
+        images, src_len = source.shape[:2]
+        k = attn.k_proj(source).view(images, src_len, heads, head_dim).transpose(1, 2)
+        v = attn.v_proj(source).view(images, src_len, heads, head_dim).transpose(1, 2)
+        q = (attn.q_proj(hidden_states) * attn.scaling).view(bsz, tgt_len, heads, head_dim).transpose(1, 2)
+        bias = None if attn_bias is None else attn_bias.view(bsz, heads, tgt_len, src_len)
+        outputs = []
+        for u, members in enumerate(groups):
+            n = members.numel()
+            weights = torch.matmul(q.index_select(0, members).transpose(0, 1).reshape(heads, n * tgt_len, head_dim),
+                                   k[u].transpose(1, 2))
+            if bias is not None:
+                weights = weights + bias.index_select(0, members).transpose(0, 1).reshape(heads, n * tgt_len, src_len)
+            if key_padding_mask is not None:
+                weights = weights.masked_fill(key_padding_mask[rows[u]].to(torch.bool)[None, None, :], float("-inf"))
+            probs = F.softmax(weights.float(), dim=-1).type_as(weights)
+            probs = F.dropout(probs, p=attn.dropout, training=attn.training)
+            outputs.append(torch.matmul(probs, v[u]).view(heads, n, tgt_len, head_dim).transpose(0, 1))
+        out = torch.cat(outputs).index_select(0, inverse).transpose(1, 2)
+        if attn.c_attn is not None:
+            out = out * attn.c_attn[:, None]
+        return attn.out_proj(out.reshape(bsz, tgt_len, embed_dim)), None, (k, v)
+
+    return forward
 
 
 @contextlib.contextmanager
@@ -185,13 +224,19 @@ def shared_encoder_rows(model: nn.Module, index: torch.Tensor | None, num_unique
     """Within the block, the decoder projects each distinct encoder row once.
 
     ``index[b]`` names the image of batch row b; rows with the same index must carry identical
-    encoder states (they are gathered from one tensor). No-op when every row is distinct.
+    encoder states (they are gathered from one tensor). The cross-attention keys and values are
+    computed per image (``_grouped_cross_attention``), and so are the encoder positions' keys of
+    the position bias. No-op when every row is distinct.
     """
     if index is None or num_unique is None or num_unique >= index.numel():
         yield
         return
     rows = first_rows(index, num_unique)
-    handles = []
+    order = torch.argsort(index, stable=True)
+    groups = list(order.split(torch.bincount(index, minlength=num_unique).tolist()))
+    inverse = torch.argsort(order)
+    decoder = model.get_decoder()
+    handles, patched = [], []
 
     def shrink(module, args):
         return (args[0].index_select(0, rows),) + tuple(args[1:])
@@ -200,10 +245,14 @@ def shared_encoder_rows(model: nn.Module, index: torch.Tensor | None, num_unique
         return output.index_select(0, index)
 
     try:
-        for module in _cross_projections(model):
-            handles.append(module.register_forward_pre_hook(shrink))
-            handles.append(module.register_forward_hook(expand))
+        handles.append(decoder.cross_pos_k_linear.register_forward_pre_hook(shrink))
+        handles.append(decoder.cross_pos_k_linear.register_forward_hook(expand))
+        for layer in decoder.layers:
+            layer.cross_attn.forward = _grouped_cross_attention(layer.cross_attn, rows, groups, inverse)
+            patched.append(layer.cross_attn)
         yield
     finally:
         for handle in handles:
             handle.remove()
+        for attn in patched:
+            del attn.forward  # back to the class's forward

@@ -146,7 +146,7 @@ class Recipe:
     bucket_size: int = 64  # global batches per length bucket (sampler: length)
     # Exact savings (same loss and gradients); switched off only to measure them (bench/finetune.py).
     pad_free_logits: bool = True  # vocabulary logits only at target positions, not at padding
-    share_encoder_rows: bool = True  # project an image's encoder states once for all its captions in a batch
+    share_encoder_rows: bool = True  # cross-attention keys/values once per image for all its captions in a batch
     data: DataConfig = field(default_factory=DataConfig)
     encoder_cache: CacheConfig = field(default_factory=CacheConfig)
     generation: dict = field(default_factory=dict)  # evaluation beam search; default: the family's
