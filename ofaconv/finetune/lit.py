@@ -214,7 +214,8 @@ def _grouped_cross_attention(attn: nn.Module, rows: torch.Tensor, groups: list[t
         out = torch.cat(outputs).index_select(0, inverse).transpose(1, 2)
         if attn.c_attn is not None:
             out = out * attn.c_attn[:, None]
-        return attn.out_proj(out.reshape(bsz, tgt_len, embed_dim)), None, (k, v)
+        # No (k, v) to cache: they are per image, not in the per-row layout a decoder cache holds.
+        return attn.out_proj(out.reshape(bsz, tgt_len, embed_dim)), None, None
 
     return forward
 
