@@ -60,7 +60,8 @@ PER_PAIR = "per-pair"  # the data set with one image per pair (uncached rows)
 VARIANTS = {
     "seed": {"encoder_cache": {"enabled": False}, "sampler": "random", **_OFF, "data": PER_PAIR},
     "cache": {"encoder_cache": {"enabled": True}, "sampler": "random", **_OFF},
-    "cache+padfree": {"encoder_cache": {"enabled": True}, "sampler": "random", "pad_free_logits": True},
+    "cache+padfree": {"encoder_cache": {"enabled": True}, "sampler": "random", "pad_free_logits": True,
+                      "share_encoder_rows": False},
     "cache+padfree+length": {"encoder_cache": {"enabled": True}, "sampler": "length", "pad_free_logits": True,
                              "share_encoder_rows": False},
     "cache+padfree+image": {"encoder_cache": {"enabled": True}, "sampler": "image", "pad_free_logits": True,
