@@ -320,6 +320,7 @@ MODEL_FLAGS = {
     "freeze_resnet": False,
     "encoder_prompt": False,
     "decoder_prompt": False,
+    "cross_self_attention": False,
     "dropout": 0.0,
     "attention_dropout": 0.0,
     "activation_dropout": 0.0,

@@ -74,10 +74,9 @@ def check_supported(shape: dict, flags: dict) -> None:
 
 
 def build_config(shape: dict, flags: dict):
-    """OFAConfig from inferred shapes plus the checkpoint's non-shape flags."""
+    """OFAConfig from inferred shapes plus the checkpoint's non-shape flags (``check_supported`` first)."""
     from .modeling import OFAConfig
 
-    check_supported(shape, flags)
     return OFAConfig(
         vocab_size=shape["vocab_size"],
         max_position_embeddings=shape["max_source_positions"],

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from .checkpoint import detect_variant, infer_config, load_checkpoint, read_flags
-from .convert import DEFAULT_KEYMAP, build_config, keymap_counts
+from .convert import DEFAULT_KEYMAP, check_supported, keymap_counts
 from .keymap import KeyMap
 
 
@@ -14,7 +14,7 @@ def inspect_checkpoint(path, *, keymap: str = DEFAULT_KEYMAP, ema: bool = False)
     shape = infer_config(ckpt.state_dict)
     flags = read_flags(ckpt)
     variant, family = detect_variant(shape, flags)
-    build_config(shape, flags)  # refuses unsupported flags here too
+    check_supported(shape, flags)  # refuses what convert would refuse
     plan = KeyMap.load(keymap).plan(ckpt.state_dict, keymap_counts(shape), source_path=path)
     return {
         "file": str(path),

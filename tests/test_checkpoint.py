@@ -65,11 +65,16 @@ def test_buckets_bit_exact_against_official(official_micro):
 
 
 def test_token_buckets_ignore_default_dtype():
+    """The reference tables and the model's own (buckets_ofa, shipped as remote code) alike."""
+    from ofaconv.modeling import buckets_ofa
+
     expected = buckets.make_token_bucket_position(256)
+    assert torch.equal(buckets_ofa.make_token_bucket_position(256), expected)
     old = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     try:
         assert torch.equal(buckets.make_token_bucket_position(256), expected)
+        assert torch.equal(buckets_ofa.make_token_bucket_position(256), expected)
     finally:
         torch.set_default_dtype(old)
     assert int(expected.min()) == 0 and int(expected.max()) == 510

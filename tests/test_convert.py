@@ -305,6 +305,17 @@ def test_wrong_config_flag_fails_verification(flag, value, micro_checkpoint, tmp
     assert not result.passed, f"ignoring {flag} went unnoticed"
 
 
+@pytest.mark.parametrize("flag", ["encoder_prompt", "cross_self_attention"])
+def test_unsupported_flags_are_refused_by_convert_and_inspect(flag, tmp_path, capsys):
+    src = tmp_path / "prompted.pt"
+    write_synthetic_checkpoint(src, "ofa-tiny", size="micro", seed=3, flags={flag: True})
+    for command in (["convert", str(src), str(tmp_path / "out")], ["inspect", str(src)]):
+        assert cli(command) != 0
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and f"{flag}=True is not supported" in err, err
+    assert not (tmp_path / "out").exists() and [p.name for p in tmp_path.iterdir()] == ["prompted.pt"]
+
+
 def test_disable_entangle_false_is_implemented(tmp_path):
     src = tmp_path / "entangled.pt"
     write_synthetic_checkpoint(src, "ofa-cn-base", size="micro", seed=2, flags={"disable_entangle": False})

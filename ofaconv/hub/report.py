@@ -41,7 +41,6 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgp
 INDEX_SUFFIXES = (".safetensors.index.json", ".bin.index.json")
 
 
-
 def file_entry(path: str | os.PathLike) -> dict:
     """The report's entry for one file: ``{"sha256": ..., "size": ...}``."""
     return {"sha256": file_sha256(path), "size": os.path.getsize(path)}

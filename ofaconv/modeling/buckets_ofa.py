@@ -19,9 +19,10 @@ def make_token_bucket_position(bucket_size: int, max_position: int = 1024) -> to
     sign = torch.sign(relative_pos)
     mid = bucket_size // 2
     abs_pos = torch.where((relative_pos < mid) & (relative_pos > -mid), mid - 1, torch.abs(relative_pos))
-    # float32 on purpose: fairseq's tables come from these exact float ops.
+    # fairseq divides int64 by int, i.e. float32 under torch's default dtype: pinned to float32 so a
+    # caller's set_default_dtype(float64) cannot flip a ceil and make the table differ from fairseq's.
     log_pos = (
-        torch.ceil(torch.log(abs_pos / mid) / math.log((max_position - 1) / mid) * (mid - 1)) + mid
+        torch.ceil(torch.log(abs_pos.to(torch.float32) / mid) / math.log((max_position - 1) / mid) * (mid - 1)) + mid
     )
     log_pos = log_pos.int()
     bucket_pos = torch.where(abs_pos.le(mid), relative_pos, log_pos * sign).long()

@@ -11,7 +11,6 @@ converted model folders ship a copy of it and name it in `auto_map`.
 
 from __future__ import annotations
 
-
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 

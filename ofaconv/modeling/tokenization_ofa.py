@@ -39,6 +39,7 @@ _CLEAN_UP = (
     (" 're", "'re"),
 )
 
+
 def join_cjk_spaces(text: str) -> str:
     """Remove the spaces next to CJK characters: "红 色 的 iphone 13 手 机" -> "红色的iphone 13手机"."""
     return _CJK_SPACES.sub("", text)
