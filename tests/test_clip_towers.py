@@ -132,8 +132,9 @@ def test_export_bert(package, towers, tmp_path, with_projection):
         assert report["embedding_dim"] == bert.config.hidden_size
 
 
-def test_sentence_transformers_package_if_installed(package, towers):
-    st = pytest.importorskip("sentence_transformers")
+def test_sentence_transformers_layout_encodes_clip_text_embeddings(package, towers):
+    import sentence_transformers as st
+
     model = st.SentenceTransformer(str(package / "text_tower"), device="cpu")
     got = torch.tensor(model.encode(["一只猫", "公交车"]))
     torch.testing.assert_close(got, towers.encode_texts(["一只猫", "公交车"]), atol=1e-5, rtol=0)
