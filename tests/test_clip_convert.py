@@ -14,6 +14,7 @@ import pytest
 import torch
 import yaml
 from safetensors import safe_open
+from transformers import AutoTokenizer
 
 from ofaconv.clip import synth
 from ofaconv.clip import keymap
@@ -39,6 +40,16 @@ def legacy(tmp_path_factory):
 def _keys(path):
     with safe_open(str(path), "pt") as f:
         return set(f.keys())
+
+
+def test_cnclip_with_the_shipped_bert_chinese_vocab(tmp_path):
+    # The real vocab has entries containing U+2028: counted by "\n", it has exactly 21128 lines.
+    src = synth.write_cnclip_pt(tmp_path / "src", "ViT-B-16", vocab_size=21128)
+    report = convert(src, tmp_path / "out")
+    assert report["arch"] == "ViT-B-16"
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "out"))
+    assert len(tok) == 21128 and tok.convert_ids_to_tokens(101) == "[CLS]"
+    assert tok("一只猫")["input_ids"] == [101, 671, 1372, 4344, 102]
 
 
 @pytest.mark.parametrize("arch", VIT_ARCHS)

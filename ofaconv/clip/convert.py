@@ -105,7 +105,8 @@ def default_vocab_path() -> Path | None:
 
 
 def _tokenizer_from_vocab(vocab: Path, vocab_size: int, max_length: int, where) -> BertTokenizer:
-    lines = vocab.read_text(encoding="utf-8").splitlines()
+    # "\n" only: bert-base-chinese has entries containing U+2028, which str.splitlines() splits.
+    lines = vocab.read_text(encoding="utf-8").removesuffix("\n").split("\n")
     if len(lines) != vocab_size:
         raise CheckpointError(f"vocab has {len(lines)} entries but the word embedding has {vocab_size} rows; pass "
                               "--vocab with the model's vocab.txt", path=vocab, key="word_embeddings")

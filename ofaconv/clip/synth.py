@@ -202,9 +202,14 @@ def _cn_resnet_keys(v: dict, embed: int) -> dict[str, tuple]:
     return keys
 
 
-def cnclip_state_dict(arch: str, *, micro: bool = True, seed: int = 0, pooler: bool = False) -> dict[str, torch.Tensor]:
-    """The state dict of cn_clip's ``CLIP`` (without ``module.``) for a released architecture."""
+def cnclip_state_dict(arch: str, *, micro: bool = True, seed: int = 0, pooler: bool = False,
+                      vocab_size: int | None = None) -> dict[str, torch.Tensor]:
+    """The state dict of cn_clip's ``CLIP`` (without ``module.``) for a released architecture.
+
+    ``vocab_size`` overrides the word-embedding rows (micro towers with the real 21128 vocab)."""
     dims = _arch_dims(arch, micro)
+    if vocab_size is not None:
+        dims["text"]["vocab_size"] = vocab_size
     v, t, e = dims["vision"], dims["text"], dims["embed_dim"]
     shapes = {"logit_scale": ()}
     shapes.update(_cn_resnet_keys(v, e) if v["type"] == "resnet" else _cn_vit_keys(v, e))
@@ -216,12 +221,13 @@ def cnclip_state_dict(arch: str, *, micro: bool = True, seed: int = 0, pooler: b
 
 
 def write_cnclip_pt(path: str | os.PathLike, arch: str, *, micro: bool = True, seed: int = 0,
-                    pooler: bool = False, dtype: torch.dtype = torch.float32, name: str | None = None) -> Path:
+                    pooler: bool = False, dtype: torch.dtype = torch.float32, name: str | None = None,
+                    vocab_size: int | None = None) -> Path:
     path = Path(path)
     if path.is_dir() or not path.suffix:
         path = path / clip_tables()["cnclip_architectures"][arch]["file_name"]
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = cnclip_state_dict(arch, micro=micro, seed=seed, pooler=pooler)
+    state = cnclip_state_dict(arch, micro=micro, seed=seed, pooler=pooler, vocab_size=vocab_size)
     state = {f"module.{k}": (v.to(dtype) if v.is_floating_point() else v) for k, v in state.items()}
     torch.save({"epoch": 7, "step": 40000, "name": name or f"train_{arch.lower()}", "state_dict": state}, path)
     return path
