@@ -3,6 +3,7 @@ epoch time with the locked image tower cached against recomputing it every step.
 
     python bench/clip.py            # base size (ViT-B/32 + BERT-base, the released BertCLIP), batch 64
     python bench/clip.py --smoke    # micro models, seconds (CI)
+    python bench/clip.py --lit-models cnclip-vit-l-14   # only the LiT run on Chinese-CLIP ViT-L/14
 
 Every baseline is measured in the same run. Embedding calls are interleaved with the baseline and
 each figure is the best of ``--repeat`` calls (on a shared machine the minimum is the least
@@ -18,6 +19,10 @@ disturbed run); both paths run under the same torch thread settings.
   steady-state cached epoch (cache already filled). The first epoch of each run is warm-up and is
   dropped; the best of the rest is reported. The per-step phase split (data / forward+backward /
   optimizer) says where the remaining time goes and bounds what any image-side saving can give.
+  LiT runs on each of ``--lit-models``: the released BertCLIP (ViT-B/32 + BERT-base) and the
+  released Chinese-CLIP ViT-L/14 (+ RoBERTa-wwm-base; Chinese-CLIP's ``--freeze-vision``), both
+  synthetic at full size, same pairs and captions. What caching can give is set by how much of an
+  uncached step the locked tower is, so the two sizes bracket it.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from __future__ import annotations
 import argparse
 import csv
 import math
+import shutil
 import statistics
 import sys
 import tempfile
@@ -149,7 +155,7 @@ def steady(clock):
     return secs, {k: v / max(steps, 1) for k, v in phases.items()}, steps
 
 
-def bench_lit(tmp: Path, model_dir: Path, csv_path: Path, n_pairs: int, batch: int, epochs: int) -> None:
+def bench_lit(tmp: Path, model_dir: Path, csv_path: Path, n_pairs: int, batch: int, epochs: int, label: str) -> None:
     import yaml
 
     from ofaconv.clip import ClipTowers
@@ -157,6 +163,7 @@ def bench_lit(tmp: Path, model_dir: Path, csv_path: Path, n_pairs: int, batch: i
     from ofaconv.clip.train import load_recipe, open_image_cache, precompute_image_features, train
 
     def run(name, cached, cache_dir=None):
+        name = f"{model_dir.name}-{name}"
         recipe_path = tmp / f"{name}.yaml"
         recipe_path.write_text(yaml.safe_dump({
             "model": str(model_dir), "output_dir": str(tmp / name), "data": {"train": {"csv": str(csv_path)}},
@@ -172,7 +179,7 @@ def bench_lit(tmp: Path, model_dir: Path, csv_path: Path, n_pairs: int, batch: i
 
     uncached, over_u = run("uncached", False)
 
-    cache_dir = tmp / "cache"
+    cache_dir = tmp / f"{model_dir.name}-cache"
     towers = ClipTowers.from_pretrained(model_dir)
     t = time.perf_counter()
     cache = open_image_cache(towers, cache_dir, "float16")
@@ -189,7 +196,7 @@ def bench_lit(tmp: Path, model_dir: Path, csv_path: Path, n_pairs: int, batch: i
     (u, pu, steps), (c, pc, _) = steady(uncached), steady(cached)
     image_share = 1 - (c - pc.get("data", 0) * steps) / u  # what any image-side saving could remove
     payoff = math.floor(t_fill / (u - c)) + 1 if u > c else None
-    print(f"\nLiT epoch: {n_pairs} pairs, batch {batch}, {steps} step(s)/epoch, {epochs} epochs per run "
+    print(f"\nLiT epoch, {label}: {n_pairs} pairs, batch {batch}, {steps} step(s)/epoch, {epochs} epochs per run "
           f"(first is warm-up; best of the rest)")
     print(f"  {'uncached epoch':28s} {u:9.2f} s   decode + pre-process + locked tower forward every step")
     print(f"  {'cache fill, once':28s} {t_fill:9.2f} s   {len(unique)} images to fp16; + {t_fingerprint:.2f} s "
@@ -206,6 +213,31 @@ def bench_lit(tmp: Path, model_dir: Path, csv_path: Path, n_pairs: int, batch: i
           f"uncached run {over_u:.1f} s, cached run {over_c:.1f} s")
 
 
+LIT_MODELS = {
+    "bertclip": "BertCLIP (ViT-B/32 + BERT-base)",
+    "cnclip-vit-l-14": "Chinese-CLIP ViT-L/14 (+ RoBERTa-wwm-base)",
+}
+
+
+def build_lit_model(name: str, tmp: Path, size: str) -> Path:
+    """A CLIP package folder for the LiT runs (synthetic weights at ``size``)."""
+    from ofaconv.clip import synth
+    from ofaconv.clip.assemble import init_bertclip
+    from ofaconv.clip.convert import convert
+
+    out = tmp / name
+    if name == "bertclip":
+        if not out.exists():
+            init_bertclip(synth.write_openai_clip(tmp / "clip", size), synth.write_bert(tmp / "bert", size), out)
+        return out
+    micro = size == "micro"
+    src = synth.write_cnclip_pt(tmp / "cnclip-src", "ViT-L-14", micro=micro)
+    vocab = synth.write_vocab(tmp / "cnclip-src" / "vocab.txt") if micro else None
+    convert(src, out, verify=False, vocab=None if vocab is None else str(vocab))
+    src.unlink()  # 1.6 GB at full size
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--smoke", action="store_true", help="micro models, seconds (CI)")
@@ -213,6 +245,9 @@ def main(argv=None) -> int:
     ap.add_argument("--pairs", type=int, default=64, help="LiT training pairs (base size)")
     ap.add_argument("--epochs", type=int, default=None, help="epochs per LiT run, the first is warm-up (3 smoke, 2 base)")
     ap.add_argument("--repeat", type=int, default=2, help="timed embedding calls per path (best is kept)")
+    ap.add_argument("--lit-models", default=",".join(LIT_MODELS),
+                    help=f"LiT runs, comma-separated from: {', '.join(LIT_MODELS)}")
+    ap.add_argument("--no-embeddings", action="store_true", help="skip the embedding throughput part")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch intra-op threads (default: torch's; 1 with --smoke)")
     args = ap.parse_args(argv)
@@ -227,8 +262,12 @@ def main(argv=None) -> int:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     from ofaconv.clip import synth
-    from ofaconv.clip.assemble import init_bertclip
     from ofaconv.clip.data import DataStats, read_csv_pairs
+
+    lit_models = [m for m in args.lit_models.split(",") if m]
+    unknown = [m for m in lit_models if m not in LIT_MODELS]
+    if unknown:
+        ap.error(f"unknown --lit-models {unknown[0]!r} (choose from {', '.join(LIT_MODELS)})")
 
     size = "micro" if args.smoke else "base"
     batch = 8 if args.smoke else args.batch
@@ -238,7 +277,6 @@ def main(argv=None) -> int:
     print(f"size={size} batch={batch} threads={torch.get_num_threads()} torch={torch.__version__}")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        init_bertclip(synth.write_openai_clip(tmp / "clip", size), synth.write_bert(tmp / "bert", size), tmp / "model")
         src = synth.write_caption_pairs(tmp / "data", per_class=math.ceil(n_pairs / 8), image_size=image_size)
         with open(src, newline="", encoding="utf-8") as f:
             rows = list(csv.DictReader(f))[:n_pairs]
@@ -253,8 +291,14 @@ def main(argv=None) -> int:
         pairs, store = read_csv_pairs(csv_path, None, DataStats())
         images = [store.load(p.image_id) for p in pairs[:batch]]
         texts = [caption(synth.caption_classes()[i % 8][0], i) for i in range(2 * batch)]
-        bench_embeddings(tmp / "model", images, texts, batch, repeat)
-        bench_lit(tmp, tmp / "model", csv_path, len(pairs), batch, args.epochs or (3 if args.smoke else 2))
+        if not args.no_embeddings:
+            bench_embeddings(build_lit_model("bertclip", tmp, size), images, texts, batch, repeat)
+        for name in lit_models:
+            model_dir = build_lit_model(name, tmp, size)
+            bench_lit(tmp, model_dir, csv_path, len(pairs), batch, args.epochs or (3 if args.smoke else 2),
+                      LIT_MODELS[name] + (" micro" if args.smoke else ""))
+            shutil.rmtree(model_dir)
+            shutil.rmtree(tmp / f"{name}-cache", ignore_errors=True)
     return 0
 
 
