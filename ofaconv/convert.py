@@ -42,12 +42,17 @@ REMOTE_CODE_FILES = [
     "tokenization_ofa.py",
 ]
 # fairseq flags the model does not implement: refuse rather than convert something that differs.
+# Every released checkpoint has the other value; the reference implements them, the model does not.
 UNSUPPORTED_FLAGS = {
     "scale_resids": True,
     "encoder_prompt": True,
     "decoder_prompt": True,
     "cross_self_attention": True,
+    "entangle_position_embedding": True,  # the encoder would add absolute positions to its inputs
+    "sync_bn": True,  # the ResNet's BatchNorm eps would be 1e-3
+    "freeze_resnet": True,  # FrozenBatchNorm2d: no num_batches_tracked
 }
+SUPPORTED_ACTIVATION = "gelu"
 
 
 def parse_size(text: str | int) -> int:
@@ -55,22 +60,37 @@ def parse_size(text: str | int) -> int:
         return text
     units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
     s = str(text).strip().upper()
-    for unit in sorted(units, key=len, reverse=True):
-        if s.endswith(unit):
-            return int(float(s[: -len(unit)]) * units[unit])
-    return int(s)
+    try:
+        for unit in sorted(units, key=len, reverse=True):
+            if s.endswith(unit):
+                size = int(float(s[: -len(unit)]) * units[unit])
+                break
+        else:
+            size = int(s)
+    except ValueError:
+        size = 0
+    if size <= 0:
+        raise OfaconvError(f"bad size {text!r} (expected e.g. 2GB, 500MB or a byte count)")
+    return size
 
 
-def check_supported(shape: dict, flags: dict) -> None:
+def check_supported(shape: dict, flags: dict, path=None) -> None:
     """Refuse what the transformers model does not implement (no transformers import: runs first)."""
     for flag, bad in UNSUPPORTED_FLAGS.items():
         if flags.get(flag) == bad or shape.get(flag) == bad:
-            raise CheckpointError(f"flag {flag}={bad} is not supported by the transformers model")
+            raise CheckpointError(f"flag {flag}={bad} is not supported by the transformers model", path=path)
+    activation = flags.get("activation_fn") or SUPPORTED_ACTIVATION
+    if activation != SUPPORTED_ACTIVATION:
+        raise CheckpointError(f"flag activation_fn={activation} is not supported by the transformers model "
+                              f"(only {SUPPORTED_ACTIVATION})", path=path)
     if shape["max_source_positions"] != shape["max_target_positions"]:
-        raise CheckpointError("different source and target position table sizes are not supported")
+        raise CheckpointError("different source and target position table sizes are not supported", path=path)
     # Structural flags come from which keys exist; the rest from the checkpoint's arguments.
     if len({shape[k] for k in ("scale_attn", "scale_fc", "scale_heads")}) != 1:
-        raise CheckpointError("mixed NormFormer flags (scale_attn/scale_fc/scale_heads) are not supported")
+        raise CheckpointError("mixed NormFormer flags (scale_attn/scale_fc/scale_heads) are not supported", path=path)
+    if not shape["scale_attn"]:
+        raise CheckpointError("checkpoints without NormFormer layers (scale_attn/scale_fc/scale_heads all False) "
+                              "are not supported: every released OFA has them", path=path)
 
 
 def build_config(shape: dict, flags: dict):
@@ -123,16 +143,34 @@ def keymap_counts(shape: dict) -> dict:
     }
 
 
-def check_derived(plan, state: dict, shape: dict, path) -> list[dict]:
+def model_state_shapes(shape: dict, flags: dict) -> dict[str, tuple[int, ...]]:
+    """Every key of the transformers model's state dict with its shape (built on the meta device)."""
+    import torch
+
+    from .modeling.modeling_ofa import OFAForConditionalGeneration
+
+    with torch.device("meta"):
+        model = OFAForConditionalGeneration(build_config(shape, flags))
+    return {key: tuple(value.shape) for key, value in model.state_dict().items()}
+
+
+def check_derived(plan, state: dict, shape: dict, flags: dict, path) -> list[dict]:
     """The rp-bucket tables and image_position_idx are recomputed by the model: compare once."""
     import torch
 
-    from .modeling.buckets_ofa import image_num_rel_dis, make_image_bucket_position, make_token_bucket_position
+    from .modeling.buckets_ofa import (
+        image_num_rel_dis,
+        make_image_bucket_position,
+        make_token_bucket_position,
+        token_bucket_table_size,
+    )
     from .reference.buckets import make_image_position_idx
 
     token_buckets, image_buckets = shape["token_bucket_size"], shape["image_bucket_size"]
+    code_image_size = int(flags.get("code_image_size") or 128)
     expected = {
-        "token_rp_bucket": lambda: make_token_bucket_position(token_buckets, shape["max_source_positions"]),
+        "token_rp_bucket": lambda: make_token_bucket_position(
+            token_buckets, token_bucket_table_size(shape["max_source_positions"])),
         "image_rp_bucket": lambda: make_image_bucket_position(image_buckets, image_num_rel_dis(image_buckets)),
     }
     tables = {}  # each table is built once, for the encoder's and the decoder's copy
@@ -142,7 +180,8 @@ def check_derived(plan, state: dict, shape: dict, path) -> list[dict]:
         name = target.rsplit(".", 1)[-1]
         if name == "image_position_idx":
             # 1026 in fairseq's current code, 1025 in released checkpoints (OFA#229).
-            candidates = [make_image_position_idx(image_buckets, length=n) for n in (1025, 1026)]
+            candidates = [make_image_position_idx(image_buckets, code_image_size, length=n)
+                          for n in (1 + (code_image_size // 8) ** 2 + 768, 1 + (code_image_size // 8) ** 2 + 769)]
             ok = any(c.shape == tensor.shape and torch.equal(c, tensor) for c in candidates)
         else:
             if name not in tables:
@@ -300,11 +339,15 @@ def _convert(
     variant, family = detect_variant(shape, flags)
     if family is not None and shape["vocab_size"] != family_info(family)["vocab_size"]:
         variant, family = None, None  # same layer shapes as a released variant, another vocabulary
-    check_supported(shape, flags)
+    check_supported(shape, flags, src)
     km = KeyMap.load(keymap)
-    plan = km.plan(state, keymap_counts(shape), source_path=src)
+    # The shipped map's output is the model's key set (a test proves it for every variant); any
+    # other map is checked against the model itself, so a map that misses a key cannot write a
+    # folder that loads with randomly initialised weights.
+    targets = None if keymap == DEFAULT_KEYMAP else model_state_shapes(shape, flags)
+    plan = km.plan(state, keymap_counts(shape), source_path=src, expected_shapes=targets)
     check_tied(plan, state, src)
-    derived = check_derived(plan, state, shape, src)
+    derived = check_derived(plan, state, shape, flags, src)
     if ckpt.mmapped:
         for key in [*plan.tied_sources, *plan.tied_sources.values(), *plan.derived.values()]:
             release_pages(state[key])
@@ -330,7 +373,7 @@ def _convert(
         ]
         # The writer refuses NaN/Inf (and fp16 overflow) per tensor, naming the source key.
         written = write_shards(
-            tmp, items, max_shard_size=parse_size(max_shard_size), dtype=None if dtype == "fp32" else target_dtype,
+            tmp, items, max_shard_size=parse_size(max_shard_size), dtype=target_dtype,
             source_path=src, progress=progress,
             written=(lambda name: release_pages(state[sources[name]])) if ckpt.mmapped else None,
         )

@@ -140,6 +140,7 @@ def _layout_config(model: dict, vocab_size: int, resnet_layers: list[int]) -> di
         "max_source_positions": model["max_source_positions"],
         "max_target_positions": model["max_target_positions"],
         "image_position_idx_length": 1 + (model["code_image_size"] // 8) ** 2 + 769,
+        "code_image_size": model["code_image_size"],
         "resnet_layers": resnet_layers,
         "bn_tracks_batches": not model.get("freeze_resnet", False),
     }
@@ -213,16 +214,17 @@ def _fill(out: torch.Tensor, spec: layout.KeySpec, seed: int, tables: dict) -> t
 
 
 def _bucket_tables(config: dict) -> dict:
-    return _cached_tables(config["token_bucket_size"], config["image_bucket_size"], config["image_position_idx_length"])
+    return _cached_tables(config["token_bucket_size"], config["image_bucket_size"], config["image_position_idx_length"],
+                          config["code_image_size"])
 
 
 @functools.lru_cache(maxsize=4)
-def _cached_tables(token_bucket_size: int, image_bucket_size: int, position_idx_length: int) -> dict:
+def _cached_tables(token_bucket_size: int, image_bucket_size: int, position_idx_length: int, code_image_size: int) -> dict:
     # Read-only templates: _fill copies them into each checkpoint's own storages.
     return {
         "token": buckets.make_token_bucket_position(token_bucket_size),
         "image": buckets.make_image_bucket_position(image_bucket_size),
-        "position_idx": buckets.make_image_position_idx(image_bucket_size, length=position_idx_length),
+        "position_idx": buckets.make_image_position_idx(image_bucket_size, code_image_size, length=position_idx_length),
     }
 
 

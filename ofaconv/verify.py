@@ -14,6 +14,7 @@ Probe inputs are deterministic: two images and a batch of two prompts, the secon
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 from pathlib import Path
@@ -26,6 +27,8 @@ from .generation_parity import MODES, compare_generation
 LOGIT_GATE = 1e-5
 PROBE_MAX_LEN_B = 8
 
+
+CASTS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # --dtype -> written dtype
 
 def probe_inputs(config, folder: Path | None = None) -> dict:
     """Deterministic inputs: two images of the checkpoint's resolution, two prompts (one padded)."""
@@ -111,7 +114,7 @@ def structure_check(folder: Path):
 def tensors_check(folder: Path, state: dict, plan, dtype: str):
     from safetensors import safe_open
 
-    cast = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    cast = CASTS[dtype]
     stored = {}
     for path in sorted(folder.glob("*.safetensors")):
         with safe_open(str(path), framework="pt") as f:
@@ -126,8 +129,8 @@ def tensors_check(folder: Path, state: dict, plan, dtype: str):
         with safe_open(str(path), framework="pt") as f:
             tensor = f.get_tensor(key)
         expected = state[source]
-        if cast is not None and expected.is_floating_point():
-            expected = expected.to(cast)
+        if expected.is_floating_point():
+            expected = expected.to(cast)  # an fp16 source written at fp32 is upcast, exactly
         if tensor.dtype != expected.dtype or tensor.shape != expected.shape or not torch.equal(tensor, expected):
             bad.append(target)
     extra = sorted(set(stored) - set(plan.targets))
@@ -142,10 +145,10 @@ def tensors_check(folder: Path, state: dict, plan, dtype: str):
 def _reference(state: dict, ckpt, flags: dict, dtype: str):
     from .reference.forward import FairseqReference
 
-    cast = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
-    if cast is not None:
-        # The folder holds cast weights: the reference sees the same rounding, in fp32.
-        state = {k: (v.to(cast).float() if v.is_floating_point() else v) for k, v in state.items()}
+    # The folder holds cast weights: the reference sees the same rounding, in fp32 (an fp16 source
+    # is computed in fp32 from its exact values, as the converted fp32 folder is).
+    cast = CASTS[dtype]
+    state = {k: (v.to(cast).float() if v.is_floating_point() else v) for k, v in state.items()}
     args = {**ckpt.task_args, **ckpt.model_args, **flags}
     return FairseqReference(state, args)
 
@@ -237,21 +240,39 @@ def format_checks(checks: list[dict]) -> list[str]:
     return lines
 
 
-def verify_folder(folder, against=None, *, ema: bool = False) -> tuple[list[dict], bool]:
-    """``ofaconv verify``: structure and a probe forward; with ``against`` the full parity check."""
+def verify_folder(folder, against=None, *, ema: bool | None = None) -> tuple[list[dict], bool]:
+    """``ofaconv verify``: structure and a probe forward; with ``against`` the full parity check.
+
+    With ``against``, the folder's ``conversion_report.json`` (if it has one) supplies the dtype and
+    whether the EMA weights were converted (``ema=None``), gains a ``source`` check (the checkpoint
+    is the file the report names, by sha256) and is rewritten with these checks.
+    """
     folder = Path(folder)
     if not (folder / "config.json").exists():
         raise OfaconvError("not a model folder (no config.json)", path=folder)
     report_path = folder / "conversion_report.json"
-    dtype = "fp32"
+    report = None
     if report_path.exists():
-        dtype = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}.get(
-            json.loads(report_path.read_text()).get("dtype", "float32"), "fp32"
-        )
+        try:
+            report = json.loads(report_path.read_text())
+        except (OSError, ValueError) as exc:
+            raise VerificationError(f"unreadable report: {exc}", path=report_path) from None
+    dtype = "fp32"
+    if report is not None:
+        dtype = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}.get(report.get("dtype", "float32"), "fp32")
+    if ema is None:
+        ema = bool(report is not None and (report.get("source") or {}).get("ema"))
     if against is not None:
         from .checkpoint import load_checkpoint
 
         checks = run_checks(folder, load_checkpoint(against, ema=ema), dtype=dtype)
+        if report is not None:
+            checks.insert(0, _source_check(report, Path(against)))
+            report["checks"] = checks
+            report["passed"] = all(c["passed"] for c in checks)
+            partial = report_path.with_name(f".{report_path.name}.partial")
+            partial.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+            partial.replace(report_path)
     else:
         checks = []
         try:
@@ -264,7 +285,7 @@ def verify_folder(folder, against=None, *, ema: bool = False) -> tuple[list[dict
             logits = model(**inputs).logits
         finite = bool(torch.isfinite(logits).all())
         checks.append(_check("probe_forward", finite, detail=f"logits {list(logits.shape)} finite={finite}"))
-        if report_path.exists():
+        if report is not None:
             from .hub.report import validate_report
 
             reasons = validate_report(folder)
@@ -272,11 +293,25 @@ def verify_folder(folder, against=None, *, ema: bool = False) -> tuple[list[dict
     return checks, all(c["passed"] for c in checks)
 
 
+def _source_check(report: dict, against: Path) -> dict:
+    from .digest import file_sha256
+
+    recorded = (report.get("source") or {}).get("sha256")
+    actual = file_sha256(against)
+    if recorded is None:
+        return _check("source", True, detail=f"report names no source hash; {against.name} sha256 {actual[:12]}")
+    same = actual == recorded
+    detail = f"{against.name} is the converted file" if same else (
+        f"{against.name} sha256 {actual[:12]} is not the converted file's {recorded[:12]}")
+    return _check("source", same, detail=detail)
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser("verify", help="check a converted folder; with --against, full parity vs the checkpoint")
     p.add_argument("folder")
     p.add_argument("--against", metavar="CKPT", help="fairseq checkpoint the folder was converted from")
-    p.add_argument("--ema", action="store_true", help="compare against the checkpoint's EMA weights")
+    p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None,
+                   help="compare against the checkpoint's EMA weights (default: as the report says)")
     p.add_argument("--json", action="store_true", help="print the checks as JSON")
     p.set_defaults(func=_run)
 

@@ -4,6 +4,7 @@ golden outputs, bad inputs, and mutation tests proving the parity checker bites.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -14,7 +15,6 @@ import yaml
 
 from ofaconv.cli import main as cli
 from ofaconv.convert import convert_checkpoint
-from ofaconv.errors import OfaconvError
 from ofaconv.synth import write_bad_checkpoint, write_synthetic_checkpoint
 from ofaconv.variants import variant_names
 
@@ -270,17 +270,29 @@ def _swap_renames(data, a, b):
 
 
 @pytest.mark.parametrize("mutation", sorted(MUTATIONS))
-def test_mutated_keymap_fails_verification(mutation, micro_checkpoint, tmp_path):
+def test_mutated_keymap_fails_verification(mutation, micro_checkpoint, tmp_path, monkeypatch):
+    import ofaconv.convert as conv
+
+    # The parity checker alone must catch every fault: the plan-time check of a custom map against
+    # the model's key set (which refuses the dropped-key faults earlier) is switched off here.
+    monkeypatch.setattr(conv, "model_state_shapes", lambda shape, flags: None)
     keymap = _mutated_keymap(tmp_path, MUTATIONS[mutation])
     src = micro_checkpoint("ofa-large")  # 2 encoder / 3 decoder layers: index swaps are visible
-    try:
-        result = convert_checkpoint(src, tmp_path / "out", keymap=str(keymap), verify=True)
-    except OfaconvError as exc:  # a mis-shaped swap is already refused at load time: also a catch
-        assert "shape" in str(exc) or "size" in str(exc), exc
-        return
+    result = convert_checkpoint(src, tmp_path / "out", keymap=str(keymap), verify=True)
     failed = [c["name"] for c in result.report["checks"] if not c["passed"]]
     assert not result.passed and failed, f"{mutation} went unnoticed"
     assert {"encoder_states", "decoder_logits", "structure"} & set(failed)
+
+
+def test_custom_keymap_missing_a_model_key_is_refused_before_writing(micro_checkpoint, tmp_path, capsys):
+    keymap = _mutated_keymap(tmp_path, MUTATIONS["dropped_normformer_layer_norm"])
+    src = micro_checkpoint("ofa-large")
+    out = tmp_path / "out"
+    assert cli(["convert", str(src), str(out), "--keymap", str(keymap)]) != 0
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "self_attn_mid_layer_norm" in err and str(src) in err, err
+    assert not out.exists() and not list(tmp_path.glob(".out.*"))
+    assert cli(["inspect", str(src), "--keymap", str(keymap)]) != 0
 
 
 @pytest.mark.parametrize("flag,value", [("attn_scale_factor", 1.0), ("disable_entangle", True),
@@ -305,15 +317,89 @@ def test_wrong_config_flag_fails_verification(flag, value, micro_checkpoint, tmp
     assert not result.passed, f"ignoring {flag} went unnoticed"
 
 
-@pytest.mark.parametrize("flag", ["encoder_prompt", "cross_self_attention"])
-def test_unsupported_flags_are_refused_by_convert_and_inspect(flag, tmp_path, capsys):
+@pytest.mark.parametrize("flags,message", [
+    ({"encoder_prompt": True}, "encoder_prompt=True is not supported"),
+    ({"cross_self_attention": True}, "cross_self_attention=True is not supported"),
+    ({"entangle_position_embedding": True}, "entangle_position_embedding=True is not supported"),
+    ({"sync_bn": True}, "sync_bn=True is not supported"),
+    ({"freeze_resnet": True}, "freeze_resnet=True is not supported"),
+    ({"activation_fn": "relu"}, "activation_fn=relu is not supported"),
+    ({"scale_attn": False, "scale_fc": False, "scale_heads": False}, "without NormFormer layers"),
+])
+def test_unsupported_flags_are_refused_by_convert_and_inspect(flags, message, tmp_path, capsys):
     src = tmp_path / "prompted.pt"
-    write_synthetic_checkpoint(src, "ofa-tiny", size="micro", seed=3, flags={flag: True})
+    write_synthetic_checkpoint(src, "ofa-tiny", size="micro", seed=3, flags=flags)
     for command in (["convert", str(src), str(tmp_path / "out")], ["inspect", str(src)]):
         assert cli(command) != 0
         err = capsys.readouterr().err.strip()
-        assert err.count("\n") == 0 and f"{flag}=True is not supported" in err, err
+        assert err.count("\n") == 0 and message in err and str(src) in err, err
     assert not (tmp_path / "out").exists() and [p.name for p in tmp_path.iterdir()] == ["prompted.pt"]
+
+
+CHECKPOINT_CASES = {
+    "ema": ({"ema": True}, {"ema": True}),
+    "fp16_source": ({"dtype": torch.float16}, {}),
+    "legacy_args_layout": ({"layout": "args"}, {}),
+    "bf16_output": ({}, {"dtype": "bf16"}),
+    "512_positions": ({"flags": {"max_source_positions": 512, "max_target_positions": 512}}, {}),
+    "code_image_size_256": ({"flags": {"code_image_size": 256}}, {}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CHECKPOINT_CASES))
+def test_convert_and_verify_end_to_end(case, tmp_path):
+    synth_options, convert_options = CHECKPOINT_CASES[case]
+    src = write_synthetic_checkpoint(tmp_path / "src.pt", "ofa-tiny", size="micro", seed=4, **synth_options)
+    result = convert_checkpoint(src, tmp_path / "out", verify=True, **convert_options)
+    assert result.passed, [c for c in result.report["checks"] if not c["passed"]]
+    written = {"bf16_output": "BF16"}.get(case, "F32")  # an fp16 source is written at the asked fp32
+    header = _safetensors_header(tmp_path / "out" / "model.safetensors")
+    assert {v["dtype"] for k, v in header.items() if k != "__metadata__" and "num_batches" not in k} == {written}
+    report = json.loads((tmp_path / "out" / "conversion_report.json").read_text())
+    assert report["source"]["sha256"] == hashlib.sha256(src.read_bytes()).hexdigest()
+    assert report["source"]["ema"] is bool(convert_options.get("ema"))
+    assert report["keymap"]["file"] == "ofa_fairseq.yaml" and report["versions"]["transformers"]
+
+
+def _safetensors_header(path):
+    data = path.read_bytes()
+    return json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
+
+
+def test_verify_against_reads_the_report_and_rewrites_it(tmp_path, capsys):
+    src = write_synthetic_checkpoint(tmp_path / "src.pt", "ofa-tiny", size="micro", seed=5, ema=True)
+    out = tmp_path / "out"
+    assert convert_checkpoint(src, out, ema=True).passed
+    # --ema comes from the report: without it the EMA weights would be compared with the model's
+    assert cli(["verify", str(out), "--against", str(src)]) == 0
+    report = json.loads((out / "conversion_report.json").read_text())
+    assert report["passed"] and report["checks"][0]["name"] == "source" and report["checks"][0]["passed"]
+    other = write_synthetic_checkpoint(tmp_path / "other.pt", "ofa-tiny", size="micro", seed=6, ema=True)
+    capsys.readouterr()
+    assert cli(["verify", str(out), "--against", str(other)]) == 3
+    report = json.loads((out / "conversion_report.json").read_text())
+    failed = {c["name"] for c in report["checks"] if not c["passed"]}
+    assert not report["passed"] and {"source", "tensors"} <= failed
+
+
+def test_failed_verification_exits_3_and_keeps_the_folder_with_its_report(micro_checkpoint, tmp_path, monkeypatch,
+                                                                          capsys):
+    import ofaconv.convert as conv
+
+    monkeypatch.setattr(conv, "model_state_shapes", lambda shape, flags: None)
+    keymap = _mutated_keymap(tmp_path, MUTATIONS["swapped_q_k"])
+    out = tmp_path / "out"
+    assert cli(["convert", str(micro_checkpoint("ofa-large")), str(out), "--keymap", str(keymap), "--verify"]) == 3
+    report = json.loads((out / "conversion_report.json").read_text())
+    failed = [c["name"] for c in report["checks"] if not c["passed"]]
+    assert not report["passed"] and "encoder_states" in failed
+    assert "FAIL" in capsys.readouterr().out
+
+
+def test_bad_max_shard_size_is_one_line(micro_checkpoint, tmp_path, capsys):
+    assert cli(["convert", str(micro_checkpoint("ofa-tiny")), str(tmp_path / "out"), "--max-shard-size", "2 gigs"]) != 0
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "2 gigs" in err and not (tmp_path / "out").exists()
 
 
 def test_disable_entangle_false_is_implemented(tmp_path):
@@ -322,3 +408,19 @@ def test_disable_entangle_false_is_implemented(tmp_path):
     result = convert_checkpoint(src, tmp_path / "out", verify=True)
     assert result.passed, result.report["checks"]
     assert json.loads((tmp_path / "out" / "config.json").read_text())["disable_entangle"] is False
+
+
+@pytest.mark.parametrize("variant", variant_names())
+def test_shipped_keymap_produces_exactly_the_model_keys(variant, micro_checkpoint):
+    """convert skips the meta-model key check for the shipped map: this is why that is safe.
+    Also proves the model builds on the meta device (transformers 5 / accelerate empty init)."""
+    from ofaconv.checkpoint import infer_config, load_checkpoint, read_flags
+    from ofaconv.convert import DEFAULT_KEYMAP, keymap_counts, model_state_shapes
+    from ofaconv.keymap import KeyMap
+
+    ckpt = load_checkpoint(micro_checkpoint(variant))
+    shape = infer_config(ckpt.state_dict)
+    targets = model_state_shapes(shape, read_flags(ckpt))
+    # a mapping of expected shapes is also the complete key set: any key missing either way raises
+    plan = KeyMap.load(DEFAULT_KEYMAP).plan(ckpt.state_dict, keymap_counts(shape), expected_shapes=targets)
+    assert set(plan.targets) | set(plan.tied) == set(targets)

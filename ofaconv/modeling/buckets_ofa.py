@@ -12,7 +12,16 @@ import math
 import torch
 
 
-def make_token_bucket_position(bucket_size: int, max_position: int = 1024) -> torch.Tensor:
+# fairseq builds the token table at its default 1024 positions whatever --max-source-positions says
+# (the log-scale buckets depend on the table size), so a 512-position checkpoint uses 1024's table.
+FAIRSEQ_TOKEN_TABLE_SIZE = 1024
+
+
+def token_bucket_table_size(max_positions: int) -> int:
+    return max(FAIRSEQ_TOKEN_TABLE_SIZE, max_positions)
+
+
+def make_token_bucket_position(bucket_size: int, max_position: int = FAIRSEQ_TOKEN_TABLE_SIZE) -> torch.Tensor:
     context_pos = torch.arange(max_position, dtype=torch.long)[:, None]
     memory_pos = torch.arange(max_position, dtype=torch.long)[None, :]
     relative_pos = context_pos - memory_pos

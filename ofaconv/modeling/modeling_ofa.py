@@ -21,7 +21,12 @@ from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import ModelOutput, Seq2SeqLMOutput, Seq2SeqModelOutput
 
-from .buckets_ofa import image_num_rel_dis, make_image_bucket_position, make_token_bucket_position
+from .buckets_ofa import (
+    image_num_rel_dis,
+    make_image_bucket_position,
+    make_token_bucket_position,
+    token_bucket_table_size,
+)
 from .configuration_ofa import OFAConfig
 from .generation_ofa import ofa_generate
 
@@ -163,7 +168,7 @@ class OFAResNet(nn.Module):
             )
         layers = [OFABottleneck(self.inplanes, planes, stride, downsample)]
         self.inplanes = planes * OFABottleneck.expansion
-        rates = [x.item() for x in torch.linspace(0, drop_path_rate, blocks)]
+        rates = [x.item() for x in torch.linspace(0, drop_path_rate, blocks, device="cpu")]
         for i in range(1, blocks):
             layers.append(OFABottleneck(self.inplanes, planes, drop_path_rate=rates[i]))
         return nn.Sequential(*layers)
@@ -440,7 +445,8 @@ class OFAStack(OFAPreTrainedModel):
         )
 
     def token_rp_bucket(self, device) -> torch.Tensor:
-        return _cached_buckets("token", self.config.token_bucket_size, self.config.max_position_embeddings, device)
+        size = token_bucket_table_size(self.config.max_position_embeddings)
+        return _cached_buckets("token", self.config.token_bucket_size, size, device)
 
     def get_input_embeddings(self):
         return self.embed_tokens
@@ -460,7 +466,7 @@ class OFAEncoder(OFAStack):
         self.patch_layernorm_embedding = _layer_norm_or_none(config.patch_layernorm_embedding, d)
         self.pos_q_linear = nn.Linear(d, d)
         self.pos_k_linear = nn.Linear(d, d)
-        rates = [x.item() for x in torch.linspace(0, config.encoder_drop_path_rate, config.encoder_layers)]
+        rates = [x.item() for x in torch.linspace(0, config.encoder_drop_path_rate, config.encoder_layers, device="cpu")]
         self.layers = nn.ModuleList([OFAEncoderLayer(config, rates[i]) for i in range(config.encoder_layers)])
         self.layer_norm = _layer_norm_or_none(config.encoder_normalize_before, d)
         self.post_init()
@@ -599,7 +605,7 @@ class OFADecoder(OFAStack):
         self.self_pos_k_linear = nn.Linear(d, d)
         self.cross_pos_q_linear = nn.Linear(d, d)
         self.cross_pos_k_linear = nn.Linear(d, d)
-        rates = [x.item() for x in torch.linspace(0, config.decoder_drop_path_rate, config.decoder_layers)]
+        rates = [x.item() for x in torch.linspace(0, config.decoder_drop_path_rate, config.decoder_layers, device="cpu")]
         self.layers = nn.ModuleList([OFADecoderLayer(config, rates[i]) for i in range(config.decoder_layers)])
         self.layer_norm = _layer_norm_or_none(config.decoder_normalize_before, d)
         self.output_projection = nn.Linear(d, config.vocab_size, bias=False)
