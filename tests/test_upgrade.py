@@ -15,10 +15,10 @@ from ofaconv.reference.buckets import make_image_position_idx
 from ofaconv.synth import write_synthetic_checkpoint
 
 
-@pytest.fixture(scope="module")
-def old_port_folder(tmp_path_factory):
-    """What OFA-Chinese / OFA-Sys published: pytorch_model.bin in port names with persistent
-    rp-bucket tables and a 1025-long image_position_idx, and the ports' config.json."""
+@pytest.fixture(scope="module", params=["pytorch_model.bin", "model.safetensors"])
+def old_port_folder(request, tmp_path_factory):
+    """What OFA-Chinese / OFA-Sys published: pytorch_model.bin (or, re-saved, safetensors) in port
+    names with persistent rp-bucket tables and a 1025-long image_position_idx, and the ports' config.json."""
     root = tmp_path_factory.mktemp("oldport")
     src = root / "src.pt"
     write_synthetic_checkpoint(src, "ofa-cn-base", size="micro", seed=5)
@@ -34,7 +34,13 @@ def old_port_folder(tmp_path_factory):
     state["decoder.output_projection.weight"] = state["encoder.embed_tokens.weight"]
     folder = root / "ofa-cn-base-old"
     folder.mkdir()
-    torch.save(state, folder / "pytorch_model.bin")
+    if request.param == "pytorch_model.bin":
+        torch.save(state, folder / request.param)
+    else:  # safetensors stores no aliases: each tied copy is its own tensor
+        from safetensors.torch import save_file
+
+        save_file({k: v.clone().contiguous() for k, v in state.items()}, str(folder / request.param),
+                  metadata={"format": "pt"})
     config = {
         "architectures": ["OFAModel"], "model_type": "ofa", "vocab_size": shape["vocab_size"],
         "d_model": shape["d_model"], "encoder_layers": shape["encoder_layers"],
