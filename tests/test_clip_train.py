@@ -186,3 +186,145 @@ def test_downloader_retries_validates_resumes_and_reports(tmp_path):
         assert again["skipped_existing"] == 2 and again["downloaded"] == 0
     finally:
         server.shutdown()
+
+
+# -- image-feature cache fill ----------------------------------------------------------------------
+def _corrupt_one(csv_path, index):
+    with open(csv_path, encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    (csv_path.parent / rows[index]["filename"]).write_bytes(b"corrupt")
+    return rows[index]["filename"]
+
+
+@pytest.fixture
+def fill_setup(tmp_path, init_model):
+    from ofaconv.clip.train import open_image_cache
+
+    csv_path = synth.write_caption_pairs(tmp_path / "d", per_class=1, seed=3)
+    bad_id = _corrupt_one(csv_path, 2)
+    pairs, store = read_csv_pairs(csv_path, None, DataStats())
+    towers = ClipTowers.from_pretrained(init_model)
+    ids = [p.image_id for p in pairs]
+    return towers, store, ids, bad_id, lambda name: open_image_cache(towers, tmp_path / name, "float32")
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_fill_decodes_in_dataloader_workers_and_matches_direct_encoding(fill_setup, num_workers):
+    from ofaconv.clip.train import precompute_image_features
+
+    towers, store, ids, bad_id, open_cache = fill_setup
+    cache, stats = open_cache(f"cache{num_workers}"), DataStats()
+    bad = precompute_image_features(towers, store, ids, cache, batch_size=3, num_workers=num_workers, stats=stats)
+    assert bad == {bad_id} and stats.bad_images == 1 and bad_id in stats.examples[0]
+    good = [i for i in ids if i != bad_id]
+    assert sorted(cache.ids()) == sorted(good)
+    # bit-identical to encoding each batch of ids in this process, the failed ones left out
+    with torch.no_grad():
+        direct = torch.cat([towers.pool_images(towers.preprocess_images([store.load(i) for i in ids[k : k + 3] if i != bad_id]))
+                            for k in range(0, len(ids), 3)])
+    assert torch.equal(cache.get_many(good), direct)
+
+
+def test_fill_shares_are_stable_when_ranks_start_at_different_times(fill_setup):
+    from ofaconv.clip.train import precompute_image_features
+
+    towers, store, ids, bad_id, open_cache = fill_setup
+    # rank 0 has written its shards before rank 1 looks at the cache
+    bad = precompute_image_features(towers, store, ids, open_cache("shared"), rank=0, world_size=2)
+    bad |= precompute_image_features(towers, store, ids, open_cache("shared"), rank=1, world_size=2)
+    cache = open_cache("shared")
+    assert bad == {bad_id} and sorted(cache.ids()) == sorted(i for i in ids if i != bad_id)
+
+
+def test_fill_runs_on_the_training_device_with_the_recipe_workers(tmp_path, init_model, monkeypatch):
+    from transformers import TrainingArguments
+
+    from ofaconv.clip import train as train_mod
+
+    class Filled(Exception):
+        pass
+
+    seen = {}
+
+    def spy(towers, store, ids, cache, **kw):
+        seen.update(device=towers.device, num_workers=kw.get("num_workers"))
+        raise Filled
+
+    # "meta" stands in for an accelerator: the towers must be on the training arguments' device
+    monkeypatch.setattr(TrainingArguments, "device", property(lambda self: torch.device("meta")))
+    monkeypatch.setattr(train_mod, "precompute_image_features", spy)
+    recipe = _recipe(tmp_path, init_model, synth.write_caption_pairs(tmp_path / "d", per_class=1), epochs=1)
+    recipe["training"]["dataloader_num_workers"] = 2
+    with pytest.raises(Filled):
+        train(recipe)
+    assert seen == {"device": torch.device("meta"), "num_workers": 2}
+
+
+def test_rank_fill_failures_are_merged_into_the_stats():
+    from ofaconv.clip.train import _merge_rank_failures
+
+    stats = DataStats(rows=9, pairs=9, bad_rows=1, examples=["bad_rows: pairs.csv:3"])
+    ranks = []
+    for rank, ids in enumerate([["a.png"], ["b.png", "c.png"]]):
+        local = DataStats()
+        for i in ids:
+            local.bad("bad_images", f"{i} (UnidentifiedImageError)")
+        ranks.append((ids, local.to_dict()))
+    bad = _merge_rank_failures(ranks, stats)
+    assert bad == {"a.png", "b.png", "c.png"}
+    assert (stats.rows, stats.bad_rows, stats.bad_images) == (9, 1, 3) and len(stats.examples) == 4
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_report_bad_images_of_every_rank(tmp_path, init_model):
+    import os
+    import subprocess
+    import sys
+
+    csv_path = synth.write_caption_pairs(tmp_path / "d", per_class=1, seed=4)
+    _corrupt_one(csv_path, 1)  # rank 1's share: ids 1, 3, 5, 7
+    _recipe(tmp_path, init_model, csv_path, epochs=1)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), "-m", "ofaconv", "clip", "train", str(tmp_path / "recipe.yaml"),
+           "--set", "training.per_device_train_batch_size=4"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
+    if proc.returncode != 0:
+        pytest.fail(f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    stats = json.loads((tmp_path / "run" / "data_stats.json").read_text())
+    assert (stats["pairs"], stats["bad_images"]) == (7, 1), stats
+
+
+# -- data readers ----------------------------------------------------------------------------------
+def _png_b64():
+    import base64
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), "red").save(buf, format="PNG")
+    return base64.urlsafe_b64encode(buf.getvalue()).decode()
+
+
+def test_cnclip_files_with_byte_order_marks(tmp_path):
+    (tmp_path / "imgs.tsv").write_text(f"7\t{_png_b64()}\n8\t{_png_b64()}\n", encoding="utf-8-sig")
+    (tmp_path / "texts.jsonl").write_text('{"text_id": 1, "text": "红色", "image_ids": [7, 8]}\n', encoding="utf-8-sig")
+    pairs, store, stats = read_pairs({"texts": "texts.jsonl", "images": "imgs.tsv"}, tmp_path)
+    assert [p.image_id for p in pairs] == ["7", "8"] and store.ids() == ["7", "8"]
+    assert (stats.rows, stats.bad_rows, stats.missing_images) == (1, 0, 0) and store.load("7").size == (8, 8)
+
+
+def test_filter_decodable_counts_broken_base64_rows(tmp_path):
+    from ofaconv.clip.data import filter_decodable
+
+    (tmp_path / "imgs.tsv").write_text(f"7\t{_png_b64()}\n8\t{_png_b64()[:-3]}\n")
+    (tmp_path / "texts.jsonl").write_text('{"text_id": 1, "text": "红色", "image_ids": [7, 8]}\n')
+    pairs, store, stats = read_pairs({"texts": "texts.jsonl", "images": "imgs.tsv"}, tmp_path)
+    kept = filter_decodable(pairs, store, stats)
+    assert [p.image_id for p in kept] == ["7"] and (stats.pairs, stats.bad_images) == (1, 1)
+    assert stats.examples[0].startswith("bad_images: 8 (")

@@ -40,6 +40,9 @@ class Pair:
     image_id: str
 
 
+_COUNTS = ("rows", "pairs", "bad_rows", "missing_images", "bad_images")
+
+
 @dataclass
 class DataStats:
     rows: int = 0
@@ -54,8 +57,15 @@ class DataStats:
         if len(self.examples) < 10:
             self.examples.append(f"{kind}: {where}")
 
+    def merge(self, other: DataStats | dict) -> None:
+        """Add ``other``'s counts (e.g. another rank's) to these; examples stay capped at 10."""
+        other = other.to_dict() if isinstance(other, DataStats) else other
+        for key in _COUNTS:
+            setattr(self, key, getattr(self, key) + int(other.get(key, 0)))
+        self.examples.extend(other.get("examples", [])[: max(0, 10 - len(self.examples))])
+
     def to_dict(self) -> dict:
-        return {k: getattr(self, k) for k in ("rows", "pairs", "bad_rows", "missing_images", "bad_images", "examples")}
+        return {k: getattr(self, k) for k in (*_COUNTS, "examples")}
 
 
 def validate_image_bytes(data: bytes) -> str | None:
@@ -120,8 +130,8 @@ def _index_tsv(path: Path) -> dict[str, int]:
         pos = 0
         for line in f:
             image_id, sep, _ = line.partition(b"\t")
-            if sep:
-                offsets[image_id.decode("utf-8").strip()] = pos
+            if sep:  # utf-8-sig: a byte-order mark must not become part of the first id
+                offsets[image_id.decode("utf-8-sig").strip()] = pos
             pos += len(line)
     return offsets
 
@@ -161,7 +171,7 @@ def read_cnclip_texts(jsonl: Path, stats: DataStats) -> list[dict]:
     if not jsonl.is_file():
         raise DataError("no such texts JSONL", path=jsonl)
     out = []
-    with open(jsonl, encoding="utf-8") as f:
+    with open(jsonl, encoding="utf-8-sig") as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -221,7 +231,7 @@ def filter_decodable(pairs: list[Pair], store: ImageStore, stats: DataStats,
         if pair.image_id not in ok:
             try:
                 reason = check(store.read(pair.image_id))
-            except OSError as exc:
+            except (OSError, OfaconvError) as exc:  # OfaconvError: a TSV row whose base64 is broken
                 reason = str(exc)
             ok[pair.image_id] = reason is None
             if reason is not None:

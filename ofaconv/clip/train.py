@@ -5,8 +5,10 @@ cross-entropy over in-batch negatives, with an optional clamp of ``logit_scale``
 Because the locked tower is a pure function of the image, its pooled output is computed once per
 image into a ``FeatureCache`` keyed by image id + a fingerprint of the tower weights and image
 pre-processing, and every epoch reads it from disk instead of decoding and encoding images.
-``torchrun`` / ``accelerate launch`` work unchanged: each rank fills its share of the cache, all
-ranks wait, then train. The final model is written as a CLIP package (``<output_dir>/final``).
+``torchrun`` / ``accelerate launch`` work unchanged: each rank fills its share of the cache on its
+training device (images decoded by ``dataloader_num_workers`` workers), the ranks' decode failures
+are gathered into ``data_stats.json``, then all train. The final model is written as a CLIP package
+(``<output_dir>/final``).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from ..errors import OfaconvError
 from ..featcache import FeatureCache
@@ -149,27 +151,64 @@ def open_image_cache(towers: ClipTowers, cache_dir: Path, dtype) -> FeatureCache
                         dtype=_cache_dtype(dtype))
 
 
+class _DecodedImages(Dataset):
+    """``(image id, pixel values, None)`` or ``(image id, None, reason)``: decoded in DataLoader workers."""
+
+    def __init__(self, image_ids: list[str], store: ImageStore, image_processor):
+        self.image_ids, self.store, self.image_processor = image_ids, store, image_processor
+
+    def __len__(self):
+        return len(self.image_ids)
+
+    def __getitem__(self, i):
+        image_id = self.image_ids[i]
+        try:
+            image = self.store.load(image_id)
+            pixels = self.image_processor(images=[image], return_tensors="pt")["pixel_values"][0]
+        except Exception as exc:  # a corrupt image is counted and skipped, never fatal
+            return image_id, None, type(exc).__name__
+        return image_id, pixels, None
+
+
+def _collate_decoded(items):
+    ids = [image_id for image_id, pixels, _ in items if pixels is not None]
+    pixels = torch.stack([pixels for _, pixels, _ in items if pixels is not None]) if ids else None
+    failed = [(image_id, reason) for image_id, pixels, reason in items if pixels is None]
+    return ids, pixels, failed
+
+
 def precompute_image_features(towers: ClipTowers, store: ImageStore, image_ids: list[str], cache: FeatureCache, *,
-                              batch_size: int = 64, rank: int = 0, world_size: int = 1,
+                              batch_size: int = 64, rank: int = 0, world_size: int = 1, num_workers: int = 0,
                               stats: DataStats | None = None) -> set[str]:
-    """Encode this rank's share of the uncached images; returns the ids that failed to decode."""
-    todo = cache.missing(image_ids)[rank::world_size]
+    """Encode the uncached images of this rank's share on the towers' device; returns the ids that failed to decode.
+
+    Images are decoded and pre-processed by ``num_workers`` DataLoader workers (0: in this process).
+    """
+    # The share is cut before looking at the cache: ranks get here at different times, and shares of
+    # "what is still missing" would shift under the shards other ranks have already written.
+    todo = cache.missing(list(dict.fromkeys(image_ids))[rank::world_size])
     bad: set[str] = set()
-    for start in range(0, len(todo), batch_size):
-        ids, images = [], []
-        for image_id in todo[start : start + batch_size]:
-            try:
-                images.append(store.load(image_id))
-                ids.append(image_id)
-            except Exception as exc:  # a corrupt image is counted and skipped, never fatal
-                bad.add(image_id)
-                if stats is not None:
-                    stats.bad("bad_images", f"{image_id} ({type(exc).__name__})")
-        if not ids:
-            continue
-        with torch.no_grad():
-            pooled = towers.pool_images(towers.preprocess_images(images))
-        cache.put_many(ids, pooled.float().cpu())
+    if not todo:
+        return bad
+    loader = DataLoader(_DecodedImages(todo, store, towers.image_processor), batch_size=batch_size,
+                        num_workers=num_workers, collate_fn=_collate_decoded)
+    for ids, pixels, failed in loader:
+        for image_id, reason in failed:
+            bad.add(image_id)
+            if stats is not None:
+                stats.bad("bad_images", f"{image_id} ({reason})")
+        if ids:
+            with torch.no_grad():
+                cache.put_many(ids, towers.pool_images(pixels).float().cpu())
+    return bad
+
+
+def _merge_rank_failures(parts: list[tuple[list[str], dict]], stats: DataStats) -> set[str]:
+    """Fold every rank's ``(failed ids, fill stats)`` into ``stats``; returns all failed ids."""
+    bad: set[str] = set()
+    for ids, part in parts:
+        bad.update(ids)
+        stats.merge(part)
     return bad
 
 
@@ -212,6 +251,7 @@ def export_package(base: ClipPackage, clip_model, out: Path, *, overwrite: bool 
 def train(recipe: dict, *, resume: str | bool | None = None, callbacks: list | None = None) -> dict:
     """Run a loaded recipe; ``callbacks``: extra ``TrainerCallback`` objects (progress, timing)."""
     from accelerate import PartialState
+    from accelerate.utils import gather_object
     from transformers import Trainer, set_seed
 
     base = Path(recipe.pop("_base", "."))
@@ -219,10 +259,14 @@ def train(recipe: dict, *, resume: str | bool | None = None, callbacks: list | N
     def rel(p):
         return Path(p) if os.path.isabs(p) else base / p
 
-    state = PartialState()
     lit = recipe["lit"]
     set_seed(int(recipe["training"].get("seed", 42)))
     output_dir = rel(recipe["output_dir"])
+    args = _build_trainer_args(recipe, output_dir)
+    # The training arguments set up the process state (use_cpu, backend); a PartialState made
+    # before them sees a single process on a CPU-only torchrun.
+    device = args.device
+    state = PartialState()
     pkg, _, _, _ = load_package(rel(recipe["model"]), max_length=recipe.get("max_length"))
     clip_model = pkg.build_model()
     towers = ClipTowers(clip_model, pkg.image_processor, pkg.tokenizer, kind=pkg.kind, max_length=pkg.max_length)
@@ -237,12 +281,20 @@ def train(recipe: dict, *, resume: str | bool | None = None, callbacks: list | N
         cache = open_image_cache(towers, rel(lit["cache_dir"] or (Path(recipe["output_dir"]) / "feature_cache")),
                                  lit["cache_dtype"])
         unique = list(dict.fromkeys(p.image_id for p in pairs))
-        bad = precompute_image_features(towers, store, unique, cache, batch_size=int(lit["encode_batch_size"]),
-                                        rank=state.process_index, world_size=state.num_processes, stats=stats)
-        state.wait_for_everyone()
+        # Encode where the model will train; the Trainer would move it there anyway.
+        clip_model.to(device)
+        fill_stats = DataStats()
+        failed = precompute_image_features(towers, store, unique, cache, batch_size=int(lit["encode_batch_size"]),
+                                           rank=state.process_index, world_size=state.num_processes,
+                                           num_workers=args.dataloader_num_workers, stats=fill_stats)
+        # Returns once every rank has finished its share, so all shards are on disk.
+        bad = _merge_rank_failures(gather_object([(sorted(failed), fill_stats.to_dict())]), stats)
         cache.refresh()
-        if state.num_processes > 1:
-            bad |= set(i for i in unique if i not in cache)
+        lost = [i for i in unique if i not in cache and i not in bad]
+        if lost:
+            raise OfaconvError(f"{len(lost)} image features written by other ranks are not visible here "
+                               f"(e.g. {lost[0]}); lit.cache_dir must be on a filesystem all ranks share",
+                               path=cache.dir)
         pairs = [p for p in pairs if p.image_id not in bad]
         stats.pairs = len(pairs)
     else:
@@ -253,7 +305,6 @@ def train(recipe: dict, *, resume: str | bool | None = None, callbacks: list | N
 
     model = LiTModel(clip_model, lock_image=lit["lock_image"], lock_image_head=lit["lock_image_head"])
     dataset = PairDataset(pairs, store, pkg.image_processor, cache)
-    args = _build_trainer_args(recipe, output_dir)
     callbacks = list(callbacks or [])
     if lit["clamp_logit_scale"] is not None:
         callbacks.append(_clamp_callback(float(lit["clamp_logit_scale"])))
