@@ -4,7 +4,9 @@ Parity is against plain-maths references run on the SOURCE weights; mutation tes
 broken mapping, a missing attention mask or a wrong head count makes the gate fail.
 """
 
+import contextlib
 import json
+import logging
 import pickle
 
 import importlib
@@ -14,11 +16,13 @@ import pytest
 import torch
 import yaml
 from safetensors import safe_open
+from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
 from ofaconv.clip import synth
 from ofaconv.clip import keymap
 from ofaconv.clip.convert import convert, detect_source
+from ofaconv.clip.export import export_bert
 from ofaconv.errors import CheckpointError, KeyMapError, VerificationError
 from ofaconv.keymap import KeyMap
 
@@ -58,7 +62,7 @@ def test_cnclip_every_vit_converts_and_verifies(tmp_path, vocab, arch):
     report = convert(src, tmp_path / "out", vocab=str(vocab))
     assert report["arch"] == arch and report["arch_from"] == "file name"
     diffs = report["parity"]["max_abs_diff"]
-    assert max(v for k, v in diffs.items() if k != "logits") <= 1e-5
+    assert max(diffs.values()) <= 1e-5 and "logits_over_exp_logit_scale" in diffs
     out = tmp_path / "out"
     cfg = json.loads((out / "config.json").read_text())
     spec = keymap.clip_tables()["cnclip_architectures"][arch]
@@ -70,8 +74,15 @@ def test_cnclip_every_vit_converts_and_verifies(tmp_path, vocab, arch):
     assert pp["do_center_crop"] is False and pp["size"] == {"height": micro["image_size"], "width": micro["image_size"]}
     assert pp["processor_class"] == "ChineseCLIPProcessor" and not (out / "processor_config.json").exists()
     assert json.loads((out / "tokenizer_config.json").read_text())["model_max_length"] == 52
-    # text_tower/ works around transformers #32280: BertModel keys without prefix, no pooler
-    assert not any(k.startswith(("text_model.", "pooler.")) for k in _keys(out / "text_tower" / "model.safetensors"))
+    # text_tower/ works around transformers #32280: BertModel keys without prefix; the checkpoint has no
+    # pooler, so the tower's is the identity (unused by the CLIP embedding) and BertModel misses nothing
+    tower = load_file(str(out / "text_tower" / "model.safetensors"))
+    assert not any(k.startswith("text_model.") for k in tower)
+    hidden = spec["micro"]["text"]["hidden_size"]
+    assert torch.equal(tower["pooler.dense.weight"], torch.eye(hidden))
+    assert not tower["pooler.dense.bias"].any()
+    meta = json.loads((out / "text_tower" / "text_tower.json").read_text())
+    assert (meta["pooling"], meta["pooler"], meta["pooler_in_clip_embedding"]) == ("cls", "identity", False)
     assert (out / "parity.json").is_file() and not list(tmp_path.glob(".out.*"))
 
 
@@ -79,7 +90,7 @@ def test_vit_h_needs_its_80_wide_heads(tmp_path, vocab):
     src = synth.write_cnclip_pt(tmp_path / "anonymous.pt", "ViT-H-14", name="run1")
     with pytest.raises(CheckpointError, match="--arch"):
         convert(src, tmp_path / "out", vocab=str(vocab))
-    with pytest.raises(CheckpointError, match="head width 64"):  # 160 wide: not ViT-B's 64-wide heads
+    with pytest.raises(CheckpointError, match="--arch says ViT-B-16 but the weights have ViT-H-14's micro"):
         convert(src, tmp_path / "out", vocab=str(vocab), arch="ViT-B-16")
     report = convert(src, tmp_path / "out", vocab=str(vocab), arch="vit-h-14")
     assert report["arch"] == "ViT-H-14" and report["arch_from"] == "--arch"
@@ -91,6 +102,52 @@ def test_full_size_geometry_identifies_the_architecture():
               **{f"visual.transformer.resblocks.{i}.attn.in_proj_weight": torch.empty(0) for i in range(32)}}
     arch, how = convert_mod.resolve_cnclip_arch(shapes, arch=None, path=Path("x.pt"), meta={})
     assert (arch, how) == ("ViT-H-14", "full-size geometry")
+
+
+def test_micro_geometries_tell_the_architectures_apart():
+    table = keymap.clip_tables()["cnclip_architectures"]
+    geometries = {convert_mod._vit_geometry(synth.cnclip_state_dict(arch)) for arch in VIT_ARCHS}
+    assert len(geometries) == len(VIT_ARCHS)
+    full = {(v["width"], v["layers"], v["patch_size"], v["image_size"])
+            for v in (table[arch]["vision"] for arch in VIT_ARCHS)}
+    assert len(full) == len(VIT_ARCHS) and not full & geometries
+
+
+@pytest.mark.parametrize("weights,label,how", [
+    ("ViT-H-14", "ViT-L-14", "file name"),
+    ("ViT-H-14", "ViT-B-16", "checkpoint name"),
+    ("ViT-H-14", "ViT-L-14", "--arch"),
+    ("ViT-L-14", "ViT-H-14", "--arch"),
+    ("ViT-L-14-336", "ViT-L-14", "file name"),
+    ("ViT-B-16", "ViT-L-14", "file name"),
+    ("ViT-L-14", "ViT-B-16", "--arch"),
+])
+def test_an_architecture_name_that_contradicts_the_weights_is_refused(tmp_path, vocab, weights, label, how):
+    # A ViT-H labelled L/14 would get 64-wide heads (not 80) and pass a reference run with the same
+    # wrong head count: the name must agree with the geometry the weights have.
+    if how == "file name":
+        src = synth.write_cnclip_pt(tmp_path / keymap.clip_tables()["cnclip_architectures"][label]["file_name"],
+                                    weights)
+        kwargs = {}
+    else:
+        src = synth.write_cnclip_pt(tmp_path / "run.pt", weights, name=label if how == "checkpoint name" else "run")
+        kwargs = {"arch": label} if how == "--arch" else {}
+    with pytest.raises(CheckpointError) as info:
+        convert(src, tmp_path / "out", vocab=str(vocab), **kwargs)
+    message = str(info.value)
+    assert message.startswith(str(src)) and len(message.splitlines()) == 1
+    assert f"{how} says {label} but the weights have {weights}'s micro geometry" in message
+    assert not (tmp_path / "out").exists()
+
+
+def test_full_size_vit_h_labelled_l14_is_refused():
+    shapes = {"visual.conv1.weight": torch.empty(1280, 3, 14, 14), "visual.positional_embedding": torch.empty(257, 1),
+              **{f"visual.transformer.resblocks.{i}.attn.in_proj_weight": torch.empty(0) for i in range(32)}}
+    for arch, path in (("ViT-L-14", Path("x.pt")), (None, Path("clip_cn_vit-b-16.pt"))):
+        with pytest.raises(CheckpointError, match=r"weights have ViT-H-14's full-size geometry \(width 1280"):
+            convert_mod.resolve_cnclip_arch(shapes, arch=arch, path=path, meta={})
+    assert convert_mod.resolve_cnclip_arch(shapes, arch="vit-h-14", path=Path("clip_cn_vit-l-14.pt"), meta={}) == \
+        ("ViT-H-14", "--arch")
 
 
 def test_rn50_is_refused_with_a_clear_message(tmp_path, vocab):
@@ -118,6 +175,15 @@ def test_pooler_keys_and_flash_attention_names_are_accepted(tmp_path, vocab):
     torch.save({"epoch": 1, "step": 2, "name": "x", "state_dict": {f"module.{k}": v for k, v in flash.items()}}, path)
     report = convert(path, tmp_path / "out", vocab=str(vocab))
     assert report["parity"]["max_abs_diff"]["text_features"] <= 1e-5
+    # cn_clip never runs the pooler; text_tower/ keeps the checkpoint's for BertModel users, also when
+    # the package itself is converted again
+    for out in (tmp_path / "out", tmp_path / "again"):
+        if out.name == "again":
+            convert(tmp_path / "out", out)
+        tower = load_file(str(out / "text_tower" / "model.safetensors"))
+        assert torch.equal(tower["pooler.dense.weight"], state["bert.pooler.dense.weight"])
+        assert torch.equal(tower["pooler.dense.bias"], state["bert.pooler.dense.bias"])
+        assert json.loads((out / "text_tower" / "text_tower.json").read_text())["pooler"] == "checkpoint"
 
 
 @pytest.mark.parametrize("safetensors,position_ids", [(False, True), (True, False)])
@@ -125,7 +191,7 @@ def test_legacy_bertclip_to_canonical_vtde(tmp_path, safetensors, position_ids):
     src = synth.write_legacy_bertclip(tmp_path / "src", safetensors=safetensors, position_ids=position_ids)
     assert detect_source(src) == "legacy_bertclip"
     report = convert(src, tmp_path / "out")
-    assert max(v for k, v in report["parity"]["max_abs_diff"].items() if k != "logits") <= 1e-5
+    assert max(report["parity"]["max_abs_diff"].values()) <= 1e-5
     out = tmp_path / "out"
     cfg = json.loads((out / "config.json").read_text())
     # clip.md §C.3: the layout that loads on transformers 4.40, 4.57 and 5.x
@@ -148,23 +214,59 @@ def test_legacy_bertclip_to_canonical_vtde(tmp_path, safetensors, position_ids):
     assert [m["type"].rsplit(".", 1)[1] for m in modules] == ["Transformer", "Pooling", "Dense", "Dense", "Normalize"]
 
 
-def test_towers_load_with_stock_classes_and_no_warnings(tmp_path, legacy, caplog):
+class _Collect(logging.Handler):
+    def __init__(self):
+        super().__init__(level=logging.WARNING)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+@contextlib.contextmanager
+def _logged_warnings():
+    """Warnings logged by transformers (its logger does not propagate to pytest's caplog) and by
+    sentence-transformers."""
+    handler = _Collect()
+    loggers = [logging.getLogger(name) for name in ("transformers", "sentence_transformers")]
+    for logger in loggers:
+        logger.addHandler(handler)
+    try:
+        yield handler.messages
+    finally:
+        for logger in loggers:
+            logger.removeHandler(handler)
+
+
+@pytest.mark.parametrize("source", ["legacy", "cnclip"])
+def test_towers_load_with_stock_classes_and_no_warnings(tmp_path, legacy, vocab, source):
+    # Every folder loads as a user would load it: no add_pooling_layer=False, and no LOAD REPORT.
+    import sentence_transformers as st
     from transformers import AutoModel, AutoProcessor, BertModel, CLIPVisionModelWithProjection
 
-    convert(legacy, tmp_path / "out", verify=False)
-    out = tmp_path / "out"
-    for cls, folder in ((AutoModel, out), (CLIPVisionModelWithProjection, out / "vision_tower"),
-                        (BertModel, out / "text_tower")):
-        _, info = cls.from_pretrained(str(folder), output_loading_info=True)
-        assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), (folder, info)
-    assert type(AutoProcessor.from_pretrained(str(out))).__name__ == "VisionTextDualEncoderProcessor"
-    assert not [r for r in caplog.records if "newly initialized" in r.getMessage() or "not used" in r.getMessage()]
+    src = legacy if source == "legacy" else synth.write_cnclip_pt(tmp_path / "src", "ViT-B-16")
+    out, bert = tmp_path / "out", tmp_path / "bert"
+    convert(src, out, verify=False, vocab=str(vocab))
+    export_bert(src, bert, vocab=str(vocab))
+    with _logged_warnings() as warned:
+        for cls, folder in ((AutoModel, out), (CLIPVisionModelWithProjection, out / "vision_tower"),
+                            (BertModel, out / "text_tower"), (AutoModel, out / "text_tower"), (BertModel, bert),
+                            (AutoModel, bert)):
+            _, info = cls.from_pretrained(str(folder), output_loading_info=True)
+            assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), (folder, info)
+        for folder in (out / "text_tower", bert):
+            st.SentenceTransformer(str(folder), device="cpu")
+        processor = AutoProcessor.from_pretrained(str(out))
+    assert warned == []
+    expected = "VisionTextDualEncoderProcessor" if source == "legacy" else "ChineseCLIPProcessor"
+    assert type(processor).__name__ == expected
 
 
 def test_reconverting_a_package_is_stable(tmp_path, legacy):
     convert(legacy, tmp_path / "a")
     report = convert(tmp_path / "a", tmp_path / "b")
-    assert report["source_format"] == "legacy_bertclip" and report["parity"]["max_abs_diff"]["logits"] < 1e-4
+    assert report["source_format"] == "legacy_bertclip"
+    assert report["parity"]["max_abs_diff"]["logits_over_exp_logit_scale"] <= 1e-5
 
 
 # -- mutation tests: each deliberate break must trip the gate -------------------------------------
@@ -214,6 +316,33 @@ def test_mutation_wrong_head_width(tmp_path, vocab, monkeypatch):
                         lambda s, px, heads: real_ref(s, px, heads=2))  # the reference keeps cn_clip's true heads
     with pytest.raises(VerificationError, match="image_features"):
         convert(src, tmp_path / "out", vocab=str(vocab))
+
+
+@pytest.mark.parametrize("source", ["legacy", "cnclip"])
+def test_mutation_perturbed_projection_fails_the_logits_gate(tmp_path, legacy, vocab, monkeypatch, source):
+    # The gate is 1e-5 on logits / exp(logit_scale), the cosine scale, whatever the temperature.
+    real = convert_mod.write_package
+
+    def perturbed(pkg, out):
+        w = pkg.state["text_projection.weight"]
+        noise = torch.randn(w.shape, generator=torch.Generator().manual_seed(0))
+        pkg.state["text_projection.weight"] = w + 1e-3 * noise
+        real(pkg, out)
+
+    monkeypatch.setattr(convert_mod, "write_package", perturbed)
+    src = legacy if source == "legacy" else synth.write_cnclip_pt(tmp_path, "ViT-B-16")
+    with pytest.raises(VerificationError, match=r"logits_over_exp_logit_scale max \|diff\| [0-9.e-]+"):
+        convert(src, tmp_path / "out", vocab=str(vocab))
+    assert not (tmp_path / "out").exists()
+
+
+def test_parity_json_reports_the_gated_logits_on_the_cosine_scale(tmp_path, legacy):
+    convert(legacy, tmp_path / "out")
+    parity = json.loads((tmp_path / "out" / "parity.json").read_text())["parity"]
+    diffs = parity["max_abs_diff"]
+    assert parity["gate"] == 1e-5 and max(diffs.values()) <= parity["gate"]
+    scale = float(load_file(str(tmp_path / "out" / "model.safetensors"))["logit_scale"].exp())
+    assert parity["logits_max_abs_diff_ungated"] == pytest.approx(diffs["logits_over_exp_logit_scale"] * scale)
 
 
 def test_mutation_bertclip_pooler_ignored(tmp_path, legacy, monkeypatch):

@@ -3,6 +3,7 @@
 import base64
 import io
 import json
+import math
 
 import pytest
 import torch
@@ -13,10 +14,11 @@ from ofaconv.cli import main
 from ofaconv.clip import ClipTowers, synth
 from ofaconv.clip.assemble import init_bertclip
 from ofaconv.clip.convert import convert
-from ofaconv.clip.evaluate import recall_at_k
+from ofaconv.clip.evaluate import evaluate_retrieval, recall_at_k
 from ofaconv.clip.export import export_bert
 from ofaconv.clip.search import build_index, query_index
 from ofaconv.clip.similarity import similarity, similarity_from_features
+from ofaconv.clip.towers import load_image
 from ofaconv.errors import OfaconvError
 
 
@@ -26,6 +28,14 @@ def package(tmp_path_factory):
     src = synth.write_legacy_bertclip(root / "legacy")
     convert(src, root / "bertclip", verify=False)
     return root / "bertclip"
+
+
+@pytest.fixture(scope="module")
+def cnclip_package(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cnpkg")
+    src = synth.write_cnclip_pt(root / "src", "ViT-B-16")
+    convert(src, root / "cnclip", vocab=str(synth.write_vocab(root / "vocab.txt")), verify=False)
+    return root / "cnclip"
 
 
 @pytest.fixture(scope="module")
@@ -103,15 +113,24 @@ def test_search_index_is_built_once_and_grows(towers, image_dir, tmp_path):
 
 def test_search_over_tsv(towers, tmp_path):
     tsv = tmp_path / "valid_imgs.tsv"
-    rows = []
-    for i, c in enumerate(["red", "blue"]):
+    rows, images = [], []
+    for i, (c, size) in enumerate([("red", (40, 30)), ("blue", (30, 50)), ("green", (64, 64)), ("white", (20, 20))]):
         buf = io.BytesIO()
-        _image(c).save(buf, format="JPEG")
+        _image(c, size).save(buf, format="JPEG")
+        images.append(buf.getvalue())
         rows.append(f"{1000 + i}\t{base64.urlsafe_b64encode(buf.getvalue()).decode()}")
     tsv.write_text("\n".join(rows) + "\n")
     info = build_index(towers, tsv, tmp_path / "idx")
-    assert info["images"] == 2
-    assert {r["image"] for r in query_index(towers, tmp_path / "idx", ["蓝色"])[0]["results"]} == {"1000", "1001"}
+    assert info["images"] == 4
+    queries = ["蓝色", "一只猫"]
+    hits = query_index(towers, tmp_path / "idx", queries, k=3)
+    cosine = towers.encode_texts(queries) @ towers.encode_images(images).t()
+    for hit, row in zip(hits, cosine):
+        ranked = row.sort(descending=True)
+        assert float(ranked.values[2] - ranked.values[3]) > 1e-4  # a real cut, not a tie, at k=3
+        assert [r["image"] for r in hit["results"]] == [str(1000 + j) for j in ranked.indices[:3].tolist()]
+        torch.testing.assert_close(torch.tensor([r["cosine"] for r in hit["results"]]), ranked.values[:3],
+                                   atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("with_projection", [True, False])
@@ -132,12 +151,16 @@ def test_export_bert(package, towers, tmp_path, with_projection):
         assert report["embedding_dim"] == bert.config.hidden_size
 
 
-def test_sentence_transformers_layout_encodes_clip_text_embeddings(package, towers):
+@pytest.mark.parametrize("which", ["package", "cnclip_package"])
+def test_sentence_transformers_layout_encodes_clip_text_embeddings(request, which):
+    # BertCLIP: tanh pooler on [CLS] -> projection; Chinese-CLIP: [CLS] -> projection, its pooler unused
     import sentence_transformers as st
 
+    package = request.getfixturevalue(which)
     model = st.SentenceTransformer(str(package / "text_tower"), device="cpu")
-    got = torch.tensor(model.encode(["一只猫", "公交车"]))
-    torch.testing.assert_close(got, towers.encode_texts(["一只猫", "公交车"]), atol=1e-5, rtol=0)
+    texts = ["一只猫", "公交车", "花" * 80]
+    got = torch.tensor(model.encode(texts))
+    torch.testing.assert_close(got, ClipTowers.from_pretrained(package).encode_texts(texts), atol=1e-5, rtol=0)
 
 
 def test_recall_at_k_any_match():
@@ -148,7 +171,55 @@ def test_recall_at_k_any_match():
     assert r["mean_recall"] == pytest.approx((100 / 3 + 200 / 3 + 100) / 3)
 
 
-def test_eval_cli_on_cnclip_files(package, tmp_path, capsys):
+class _ClockTowers:
+    """Stand-in towers with chosen unit features: image h (an image 10 + h pixels wide) sits at hour h
+    of a clock face, the text "3.1点" at hour 3.1, so cosine similarity falls with clock distance."""
+
+    last_truncated = 0
+
+    @staticmethod
+    def _at(hour):
+        angle = 2 * math.pi * hour / 12
+        return torch.tensor([math.cos(angle), math.sin(angle)])
+
+    def encode_images(self, images, batch_size=64):
+        return torch.stack([self._at(load_image(im).width - 10) for im in images])
+
+    def encode_texts(self, texts, batch_size=64, max_length=None):
+        return torch.stack([self._at(float(t.removesuffix("点"))) for t in texts])
+
+
+def test_retrieval_known_answer(tmp_path):
+    # text -> image, 12 candidates; rank of the nearest ground-truth image:
+    #   t0 @0.1 {0}: 1 | t1 @3.1 {5}: 3,4,2,5 -> 4 | t2 @6.2 {0}: opposite side -> 12 | t3 @9.3 {7,10}: 9,10 -> 2
+    #   t4 @1.4 {4}: 1,2,0,3,11,4 -> 6 | t5 @11.6 {2}: 0,11,1,10,2 -> 5 | t6 @4.45 {11}: 11
+    #   R@1 1/7, R@5 4/7, R@10 5/7
+    # image -> text, only the 7 images with a caption, 7 candidates; distances in hours:
+    #   i0 {t0,t2}: t0 .1 -> 1 | i2 {t5}: t4 .6, t1 1.1, t0 1.9, t5 2.4 -> 4
+    #   i4 {t4}: t6 .45, t1 .9, t2 2.2, t4 2.6 -> 4 | i5 {t1}: t6 .55, t2 1.2, t1 1.9 -> 3
+    #   i7 {t3}: t2 .8, t3 2.3 -> 2 | i10 {t3}: t3 .7 -> 1 | i11 {t6}: 7
+    #   R@1 2/7, R@5 6/7, R@10 7/7
+    captions = [(0.1, [0]), (3.1, [5]), (6.2, [0]), (9.3, [7, 10]), (1.4, [4]), (11.6, [2]), (4.45, [11])]
+    tsv = tmp_path / "test_imgs.tsv"
+    lines = []
+    for hour in (7, 3, 11, 0, 5, 1, 9, 2, 6, 10, 4, 8):  # TSV order is not the id order
+        buf = io.BytesIO()
+        _image("gray", (10 + hour, 8)).save(buf, format="PNG")
+        lines.append(f"{100 + hour}\t{base64.b64encode(buf.getvalue()).decode()}")
+    tsv.write_text("\n".join(lines) + "\n")
+    texts = tmp_path / "test_texts.jsonl"
+    texts.write_text("".join(json.dumps({"text_id": t, "text": f"{hour}点", "image_ids": [100 + i for i in ids]},
+                                        ensure_ascii=False) + "\n" for t, (hour, ids) in enumerate(captions)))
+    result = evaluate_retrieval(_ClockTowers(), texts, tsv, batch_size=5)
+    assert (result["n_texts"], result["n_images"]) == (7, 12)
+    t2i, i2t = result["text_to_image"], result["image_to_text"]
+    assert [t2i["r1"], t2i["r5"], t2i["r10"]] == pytest.approx([100 / 7, 400 / 7, 500 / 7])
+    assert t2i["mean_recall"] == pytest.approx(1000 / 21)
+    assert [i2t["r1"], i2t["r5"], i2t["r10"]] == pytest.approx([200 / 7, 600 / 7, 100])
+    assert i2t["mean_recall"] == pytest.approx(1500 / 21)
+
+
+def test_eval_cli_on_cnclip_files(package, towers, tmp_path, capsys):
     tsv = tmp_path / "test_imgs.tsv"
     lines = []
     for i, c in enumerate(["red", "green", "blue"]):
@@ -163,8 +234,9 @@ def test_eval_cli_on_cnclip_files(package, tmp_path, capsys):
                  str(tmp_path / "r.json")]) == 0
     result = json.loads((tmp_path / "r.json").read_text())
     assert result["protocol"]["context_length"] == 52 and result["bad_rows"] == 1
-    assert set(result["text_to_image"]) == {"r1", "r5", "r10", "mean_recall"}
-    assert result["image_to_text"]["r10"] == 100.0  # 3 images, 2 texts: everything is in the top 10
+    direct = evaluate_retrieval(towers, texts, tsv)
+    for direction in ("text_to_image", "image_to_text"):
+        assert result[direction] == pytest.approx(direct[direction]), direction
 
 
 def test_init_keeps_clip_vision_projection_and_temperature(tmp_path):

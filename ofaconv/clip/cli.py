@@ -26,8 +26,7 @@ def _convert(args) -> int:
     if "parity" in report:
         p = report["parity"]
         for name, value in p["max_abs_diff"].items():
-            gate = p["logit_gate"] if name == "logits" else p["gate"]
-            print(f"  {name:34s} max|diff| {value:.3e}  (gate {gate:.1e})  ok")
+            print(f"  {name:34s} max|diff| {value:.3e}  (gate {p['gate']:.1e})  ok")
     return 0
 
 
@@ -122,7 +121,7 @@ def _download(args) -> int:
     from .download import download_images
 
     _print(download_images(args.csv, args.image_root, workers=args.workers, timeout=args.timeout, retries=args.retries,
-                           failures=args.failures, out_csv=args.out_csv))
+                           deadline=args.deadline, failures=args.failures, out_csv=args.out_csv))
     return 0
 
 
@@ -222,7 +221,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("csv")
     p.add_argument("image_root")
     p.add_argument("--workers", type=int, default=16)
-    p.add_argument("--timeout", type=float, default=10.0)
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds per socket operation")
+    p.add_argument("--deadline", type=float, default=120.0, help="seconds per file, all attempts included")
     p.add_argument("--retries", type=int, default=2)
     p.add_argument("--failures", help="failure manifest (default IMAGE_ROOT/download_failures.jsonl)")
     p.add_argument("--out-csv", help="write the rows whose image is present and valid")

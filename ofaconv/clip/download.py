@@ -1,7 +1,13 @@
 """Download the images of a URL list (BertCLIP's ``text,url,filename`` CSV) with timeouts,
 retries with back-off, a thread pool, resume (valid files already on disk are skipped) and a
 failure manifest; every file is checked with PIL (the seed's ``imghdr`` is gone in Python 3.13)
-and written atomically, so an interrupted run leaves no half-written image."""
+and written atomically, so an interrupted run leaves no half-written image.
+
+Each file has a total deadline over all its attempts besides the per-operation socket timeout,
+which a server dripping bytes over a kept-alive connection never trips. Failures are appended to
+the manifest (flushed per line) as they happen, and ``out_csv`` is written atomically at the end
+or when the run is interrupted, so a stopped run still says what it has and what failed.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +18,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,16 +41,32 @@ class DownloadResult:
         return dict(self.__dict__)
 
 
-def _fetch(url: str, timeout: float, retries: int, backoff: float, max_bytes: int) -> bytes:
+def _read_body(resp, end: float, deadline: float, max_bytes: int) -> bytes:
+    chunks, size = [], 0
+    while True:
+        if time.monotonic() > end:
+            raise TimeoutError(f"not finished within the {deadline:g} s per-file deadline ({size} bytes read)")
+        # read1 returns after one receive; read(n) would keep waiting for n bytes of a slow drip
+        chunk = resp.read1(1 << 16)
+        if not chunk:
+            return b"".join(chunks)
+        size += len(chunk)
+        if size > max_bytes:
+            raise ValueError(f"larger than {max_bytes} bytes")
+        chunks.append(chunk)
+
+
+def _fetch(url: str, timeout: float, deadline: float, retries: int, backoff: float, max_bytes: int) -> bytes:
+    end = time.monotonic() + deadline
     last = None
     for attempt in range(retries + 1):
+        remaining = end - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError(f"not finished within the {deadline:g} s per-file deadline") from last
         try:
             req = urllib.request.Request(url, headers={"User-Agent": _UA})
-            with urllib.request.urlopen(req, timeout=timeout) as resp:
-                data = resp.read(max_bytes + 1)
-            if len(data) > max_bytes:
-                raise ValueError(f"larger than {max_bytes} bytes")
-            return data
+            with urllib.request.urlopen(req, timeout=min(timeout, remaining)) as resp:
+                return _read_body(resp, end, deadline, max_bytes)
         except urllib.error.HTTPError as exc:
             last = exc
             if exc.code < 500 and exc.code != 429:  # client errors do not heal on retry
@@ -52,14 +74,25 @@ def _fetch(url: str, timeout: float, retries: int, backoff: float, max_bytes: in
         except (urllib.error.URLError, TimeoutError, OSError, ValueError) as exc:
             last = exc
         if attempt < retries:
-            time.sleep(backoff * 2**attempt)
+            time.sleep(max(0.0, min(backoff * 2**attempt, end - time.monotonic())))
     raise last
 
 
+def _write_csv_atomic(path: Path, header: list[str], rows: list[dict]) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.part")
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=header, extrasaction="ignore")  # cells past the header
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+
+
 def download_images(csv_path: str | os.PathLike, image_root: str | os.PathLike, *, workers: int = 16,
-                    timeout: float = 10.0, retries: int = 2, backoff: float = 0.5, max_bytes: int = 20 << 20,
-                    failures: str | os.PathLike | None = None, out_csv: str | os.PathLike | None = None,
-                    allow_gif: bool = False) -> dict:
+                    timeout: float = 10.0, deadline: float = 120.0, retries: int = 2, backoff: float = 0.5,
+                    max_bytes: int = 20 << 20, failures: str | os.PathLike | None = None,
+                    out_csv: str | os.PathLike | None = None, allow_gif: bool = False) -> dict:
+    """``timeout`` bounds each socket operation, ``deadline`` a whole file (every attempt and back-off;
+    a read already waiting may add up to one ``timeout``)."""
     csv_path, image_root = Path(csv_path), Path(image_root)
     with open(csv_path, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
@@ -69,49 +102,65 @@ def download_images(csv_path: str | os.PathLike, image_root: str | os.PathLike, 
         rows = list(reader)
     image_root.mkdir(parents=True, exist_ok=True)
     result = DownloadResult(total=len(rows))
-    failed_rows = []
 
     def work(row):
         url, name = (row.get("url") or "").strip(), (row.get("filename") or "").strip()
         if not url or not name or Path(name).is_absolute() or ".." in Path(name).parts:
-            return row, "skip", "missing url/filename or unsafe filename"
+            return "skip", "missing url/filename or unsafe filename"
         dest = image_root / name
         if dest.is_file() and validate_image_bytes(dest.read_bytes()) is None:
-            return row, "existing", None
+            return "existing", None
         try:
-            data = _fetch(url, timeout, retries, backoff, max_bytes)
+            data = _fetch(url, timeout, deadline, retries, backoff, max_bytes)
         except Exception as exc:
-            return row, "failed", f"{type(exc).__name__}: {exc}"
+            return "failed", f"{type(exc).__name__}: {exc}"
         reason = validate_image_bytes(data)
         if reason is None and not allow_gif and data[:6] in (b"GIF87a", b"GIF89a"):
             reason = "GIF skipped (as the seed does)"
         if reason is not None:
-            return row, "failed", f"not an image: {reason}"
+            return "failed", f"not an image: {reason}"
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.part")
         tmp.write_bytes(data)
         os.replace(tmp, dest)
-        return row, "downloaded", None
+        return "downloaded", None
 
-    ok_rows = []
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        for row, status, error in pool.map(work, rows):
-            if status == "downloaded":
-                result.downloaded += 1
-            elif status == "existing":
-                result.skipped_existing += 1
-            else:
-                result.failed += 1
-                failed_rows.append({"url": row.get("url"), "filename": row.get("filename"), "error": error})
-                continue
-            ok_rows.append(row)
     failures = Path(failures) if failures else image_root / "download_failures.jsonl"
-    with open(failures, "w", encoding="utf-8") as f:
-        for rec in failed_rows:
-            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-    if out_csv:
-        with open(out_csv, "w", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, fieldnames=header)
-            writer.writeheader()
-            writer.writerows(ok_rows)
+    ok: list[int] = []
+    # a bounded window of submitted rows: a million-row CSV must not become a million futures
+    window = 4 * max(1, workers)
+    todo = iter(enumerate(rows))
+    pool = ThreadPoolExecutor(max_workers=max(1, workers))
+    try:
+        with open(failures, "w", encoding="utf-8") as manifest:
+            pending: dict = {}
+            while True:
+                for index, row in todo:
+                    pending[pool.submit(work, row)] = index
+                    if len(pending) >= window:
+                        break
+                if not pending:
+                    break
+                finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for index, future in sorted((pending.pop(f), f) for f in finished):  # row order
+                    status, error = future.result()
+                    if status == "downloaded":
+                        result.downloaded += 1
+                    elif status == "existing":
+                        result.skipped_existing += 1
+                    else:
+                        result.failed += 1
+                        row = rows[index]
+                        manifest.write(json.dumps({"url": row.get("url"), "filename": row.get("filename"),
+                                                   "error": error}, ensure_ascii=False) + "\n")
+                        manifest.flush()
+                        continue
+                    ok.append(index)
+    finally:
+        # On an interruption the queued rows are dropped and what is done is recorded before waiting for
+        # the downloads already running: each ends by its deadline and is written whole for a resume.
+        pool.shutdown(wait=False, cancel_futures=True)
+        if out_csv:
+            _write_csv_atomic(Path(out_csv), header, [rows[i] for i in sorted(ok)])
+        pool.shutdown(wait=True)
     return {**result.to_dict(), "failures": str(failures), "out_csv": str(out_csv) if out_csv else None}

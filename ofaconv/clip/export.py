@@ -25,8 +25,7 @@ def export_bert(src: str | os.PathLike, out: str | os.PathLike, *, with_projecti
     towers = ClipTowers(model, pkg.image_processor, pkg.tokenizer, kind=pkg.kind, max_length=pkg.max_length)
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         write_text_tower(pkg, tmp, with_projection=with_projection)
-        kwargs = {} if pkg.kind == "vtde" else {"add_pooling_layer": False}
-        bert = load_strict(BertModel, tmp, **kwargs)
+        bert = load_strict(BertModel, tmp)  # as a user loads it: a missing pooler must show
         batch = towers.tokenize(PROBE_TEXTS)
         with torch.no_grad():
             out_t = bert(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])

@@ -5,7 +5,10 @@
       (4.x processor layout), tokenizer files (model_max_length set)
       vision_tower/        CLIPVisionModelWithProjection + image processor
       text_tower/          BertModel (+ text_projection.safetensors) and, in the same folder, a
-                           sentence-transformers layout whose encode() gives the CLIP text embedding
+                           sentence-transformers layout whose encode() gives the CLIP text embedding.
+                           Chinese-CLIP has no pooler, but a stock BertModel builds one: the tower
+                           carries the checkpoint's own ``bert.pooler`` or an identity pooler, so it
+                           loads without missing keys; its CLIP embedding never reads the pooler.
 
 After writing, every folder is loaded with the stock classes; a missing, unexpected or
 mis-shaped key, or any tensor that differs from the in-memory model, is an error.
@@ -43,6 +46,7 @@ __all__ = [
     "module_state_to_file",
     "file_state_to_module",
     "TEXT_TOWER_META",
+    "text_tower_state",
 ]
 
 TEXT_TOWER_META = "text_tower.json"
@@ -60,6 +64,9 @@ class ClipPackage:
     tokenizer: BertTokenizer
     max_length: int
     extra: dict = field(default_factory=dict)  # provenance written to ofaconv_clip.json
+    # chinese_clip only: the source's BERT pooler ({"pooler.dense.weight", "pooler.dense.bias"}),
+    # which ChineseCLIPModel has no place for; text_tower/ keeps it for BertModel users.
+    text_pooler: dict[str, torch.Tensor] | None = None
 
     @property
     def text_pooling(self) -> str:
@@ -194,26 +201,45 @@ def write_vision_tower(pkg: ClipPackage, vt: Path) -> None:
     _save_image_processor(pkg.image_processor, vt, None)
 
 
+def text_tower_state(pkg: ClipPackage) -> dict[str, torch.Tensor]:
+    """The BertModel state of text_tower/, pooler included, so that a plain
+    ``BertModel.from_pretrained`` (or AutoModel, sentence-transformers) reports no missing key."""
+    if pkg.kind == "vtde":
+        return apply_map("vtde_to_text_tower", pkg.state)
+    state = apply_map("chinese_clip_to_text_tower", pkg.state)
+    if pkg.text_pooler is not None:
+        state.update(pkg.text_pooler)
+    else:
+        # Identity dense layer: pooler_output = tanh([CLS]), deterministic and documented as unused.
+        hidden, dtype = pkg.config.text_config.hidden_size, state["embeddings.word_embeddings.weight"].dtype
+        state["pooler.dense.weight"] = torch.eye(hidden, dtype=dtype)
+        state["pooler.dense.bias"] = torch.zeros(hidden, dtype=dtype)
+    return state
+
+
 def write_text_tower(pkg: ClipPackage, tt: Path, *, with_projection: bool = True) -> None:
     """BertModel folder + tokenizer (+ text_projection.safetensors) + sentence-transformers files."""
     tt.mkdir(parents=True, exist_ok=True)
     _text_tower_config(pkg).save_pretrained(str(tt))
-    tmap = "vtde_to_text_tower" if pkg.kind == "vtde" else "chinese_clip_to_text_tower"
-    text_state = apply_map(tmap, pkg.state)
+    text_state = text_tower_state(pkg)
     save_safetensors(text_state, tt / "model.safetensors")
     projection = pkg.state["text_projection.weight"] if with_projection else None
     if with_projection:
         save_safetensors({"weight": projection}, tt / "text_projection.safetensors")
     _save_tokenizer(pkg.tokenizer, tt, pkg.max_length)
-    pooled = ("BertModel.from_pretrained(dir).pooler_output" if pkg.kind == "vtde"
-              else "BertModel.from_pretrained(dir, add_pooling_layer=False).last_hidden_state[:, 0]")
+    if pkg.kind == "vtde":
+        pooled, pooler = "BertModel.from_pretrained(dir).pooler_output", "bert"
+    else:
+        pooled = "BertModel.from_pretrained(dir).last_hidden_state[:, 0]"
+        pooler = "checkpoint" if pkg.text_pooler is not None else "identity"
     _write_json(tt / TEXT_TOWER_META, {
-        "pooling": pkg.text_pooling, "projection": "text_projection.safetensors" if with_projection else None,
+        "pooling": pkg.text_pooling, "pooler": pooler, "pooler_in_clip_embedding": pkg.kind == "vtde",
+        "projection": "text_projection.safetensors" if with_projection else None,
         "embedding_dim": projection.shape[0] if with_projection else pkg.config.text_config.hidden_size,
         "max_length": pkg.max_length,
         "usage": f"{pooled} @ W.T" if with_projection else pooled})
-    pooler = (text_state["pooler.dense.weight"], text_state["pooler.dense.bias"]) if pkg.kind == "vtde" else None
-    _write_sentence_transformers(pkg, tt, pkg.config.text_config.hidden_size, projection, pooler)
+    dense_pooler = (text_state["pooler.dense.weight"], text_state["pooler.dense.bias"]) if pkg.kind == "vtde" else None
+    _write_sentence_transformers(pkg, tt, pkg.config.text_config.hidden_size, projection, dense_pooler)
 
 
 # -- checking ----------------------------------------------------------------------------------
@@ -285,8 +311,7 @@ def check_package(pkg: ClipPackage, out: Path) -> dict:
     vmap = "vtde_to_vision_tower" if pkg.kind == "vtde" else "chinese_clip_to_vision_tower"
     _compare_states(apply_map(vmap, pkg.state), vision.state_dict(), out / "vision_tower")
 
-    kwargs = {} if pkg.kind == "vtde" else {"add_pooling_layer": False}
-    text = load_strict(BertModel, out / "text_tower", **kwargs)
-    tmap = "vtde_to_text_tower" if pkg.kind == "vtde" else "chinese_clip_to_text_tower"
-    _compare_states(apply_map(tmap, pkg.state), text.state_dict(), out / "text_tower")
+    # loaded exactly as a user would: no add_pooling_layer=False hiding a missing pooler
+    text = load_strict(BertModel, out / "text_tower")
+    _compare_states(text_tower_state(pkg), text.state_dict(), out / "text_tower")
     return {"root": root, "vision_tower": vision, "text_tower": text, "notes": notes}
