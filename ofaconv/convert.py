@@ -143,6 +143,30 @@ def keymap_counts(shape: dict) -> dict:
     }
 
 
+def released_variant(shape: dict, flags: dict) -> tuple[str | None, str | None]:
+    """(variant, family) whose tokenizer and defaults the folder gets; (None, None) for a released
+    variant's layer shapes with another vocabulary."""
+    from .checkpoint import detect_variant
+
+    variant, family = detect_variant(shape, flags)
+    if family is not None and shape["vocab_size"] != family_info(family)["vocab_size"]:
+        return None, None
+    return variant, family
+
+
+def plan_conversion(keymap: str, state: dict, shape: dict, flags: dict, path):
+    """(key map, plan) for ``state``, after refusing what the model does not implement.
+
+    The shipped map's output is the model's key set (a test proves it for every variant); any other
+    map is checked against the model itself, so a map that misses a key cannot write a folder that
+    loads with randomly initialised weights.
+    """
+    check_supported(shape, flags, path)
+    km = KeyMap.load(keymap)
+    targets = None if keymap == DEFAULT_KEYMAP else model_state_shapes(shape, flags)
+    return km, km.plan(state, keymap_counts(shape), source_path=path, expected_shapes=targets)
+
+
 def model_state_shapes(shape: dict, flags: dict) -> dict[str, tuple[int, ...]]:
     """Every key of the transformers model's state dict with its shape (built on the meta device)."""
     import torch
@@ -164,7 +188,12 @@ def check_derived(plan, state: dict, shape: dict, flags: dict, path) -> list[dic
         make_token_bucket_position,
         token_bucket_table_size,
     )
-    from .reference.buckets import make_image_position_idx
+    from .reference.buckets import (
+        FAIRSEQ_IMAGE_POSITION_TRAILING,
+        RELEASED_IMAGE_POSITION_TRAILING,
+        image_position_idx_length,
+        make_image_position_idx,
+    )
 
     token_buckets, image_buckets = shape["token_bucket_size"], shape["image_bucket_size"]
     code_image_size = int(flags.get("code_image_size") or 128)
@@ -179,9 +208,10 @@ def check_derived(plan, state: dict, shape: dict, flags: dict, path) -> list[dic
         tensor = state[source]
         name = target.rsplit(".", 1)[-1]
         if name == "image_position_idx":
-            # 1026 in fairseq's current code, 1025 in released checkpoints (OFA#229).
-            candidates = [make_image_position_idx(image_buckets, code_image_size, length=n)
-                          for n in (1 + (code_image_size // 8) ** 2 + 768, 1 + (code_image_size // 8) ** 2 + 769)]
+            # 1026 in fairseq's current code, 1025 in released checkpoints (OFA#229), at code size 128.
+            candidates = [make_image_position_idx(image_buckets, code_image_size,
+                                                  length=image_position_idx_length(code_image_size, trailing))
+                          for trailing in (RELEASED_IMAGE_POSITION_TRAILING, FAIRSEQ_IMAGE_POSITION_TRAILING)]
             ok = any(c.shape == tensor.shape and torch.equal(c, tensor) for c in candidates)
         else:
             if name not in tables:
@@ -325,7 +355,7 @@ def _convert(
 ) -> ConversionResult:
     import torch
 
-    from .checkpoint import detect_variant, infer_config, read_flags, release_pages
+    from .checkpoint import infer_config, read_flags, release_pages
     from .writer import write_shards
 
     src, out_dir = Path(ckpt.path), Path(out_dir)
@@ -336,16 +366,8 @@ def _convert(
     state = ckpt.state_dict
     shape = infer_config(state)
     flags = read_flags(ckpt)
-    variant, family = detect_variant(shape, flags)
-    if family is not None and shape["vocab_size"] != family_info(family)["vocab_size"]:
-        variant, family = None, None  # same layer shapes as a released variant, another vocabulary
-    check_supported(shape, flags, src)
-    km = KeyMap.load(keymap)
-    # The shipped map's output is the model's key set (a test proves it for every variant); any
-    # other map is checked against the model itself, so a map that misses a key cannot write a
-    # folder that loads with randomly initialised weights.
-    targets = None if keymap == DEFAULT_KEYMAP else model_state_shapes(shape, flags)
-    plan = km.plan(state, keymap_counts(shape), source_path=src, expected_shapes=targets)
+    variant, family = released_variant(shape, flags)
+    km, plan = plan_conversion(keymap, state, shape, flags, src)
     check_tied(plan, state, src)
     derived = check_derived(plan, state, shape, flags, src)
     if ckpt.mmapped:

@@ -4,22 +4,16 @@ from __future__ import annotations
 
 import json
 
-from .checkpoint import detect_variant, infer_config, load_checkpoint, read_flags
-from .convert import DEFAULT_KEYMAP, check_supported, keymap_counts, model_state_shapes
-from .keymap import KeyMap
-from .variants import family_info
+from .checkpoint import infer_config, load_checkpoint, read_flags
+from .convert import DEFAULT_KEYMAP, plan_conversion, released_variant
 
 
 def inspect_checkpoint(path, *, keymap: str = DEFAULT_KEYMAP, ema: bool = False) -> dict:
     ckpt = load_checkpoint(path, ema=ema)
     shape = infer_config(ckpt.state_dict)
     flags = read_flags(ckpt)
-    variant, family = detect_variant(shape, flags)
-    if family is not None and shape["vocab_size"] != family_info(family)["vocab_size"]:
-        variant, family = None, None  # as convert: a released variant's layers with another vocabulary
-    check_supported(shape, flags, path)  # refuses what convert would refuse
-    targets = None if keymap == DEFAULT_KEYMAP else model_state_shapes(shape, flags)
-    plan = KeyMap.load(keymap).plan(ckpt.state_dict, keymap_counts(shape), source_path=path, expected_shapes=targets)
+    variant, family = released_variant(shape, flags)
+    _, plan = plan_conversion(keymap, ckpt.state_dict, shape, flags, path)  # refuses what convert would
     return {
         "file": str(path),
         "layout": ckpt.layout,

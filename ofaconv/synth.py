@@ -139,7 +139,7 @@ def _layout_config(model: dict, vocab_size: int, resnet_layers: list[int]) -> di
         "image_bucket_size": model["image_bucket_size"],
         "max_source_positions": model["max_source_positions"],
         "max_target_positions": model["max_target_positions"],
-        "image_position_idx_length": 1 + (model["code_image_size"] // 8) ** 2 + 769,
+        "image_position_idx_length": buckets.image_position_idx_length(model["code_image_size"]),
         "code_image_size": model["code_image_size"],
         "resnet_layers": resnet_layers,
         "bn_tracks_batches": not model.get("freeze_resnet", False),

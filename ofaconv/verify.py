@@ -23,12 +23,12 @@ import torch
 
 from .errors import OfaconvError, VerificationError
 from .generation_parity import MODES, compare_generation
+from .writer import CASTS
 
 LOGIT_GATE = 1e-5
 PROBE_MAX_LEN_B = 8
 
 
-CASTS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # --dtype -> written dtype
 
 def probe_inputs(config, folder: Path | None = None) -> dict:
     """Deterministic inputs: two images of the checkpoint's resolution, two prompts (one padded)."""
@@ -264,10 +264,18 @@ def verify_folder(folder, against=None, *, ema: bool | None = None) -> tuple[lis
         ema = bool(report is not None and (report.get("source") or {}).get("ema"))
     if against is not None:
         from .checkpoint import load_checkpoint
+        from .digest import BackgroundSha256
 
-        checks = run_checks(folder, load_checkpoint(against, ema=ema), dtype=dtype)
+        # hashed on a worker thread while the checks run (hashlib releases the GIL)
+        source_hash = BackgroundSha256(against) if report is not None else None
+        try:
+            checks = run_checks(folder, load_checkpoint(against, ema=ema), dtype=dtype)
+        except BaseException:
+            if source_hash is not None:
+                source_hash.cancel()
+            raise
         if report is not None:
-            checks.insert(0, _source_check(report, Path(against)))
+            checks.insert(0, _source_check(report, Path(against), source_hash.result()))
             report["checks"] = checks
             report["passed"] = all(c["passed"] for c in checks)
             partial = report_path.with_name(f".{report_path.name}.partial")
@@ -293,11 +301,8 @@ def verify_folder(folder, against=None, *, ema: bool | None = None) -> tuple[lis
     return checks, all(c["passed"] for c in checks)
 
 
-def _source_check(report: dict, against: Path) -> dict:
-    from .digest import file_sha256
-
+def _source_check(report: dict, against: Path, actual: str) -> dict:
     recorded = (report.get("source") or {}).get("sha256")
-    actual = file_sha256(against)
     if recorded is None:
         return _check("source", True, detail=f"report names no source hash; {against.name} sha256 {actual[:12]}")
     same = actual == recorded

@@ -16,11 +16,19 @@ import torch
 # always 1024 x 1024, whatever max_source_positions is.
 DEFAULT_MAX_POSITION = 1024
 
-# Length of decoder.image_position_idx: current fairseq code appends 769 "no position" entries
-# (1 + 16^2 + 769 = 1026 at code_image_size 128); released checkpoints and the old HF port
-# have 768 (1025; OFA-Sys/OFA#229).
-FAIRSEQ_IMAGE_POSITION_IDX_LENGTH = 1026
-RELEASED_IMAGE_POSITION_IDX_LENGTH = 1025
+# decoder.image_position_idx is [0] + the code grid + "no position" entries: current fairseq code
+# appends 769 (1 + 16^2 + 769 = 1026 at code_image_size 128); released checkpoints and the old HF
+# port have 768 (1025; OFA-Sys/OFA#229).
+FAIRSEQ_IMAGE_POSITION_TRAILING = 769
+RELEASED_IMAGE_POSITION_TRAILING = 768
+
+
+def image_position_idx_length(code_image_size: int = 128, trailing: int = FAIRSEQ_IMAGE_POSITION_TRAILING) -> int:
+    return 1 + (code_image_size // 8) ** 2 + trailing
+
+
+FAIRSEQ_IMAGE_POSITION_IDX_LENGTH = image_position_idx_length()
+RELEASED_IMAGE_POSITION_IDX_LENGTH = image_position_idx_length(trailing=RELEASED_IMAGE_POSITION_TRAILING)
 
 
 def make_token_bucket_position(bucket_size: int, max_position: int = DEFAULT_MAX_POSITION) -> torch.Tensor:
