@@ -4,7 +4,7 @@ Both sides caption the same batch of images with the same settings (beam 5, max_
 no_repeat_ngram 3, min_len 1) on CPU with ``torch.set_flush_denormal(True)`` and the same number
 of torch threads (``--threads``, default 1):
   ofaconv    the converted folder, ``model.generate`` (key/value cache, fairseq's beam search)
-  reference  ``ofaconv.reference`` on the raw fairseq state dict: fairseq's SequenceGenerator
+  reference  ``ofaconv.ofa.reference`` on the raw fairseq state dict: fairseq's SequenceGenerator
              recomputing the whole prefix every step (no cache)
 Each side runs in its own child process (one warm-up call, then the timed batches); images/s and
 the child's peak RSS (VmHWM) are recorded, and the top hypotheses of both sides are
@@ -52,7 +52,7 @@ def peak_rss_mib() -> float:
 
 
 def child_ofaconv(args) -> dict:
-    from ofaconv.modeling import OFAForConditionalGeneration
+    from ofaconv.ofa.modeling import OFAForConditionalGeneration
 
     torch.set_flush_denormal(True)
     torch.set_num_threads(args.threads)
@@ -78,8 +78,8 @@ def child_ofaconv(args) -> dict:
 
 
 def child_reference(args) -> dict:
-    from ofaconv.checkpoint import load_checkpoint, read_flags
-    from ofaconv.reference import FairseqReference, SequenceGenerator
+    from ofaconv.ofa.checkpoint import load_checkpoint, read_flags
+    from ofaconv.ofa.reference import FairseqReference, SequenceGenerator
 
     torch.set_flush_denormal(True)
     torch.set_num_threads(args.threads)
@@ -135,8 +135,8 @@ def make_inputs(folder: Path, batch: int, size: int, path: Path) -> None:
 
 
 def prepare(variant: str, size: str, work: Path) -> tuple[Path, Path]:
-    from ofaconv.convert import convert_checkpoint
-    from ofaconv.synth import write_synthetic_checkpoint
+    from ofaconv.ofa.convert import convert_checkpoint
+    from ofaconv.ofa.synth import write_synthetic_checkpoint
 
     src = work / f"{variant}-{size}.pt"
     folder = work / f"{variant}-{size}-hf"

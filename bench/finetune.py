@@ -2,7 +2,7 @@
 
 One process, one random-init model (real OFA-CN-Base size by default), one synthetic MUGE-format
 data set of N images x 10 captions (JPEG images, captions of 10-30 characters like MUGE's); every
-variant is a real ``ofaconv.finetune`` run (transformers Trainer, same recipe otherwise) timed over
+variant is a real ``ofaconv.ofa.finetune`` run (transformers Trainer, same recipe otherwise) timed over
 one epoch after a warm-up run. The seed's own recipe is the baseline: frozen encoder run for every
 batch (no grad, eval mode), random order, padding to the longest caption of the batch, word
 embedding frozen. Variants add one saving at a time:
@@ -77,7 +77,7 @@ EXACT = ["seed", "cache", "cache+padfree", "cache+padfree+length", "cache+padfre
 
 def make_data(folder: Path, images: int, captions: int, size: int, seed: int = 0) -> dict:
     """{"shared": (jsonl, tsv) of N images x C captions, PER_PAIR: the same pairs, one image copy each}."""
-    from ofaconv.finetune.synthetic import COLORS, SHAPES, draw_shape, write_muge_split
+    from ofaconv.ofa.finetune.synthetic import COLORS, SHAPES, draw_shape, write_muge_split
 
     rng = random.Random(seed)
     records = []
@@ -91,7 +91,7 @@ def make_data(folder: Path, images: int, captions: int, size: int, seed: int = 0
 
 
 def run_variant(name, base_recipe, work: Path, epochs: int, data: dict) -> dict:
-    from ofaconv.finetune import finetune
+    from ofaconv.ofa.finetune import finetune
 
     recipe = json.loads(json.dumps(base_recipe))
     for key, value in VARIANTS[name].items():
@@ -153,8 +153,8 @@ def main(argv=None) -> int:
     import transformers
 
     transformers.logging.set_verbosity_error()
-    from ofaconv.finetune.base import init_random_folder
-    from ofaconv.finetune.recipe import ModelInit
+    from ofaconv.ofa.finetune.base import init_random_folder
+    from ofaconv.ofa.finetune.recipe import ModelInit
 
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="ofaconv-bench-finetune-"))
     work.mkdir(parents=True, exist_ok=True)

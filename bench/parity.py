@@ -23,9 +23,9 @@ def main() -> int:
     parser.add_argument("--size", choices=["micro", "full"], default="micro")
     args = parser.parse_args()
 
-    from ofaconv.convert import convert_checkpoint
-    from ofaconv.synth import write_synthetic_checkpoint
-    from ofaconv.variants import variant_names
+    from ofaconv.ofa.convert import convert_checkpoint
+    from ofaconv.ofa.synth import write_synthetic_checkpoint
+    from ofaconv.ofa.variants import variant_names
 
     torch.set_flush_denormal(True)
     names = args.variants.split(",") if args.variants else variant_names()

@@ -4,10 +4,11 @@ __version__ = "0.1.0"
 
 
 def _register_auto_classes() -> None:
-    """Make ``AutoConfig``/``AutoModel*``/``AutoProcessor`` know ``model_type: ofa`` without trust_remote_code."""
-    from .modeling.register import register_lazily
+    """Make ``AutoConfig``/``AutoModel*``/``AutoProcessor`` know every family's ``model_type``
+    without trust_remote_code (each family's registration is lazy: it imports nothing heavy)."""
+    from .core.registry import register_auto_classes
 
-    register_lazily()
+    register_auto_classes()
 
 
 _register_auto_classes()

@@ -9,22 +9,25 @@ import argparse
 import importlib
 import sys
 
-from .errors import OfaconvError
+from .core import registry
+from .core.errors import OfaconvError
 
-# Sub-command -> the module whose ``add_parser`` registers it, in the order of --help. Only the
-# module of the command being run is imported: the others pull in transformers' model, trainer and
-# image machinery, seconds of start-up that e.g. ``ofaconv convert`` never needs.
-COMMANDS = {
-    "convert": "ofaconv.convert",
-    "inspect": "ofaconv.inspect",
-    "verify": "ofaconv.verify",
-    "synth": "ofaconv.synth",
-    "caption": "ofaconv.caption",
+# Sub-command -> the module whose ``add_parser`` registers it, in the order of --help: the
+# family-independent commands, then each family's (ofaconv.core.registry). Only the module of the
+# command being run is imported: the others pull in transformers' model, trainer and image
+# machinery, seconds of start-up that e.g. ``ofaconv convert`` never needs.
+CORE_COMMANDS = {
+    "verify": "ofaconv.core.verify",
     "push": "ofaconv.hub.push",
-    "upgrade": "ofaconv.hub.upgrade",
-    "finetune": "ofaconv.finetune.cli",
-    "clip": "ofaconv.clip.cli",
 }
+
+
+def commands() -> dict[str, str]:
+    found = dict(registry.commands())
+    clash = sorted(set(found) & set(CORE_COMMANDS))
+    if clash:
+        raise OfaconvError(f"a family redefines the command {clash[0]!r}", path="pyproject.toml")
+    return {**found, **CORE_COMMANDS}
 
 
 def _command(argv: list[str]) -> str | None:
@@ -32,7 +35,7 @@ def _command(argv: list[str]) -> str | None:
     for arg in argv:
         if arg.startswith("-"):
             return None
-        return arg if arg in COMMANDS else None
+        return arg if arg in commands() else None
     return None
 
 
@@ -45,7 +48,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
     parser.add_argument("--version", action="version", version=f"ofaconv {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, module in COMMANDS.items():
+    for name, module in commands().items():
         if command is None or name == command:
             importlib.import_module(module).add_parser(sub)
     return parser

@@ -419,7 +419,7 @@ def make_converted_folder(
     import torch
     from safetensors.torch import save_file
 
-    from ofaconv.hub.report import weight_file_entries
+    from ofaconv.core.report import weight_file_entries
 
     root = Path(path)
     root.mkdir(parents=True, exist_ok=True)

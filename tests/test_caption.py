@@ -14,12 +14,12 @@ import pytest
 import torch
 from PIL import Image
 
-from ofaconv.caption import caption_items, decode_base64, expand_images, load_captioner, read_tsv
+from ofaconv.ofa.caption import caption_items, decode_base64, expand_images, load_captioner, read_tsv
 from ofaconv.cli import main
-from ofaconv.convert import convert_checkpoint
-from ofaconv.modeling.tokenization_ofa import CJK_CHARACTERS
-from ofaconv.synth import write_synthetic_checkpoint
-from ofaconv.tokenization import decode_caption
+from ofaconv.ofa.convert import convert_checkpoint
+from ofaconv.ofa.modeling.tokenization_ofa import CJK_CHARACTERS
+from ofaconv.ofa.synth import write_synthetic_checkpoint
+from ofaconv.ofa.tokenization import decode_caption
 
 
 @pytest.fixture(autouse=True)

@@ -9,7 +9,7 @@ from huggingface_hub import ModelCard
 from huggingface_hub.repocard import metadata_load
 
 from fakehub import make_converted_folder
-from ofaconv.errors import OfaconvError
+from ofaconv.core.errors import OfaconvError
 from ofaconv.hub.card import CARD_MARKER, build_model_card, card_for_repo, write_model_card
 
 

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from ofaconv import variants
-from ofaconv.checkpoint import (
+from ofaconv.ofa import variants
+from ofaconv.ofa.checkpoint import (
     ALLOWED_GLOBALS,
     check_derived_buffers,
     check_finite,
@@ -26,9 +26,9 @@ from ofaconv.checkpoint import (
     read_flags,
     validate_state_dict,
 )
-from ofaconv.errors import CheckpointError, OfaconvError
-from ofaconv.reference import buckets
-from ofaconv.synth import write_bad_checkpoint, write_synthetic_checkpoint
+from ofaconv.core.errors import CheckpointError, OfaconvError
+from ofaconv.ofa.reference import buckets
+from ofaconv.ofa.synth import write_bad_checkpoint, write_synthetic_checkpoint
 
 OFFICIAL = Path(__file__).resolve().parents[2] / "shared" / "reference" / "ofa_micro_official"
 
@@ -66,7 +66,7 @@ def test_buckets_bit_exact_against_official(official_micro):
 
 def test_token_buckets_ignore_default_dtype():
     """The reference tables and the model's own (buckets_ofa, shipped as remote code) alike."""
-    from ofaconv.modeling import buckets_ofa
+    from ofaconv.ofa.modeling import buckets_ofa
 
     expected = buckets.make_token_bucket_position(256)
     assert torch.equal(buckets_ofa.make_token_bucket_position(256), expected)
@@ -302,7 +302,7 @@ def test_derived_buffer_mismatch_is_named(base_file):
 
 
 def test_check_finite_chunks_and_ignores_integers(monkeypatch):
-    import ofaconv.checkpoint as ck
+    import ofaconv.ofa.checkpoint as ck
 
     monkeypatch.setattr(ck, "_FINITE_CHUNK", 7)
     t = torch.zeros(50, dtype=torch.float16)

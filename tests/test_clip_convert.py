@@ -20,11 +20,11 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
 from ofaconv.clip import synth
-from ofaconv.clip import keymap
+from ofaconv.clip import architectures as keymap
 from ofaconv.clip.convert import convert, detect_source
 from ofaconv.clip.export import export_bert
-from ofaconv.errors import CheckpointError, KeyMapError, VerificationError
-from ofaconv.keymap import KeyMap
+from ofaconv.core.errors import CheckpointError, KeyMapError, VerificationError
+from ofaconv.core.keymap import KeyMap
 
 convert_mod = importlib.import_module("ofaconv.clip.convert")  # the package re-exports a function named convert
 
@@ -273,7 +273,7 @@ def test_reconverting_a_package_is_stable(tmp_path, legacy):
 def _patched_map(monkeypatch, tmp_path, name, edit):
     data = yaml.safe_load(Path(keymap.load_map(name).path).read_text())
     edit(data)
-    path = tmp_path / f"{name}.yaml"
+    path = tmp_path / f"{name.split('/')[-1]}.yaml"
     path.write_text(yaml.safe_dump(data))
     patched, real = KeyMap.load(path), keymap.load_map
     monkeypatch.setattr(keymap, "load_map", lambda n: patched if n == name else real(n))
@@ -284,7 +284,7 @@ def test_mutation_qkv_order(tmp_path, vocab, monkeypatch):
         for rule in data["convert"]:
             if rule["op"] == "chunk":
                 rule["to"][0], rule["to"][1] = rule["to"][1], rule["to"][0]
-    _patched_map(monkeypatch, tmp_path, "cnclip_to_chinese_clip", swap)
+    _patched_map(monkeypatch, tmp_path, "clip/cnclip_to_chinese_clip", swap)
     src = synth.write_cnclip_pt(tmp_path, "ViT-B-16")
     with pytest.raises(VerificationError, match="image_features"):
         convert(src, tmp_path / "out", vocab=str(vocab))

@@ -1,11 +1,11 @@
-"""ofaconv.featcache: keyed by id + weights fingerprint, invalidated on change, multi-writer safe."""
+"""ofaconv.core.featcache: keyed by id + weights fingerprint, invalidated on change, multi-writer safe."""
 
 import pickle
 
 import pytest
 import torch
 
-from ofaconv.featcache import CacheError, FeatureCache, fingerprint
+from ofaconv.core.featcache import CacheError, FeatureCache, fingerprint
 
 
 def test_fingerprint_tracks_weights_and_settings():

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from ofaconv.clip import synth
-from ofaconv.clip.keymap import apply_map, load_map
-from ofaconv.errors import KeyMapError
+from ofaconv.clip.architectures import apply_map, load_map
+from ofaconv.core.errors import KeyMapError
 
 
 def cnclip():
@@ -17,14 +17,14 @@ def legacy():
 
 
 def vtde_file():
-    return apply_map("bertclip_to_vtde", legacy())
+    return apply_map("clip/bertclip_to_vtde", legacy())
 
 
 # (map, source state): maps that drop nothing, so the reverse plan restores the source exactly.
 ROUND_TRIPS = {
-    "cnclip_to_chinese_clip": cnclip,
-    "bertclip_to_vtde": legacy,
-    "vtde_file": vtde_file,
+    "clip/cnclip_to_chinese_clip": cnclip,
+    "clip/bertclip_to_vtde": legacy,
+    "clip/vtde_file": vtde_file,
 }
 
 
@@ -43,7 +43,7 @@ def test_round_trip_is_bit_exact(name):
 
 def test_cnclip_qkv_is_split_in_order():
     source = cnclip()
-    out = apply_map("cnclip_to_chinese_clip", source)
+    out = apply_map("clip/cnclip_to_chinese_clip", source)
     fused = source["visual.transformer.resblocks.1.attn.in_proj_weight"]
     w = fused.shape[0] // 3
     for n, part in enumerate("qkv"):
@@ -53,7 +53,7 @@ def test_cnclip_qkv_is_split_in_order():
 
 def test_towers_split_the_package_without_leftovers():
     state = vtde_file()
-    vision, text = apply_map("vtde_to_vision_tower", state), apply_map("vtde_to_text_tower", state)
+    vision, text = apply_map("clip/vtde_to_vision_tower", state), apply_map("clip/vtde_to_text_tower", state)
     assert set(vision) | {f"text_model.{k}" for k in text} | {"text_projection.weight", "logit_scale"} == \
         {k.replace("vision_model.vision_model.", "vision_model.") for k in state}
 
@@ -61,16 +61,16 @@ def test_towers_split_the_package_without_leftovers():
 def test_the_one_fitting_layout_is_chosen():
     nested = vtde_file()
     flat = {k.replace("vision_model.vision_model.", "vision_model."): v for k, v in nested.items()}
-    assert apply_map(("vtde_file", "vtde_module_to_file"), nested).keys() == nested.keys()
-    assert apply_map(("vtde_file", "vtde_module_to_file"), flat).keys() == nested.keys()
-    with pytest.raises(KeyMapError, match="follows none of the key maps vtde_file, vtde_module_to_file"):
-        apply_map(("vtde_file", "vtde_module_to_file"), {**flat, "stray.weight": torch.zeros(1)}, path="x")
+    assert apply_map(("clip/vtde_file", "clip/vtde_module_to_file"), nested).keys() == nested.keys()
+    assert apply_map(("clip/vtde_file", "clip/vtde_module_to_file"), flat).keys() == nested.keys()
+    with pytest.raises(KeyMapError, match="follows none of the key maps clip/vtde_file, clip/vtde_module_to_file"):
+        apply_map(("clip/vtde_file", "clip/vtde_module_to_file"), {**flat, "stray.weight": torch.zeros(1)}, path="x")
 
 
 def test_unknown_key_and_misshaped_fused_weight_are_errors():
     source = cnclip()
     with pytest.raises(KeyMapError, match="keys not consumed by any rule: visual.extra"):
-        apply_map("cnclip_to_chinese_clip", {**source, "visual.extra": torch.zeros(1)}, path="m.pt")
+        apply_map("clip/cnclip_to_chinese_clip", {**source, "visual.extra": torch.zeros(1)}, path="m.pt")
     source["visual.transformer.resblocks.0.attn.in_proj_bias"] = torch.zeros(10)
     with pytest.raises(KeyMapError, match=r"m.pt: key 'visual.transformer.resblocks.0.attn.in_proj_bias': chunk"):
-        apply_map("cnclip_to_chinese_clip", source, path="m.pt")
+        apply_map("clip/cnclip_to_chinese_clip", source, path="m.pt")

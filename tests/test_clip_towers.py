@@ -19,7 +19,7 @@ from ofaconv.clip.export import export_bert
 from ofaconv.clip.search import build_index, query_index
 from ofaconv.clip.similarity import similarity, similarity_from_features
 from ofaconv.clip.towers import load_image
-from ofaconv.errors import OfaconvError
+from ofaconv.core.errors import OfaconvError
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from ofaconv.clip.data import DataStats, read_csv_pairs, read_pairs
 from ofaconv.clip.download import download_images
 from ofaconv.clip.evaluate import recall_at_k
 from ofaconv.clip.train import load_recipe, train
-from ofaconv.errors import OfaconvError
+from ofaconv.core.errors import OfaconvError
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -14,9 +14,9 @@ import torch
 import yaml
 
 from ofaconv.cli import main as cli
-from ofaconv.convert import convert_checkpoint
-from ofaconv.synth import write_bad_checkpoint, write_synthetic_checkpoint
-from ofaconv.variants import variant_names
+from ofaconv.ofa.convert import convert_checkpoint
+from ofaconv.ofa.synth import write_bad_checkpoint, write_synthetic_checkpoint
+from ofaconv.ofa.variants import variant_names
 
 OFFICIAL = Path(__file__).resolve().parents[2] / "shared" / "reference" / "ofa_micro_official"
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
@@ -75,7 +75,7 @@ def test_convert_verify_every_variant(variant, converted):
 def test_golden_outputs(converted):
     """Logit slices and greedy ids of each micro fixture are pinned, so a drift that hits the
     model and the reference alike is still caught."""
-    from ofaconv.verify import load_converted, probe_inputs
+    from ofaconv.ofa.verify import load_converted, probe_inputs
 
     golden = json.loads((FIXTURES / "golden.json").read_text())
     for variant in variant_names():
@@ -99,7 +99,7 @@ def test_official_micro_reproduces_official_logits(tmp_path):
         shutil.copyfileobj(src, dst)
     result = convert_checkpoint(ckpt, tmp_path / "out", verify=True)
     assert result.passed, result.report["checks"]
-    from ofaconv.verify import load_converted
+    from ofaconv.ofa.verify import load_converted
 
     model, _ = load_converted(tmp_path / "out")
     io = torch.load(OFFICIAL / "reference_io.pt")
@@ -152,7 +152,7 @@ def test_bad_input_one_line_error_and_no_output(kind, micro_checkpoint, tmp_path
 
 
 def test_bad_tokenizer_source_fails_before_any_weight_is_written(micro_checkpoint, tmp_path, capsys, monkeypatch):
-    import ofaconv.writer
+    import ofaconv.core.writer
 
     def no_write(*args, **kwargs):
         raise AssertionError("weights written before the tokenizer source was checked")
@@ -169,7 +169,7 @@ def test_bad_tokenizer_source_fails_before_any_weight_is_written(micro_checkpoin
 # -- mutation tests: a deliberately broken mapping or flag must make --verify fail -------------
 
 def _mutated_keymap(tmp_path: Path, edit) -> Path:
-    data = yaml.safe_load((MAPPINGS / "ofa_fairseq.yaml").read_text())
+    data = yaml.safe_load((MAPPINGS / "ofa" / "fairseq.yaml").read_text())
     edit(data)
     path = tmp_path / "mutated.yaml"
     path.write_text(yaml.safe_dump(data, allow_unicode=True, sort_keys=False))
@@ -271,7 +271,7 @@ def _swap_renames(data, a, b):
 
 @pytest.mark.parametrize("mutation", sorted(MUTATIONS))
 def test_mutated_keymap_fails_verification(mutation, micro_checkpoint, tmp_path, monkeypatch):
-    import ofaconv.convert as conv
+    import ofaconv.ofa.convert as conv
 
     # The parity checker alone must catch every fault: the plan-time check of a custom map against
     # the model's key set (which refuses the dropped-key faults earlier) is switched off here.
@@ -299,7 +299,7 @@ def test_custom_keymap_missing_a_model_key_is_refused_before_writing(micro_check
                                         ("interpolate_position", False)])
 def test_wrong_config_flag_fails_verification(flag, value, micro_checkpoint, tmp_path, monkeypatch):
     """A converter that ignores a checkpoint flag (head scale, entangle, interpolation) is caught."""
-    import ofaconv.convert as conv
+    import ofaconv.ofa.convert as conv
 
     variant = "ofa-huge" if flag == "interpolate_position" else "ofa-tiny"
     src = tmp_path / "src.pt"
@@ -358,7 +358,7 @@ def test_convert_and_verify_end_to_end(case, tmp_path):
     report = json.loads((tmp_path / "out" / "conversion_report.json").read_text())
     assert report["source"]["sha256"] == hashlib.sha256(src.read_bytes()).hexdigest()
     assert report["source"]["ema"] is bool(convert_options.get("ema"))
-    assert report["keymap"]["file"] == "ofa_fairseq.yaml" and report["versions"]["transformers"]
+    assert report["keymap"]["name"] == "ofa/fairseq" and report["versions"]["transformers"]
 
 
 def _safetensors_header(path):
@@ -384,7 +384,7 @@ def test_verify_against_reads_the_report_and_rewrites_it(tmp_path, capsys):
 
 def test_failed_verification_exits_3_and_keeps_the_folder_with_its_report(micro_checkpoint, tmp_path, monkeypatch,
                                                                           capsys):
-    import ofaconv.convert as conv
+    import ofaconv.ofa.convert as conv
 
     monkeypatch.setattr(conv, "model_state_shapes", lambda shape, flags: None)
     keymap = _mutated_keymap(tmp_path, MUTATIONS["swapped_q_k"])
@@ -414,9 +414,9 @@ def test_disable_entangle_false_is_implemented(tmp_path):
 def test_shipped_keymap_produces_exactly_the_model_keys(variant, micro_checkpoint):
     """convert skips the meta-model key check for the shipped map: this is why that is safe.
     Also proves the model builds on the meta device (transformers 5 / accelerate empty init)."""
-    from ofaconv.checkpoint import infer_config, load_checkpoint, read_flags
-    from ofaconv.convert import DEFAULT_KEYMAP, keymap_counts, model_state_shapes
-    from ofaconv.keymap import KeyMap
+    from ofaconv.ofa.checkpoint import infer_config, load_checkpoint, read_flags
+    from ofaconv.ofa.convert import DEFAULT_KEYMAP, keymap_counts, model_state_shapes
+    from ofaconv.core.keymap import KeyMap
 
     ckpt = load_checkpoint(micro_checkpoint(variant))
     shape = infer_config(ckpt.state_dict)

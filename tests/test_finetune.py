@@ -14,8 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
-from ofaconv.finetune.batching import IGNORE_INDEX, CaptionCollator, CaptionDataset, CaptionSampler, tokenize_targets
-from ofaconv.finetune.data import (
+from ofaconv.ofa.finetune.batching import IGNORE_INDEX, CaptionCollator, CaptionDataset, CaptionSampler, tokenize_targets
+from ofaconv.ofa.finetune.data import (
     DataError,
     DataIssues,
     decode_base64_image,
@@ -23,7 +23,7 @@ from ofaconv.finetune.data import (
     read_pairs,
     split_holdout,
 )
-from ofaconv.finetune.lit import (
+from ofaconv.ofa.finetune.lit import (
     apply_freezing,
     caption_loss,
     first_rows,
@@ -31,9 +31,9 @@ from ofaconv.finetune.lit import (
     pin_eval,
     shared_encoder_rows,
 )
-from ofaconv.finetune.metrics import caption_metrics, cider_d, corpus_bleu, exact_match, tokenize_caption
-from ofaconv.finetune.recipe import RecipeError, load_recipe
-from ofaconv.finetune.synthetic import draw_shape, write_muge_split
+from ofaconv.ofa.finetune.metrics import caption_metrics, cider_d, corpus_bleu, exact_match, tokenize_caption
+from ofaconv.ofa.finetune.recipe import RecipeError, load_recipe
+from ofaconv.ofa.finetune.synthetic import draw_shape, write_muge_split
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURE_CONFIG = REPO / "fixtures" / "micro_cn_config.json"
@@ -256,7 +256,7 @@ def test_collator_pads_and_survives_undecodable_images(tmp_path, micro):
 
     def load(image_id):
         if image_id in ("s0", "s1"):
-            from ofaconv.finetune.data import ImageDecodeError
+            from ofaconv.ofa.finetune.data import ImageDecodeError
 
             raise ImageDecodeError(f"shapes.tsv:{image_id}", "cannot decode image")
         return torch.zeros(3, 4, 4)
@@ -291,15 +291,15 @@ def small_config(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def micro(tmp_path_factory, small_config):
-    from ofaconv.finetune.base import init_random_folder, load_base
-    from ofaconv.finetune.recipe import ModelInit
+    from ofaconv.ofa.finetune.base import init_random_folder, load_base
+    from ofaconv.ofa.finetune.recipe import ModelInit
 
     folder = init_random_folder(ModelInit(config=str(small_config)), tmp_path_factory.mktemp("micro") / "base")
     return load_base(folder)
 
 
 def _fresh(micro):
-    from ofaconv.finetune.base import load_base
+    from ofaconv.ofa.finetune.base import load_base
 
     return load_base(micro.folder)
 
@@ -387,7 +387,7 @@ def test_first_rows():
 def test_decoder_savings_are_exact(micro):
     """Projecting each image once for all its captions, and the vocabulary only at targets, give the
     same loss and gradients as the plain forward."""
-    from ofaconv.modeling import OFAEncoderOutput
+    from ofaconv.ofa.modeling import OFAEncoderOutput
 
     model = _fresh(micro).model
     apply_freezing(model, freeze_encoder=True, freeze_word_embed=True, freeze_batchnorm=True)
@@ -429,8 +429,8 @@ def test_decoder_savings_are_exact(micro):
 
 
 def _fill(micro, tmp_path, data, *, prompt=None, dtype="float32", model=None):
-    from ofaconv.finetune.cache import EncoderCache, encoder_fingerprint
-    from ofaconv.finetune.run import _image_loader, _image_settings
+    from ofaconv.ofa.finetune.cache import EncoderCache, encoder_fingerprint
+    from ofaconv.ofa.finetune.run import _image_loader, _image_settings
 
     model = model or micro.model
     prompt_ids = torch.tensor(micro.tokenizer(prompt or micro.processor.prompt)["input_ids"])
@@ -443,8 +443,8 @@ def _fill(micro, tmp_path, data, *, prompt=None, dtype="float32", model=None):
 
 
 def test_cache_loss_equals_uncached_loss(micro, tmp_path):
-    from ofaconv.finetune.engine import CaptionTrainer, EngineSetup
-    from ofaconv.finetune.run import _image_loader
+    from ofaconv.ofa.finetune.engine import CaptionTrainer, EngineSetup
+    from ofaconv.ofa.finetune.run import _image_loader
 
     data = _shapes_split(tmp_path, n=5, size=micro.image_size)
     cache, prompt_ids, stats = _fill(micro, tmp_path, data)
@@ -481,7 +481,7 @@ def test_cache_loss_equals_uncached_loss(micro, tmp_path):
 def test_cache_position_embedding_is_the_same_for_every_image(micro, tmp_path):
     data = _shapes_split(tmp_path, n=4, size=micro.image_size)
     prompt = torch.tensor(micro.tokenizer(micro.processor.prompt)["input_ids"])[None].expand(4, -1)
-    from ofaconv.finetune.run import _image_loader
+    from ofaconv.ofa.finetune.run import _image_loader
 
     load = _image_loader(micro, data)
     pixels = torch.stack([load(i) for i in data.image_ids])
@@ -551,9 +551,9 @@ def _losses(out_dir: Path) -> dict:
 
 
 def test_finetune_writes_a_publishable_folder_and_resumes_exactly(tmp_path, small_config):
-    from ofaconv.finetune import finetune
+    from ofaconv.ofa.finetune import finetune
     from ofaconv.hub.push import push_folder
-    from ofaconv.hub.report import validate_report
+    from ofaconv.core.report import validate_report
 
     result = finetune(_tiny_recipe(tmp_path, small_config))
     out = result.output_dir
@@ -597,7 +597,7 @@ def test_finetune_writes_a_publishable_folder_and_resumes_exactly(tmp_path, smal
 
 
 def test_full_finetuning_trains_the_encoder(tmp_path, small_config):
-    from ofaconv.finetune import finetune
+    from ofaconv.ofa.finetune import finetune
 
     recipe = _tiny_recipe(tmp_path, small_config, max_steps=2, save_steps=100)
     recipe.update(freeze_encoder=False, freeze_word_embed=False, sampler="random")
@@ -617,7 +617,7 @@ def test_full_finetuning_trains_the_encoder(tmp_path, small_config):
 def test_mixed_precision_run_writes_a_folder_that_passes_its_checks(tmp_path, small_config):
     """The reload check compares fp32 with fp32: the trained model is checked without the
     Trainer's autocast wrapper (with it, bf16 logits were compared with the reloaded fp32 ones)."""
-    from ofaconv.finetune import finetune
+    from ofaconv.ofa.finetune import finetune
 
     recipe = _tiny_recipe(tmp_path, small_config, max_steps=2, save_steps=100, bf16=True)
     recipe["data"]["synthetic"]["eval_images"] = 0
@@ -640,7 +640,7 @@ def test_cli_reports_bad_recipe_on_one_line(tmp_path, capsys):
 def test_undecodable_images_are_counted_and_skipped(tmp_path, small_config, cache):
     """A corrupt image is reported with its line; in the uncached run a batch holding only that
     image becomes an ignored row instead of a crash."""
-    from ofaconv.finetune import finetune
+    from ofaconv.ofa.finetune import finetune
 
     records = [(f"i{k}", draw_shape("红色", "圆形", 32), ["红色的圆形", "一个红色的圆形"]) for k in range(4)]
     caps, tsv = write_muge_split(tmp_path / "data", "train", records)

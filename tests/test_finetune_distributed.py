@@ -57,7 +57,7 @@ def test_two_processes_match_one(tmp_path):
     if proc.returncode != 0:
         pytest.fail(f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
 
-    from ofaconv.finetune import finetune
+    from ofaconv.ofa.finetune import finetune
 
     one = finetune(path)
     two = json.loads((tmp_path / "two" / "conversion_report.json").read_text())

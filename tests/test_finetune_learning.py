@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 
-from ofaconv.finetune import finetune
-from ofaconv.finetune.synthetic import COLORS, SHAPES, draw_shape
+from ofaconv.ofa.finetune import finetune
+from ofaconv.ofa.finetune.synthetic import COLORS, SHAPES, draw_shape
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -25,17 +25,17 @@ import pytest
 import torch
 from transformers import GenerationConfig
 
-from ofaconv.checkpoint import load_checkpoint, read_flags
-from ofaconv.convert import convert_checkpoint
-from ofaconv.generation_parity import compare_generation, hypothesis_tokens
-from ofaconv.modeling import OFAEncoderOutput, OFAForConditionalGeneration
-from ofaconv.modeling import generation_ofa
-from ofaconv.modeling.configuration_ofa import build_generation_config
-from ofaconv.modeling.generation_ofa import SearchSettings, fairseq_search
-from ofaconv.reference import FairseqReference
-from ofaconv.reference.generator import SequenceGenerator
-from ofaconv.synth import write_synthetic_checkpoint
-from ofaconv.variants import generation_defaults, get_variant, variant_names
+from ofaconv.ofa.checkpoint import load_checkpoint, read_flags
+from ofaconv.ofa.convert import convert_checkpoint
+from ofaconv.ofa.generation_parity import compare_generation, hypothesis_tokens
+from ofaconv.ofa.modeling import OFAEncoderOutput, OFAForConditionalGeneration
+from ofaconv.ofa.modeling import generation_ofa
+from ofaconv.ofa.modeling.configuration_ofa import build_generation_config
+from ofaconv.ofa.modeling.generation_ofa import SearchSettings, fairseq_search
+from ofaconv.ofa.reference import FairseqReference
+from ofaconv.ofa.reference.generator import SequenceGenerator
+from ofaconv.ofa.synth import write_synthetic_checkpoint
+from ofaconv.ofa.variants import generation_defaults, get_variant, variant_names
 
 EOS, PAD = 2, 1
 

@@ -14,10 +14,10 @@ import pytest
 import torch
 from PIL import Image
 
-from ofaconv.errors import OfaconvError
-from ofaconv.modeling.image_processing_ofa import OFAImageProcessor
-from ofaconv.modeling.processing_ofa import OFAProcessor
-from ofaconv.tokenization import save_processing
+from ofaconv.core.errors import OfaconvError
+from ofaconv.ofa.modeling.image_processing_ofa import OFAImageProcessor
+from ofaconv.ofa.modeling.processing_ofa import OFAProcessor
+from ofaconv.ofa.tokenization import save_processing
 
 EN_PROMPT_IDS = [0, 99, 473, 5, 2274, 6190, 116, 2]
 CN_PROMPT_IDS = [0, 1749, 4279, 2993, 6839, 753, 788, 724, 1083, 2163, 140, 2]
@@ -336,8 +336,8 @@ def test_register_processing(folders):
     """With ofaconv installed, Auto* resolve to ofaconv's classes without trust_remote_code."""
     from transformers import AutoImageProcessor, AutoProcessor
 
-    from ofaconv.modeling.image_processing_ofa import OFAImageProcessor as LocalImageProcessor
-    from ofaconv.modeling.register import register
+    from ofaconv.ofa.modeling.image_processing_ofa import OFAImageProcessor as LocalImageProcessor
+    from ofaconv.ofa.modeling.register import register
 
     register()
     register()  # idempotent

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ofaconv.errors import KeyMapError
-from ofaconv.keymap import KeyMap, TensorMeta, collapse_keys, natural_key, read_key_list
+from ofaconv.core.errors import KeyMapError
+from ofaconv.core.keymap import KeyMap, TensorMeta, collapse_keys, natural_key, read_key_list
 
 KEYS = Path(__file__).resolve().parent.parent / "fixtures" / "keys"
 COUNTS = {
@@ -16,7 +16,7 @@ COUNTS = {
     "large": {"encoder_layers": 12, "decoder_layers": 12, "resnet_layers": [3, 8, 36]},
     "huge": {"encoder_layers": 24, "decoder_layers": 12, "resnet_layers": [3, 8, 36]},
 }
-MAPS = {"ofa_fairseq": "fairseq_ofa_{}.txt", "ofa_hf_port": "hf_port_ofa_{}.txt"}
+MAPS = {"ofa/fairseq": "fairseq_ofa_{}.txt", "ofa/hf_port": "hf_port_ofa_{}.txt"}
 BUFFERS = {f"{side}.{b}" for side in ("encoder", "decoder") for b in ("token_rp_bucket", "image_rp_bucket")}
 BUFFERS.add("decoder.image_position_idx")
 ALIASES = {"decoder.embed_tokens.weight", "decoder.output_projection.weight"}
@@ -49,14 +49,14 @@ def write_map(tmp_path, body: str) -> KeyMap:
 @pytest.mark.parametrize("variant", COUNTS)
 @pytest.mark.parametrize("kind", MAPS)
 def test_plan_gives_port_layout(kind, variant):
-    source, port = keys(kind, variant), keys("ofa_hf_port", variant)
+    source, port = keys(kind, variant), keys("ofa/hf_port", variant)
     plan = KeyMap.load(kind).plan(source, COUNTS[variant], expected_shapes={k: m.shape for k, m in port.items()})
     assert set(plan.targets) | set(plan.tied) == set(port) - BUFFERS
     assert set(plan.targets).isdisjoint(plan.tied)
     assert set(plan.derived) == BUFFERS and all(plan.derived[k] == k for k in BUFFERS)
     assert plan.tied == dict.fromkeys(sorted(ALIASES), "encoder.embed_tokens.weight")
     assert plan.tied_sources == dict.fromkeys(sorted(ALIASES), "encoder.embed_tokens.weight")
-    assert plan.dropped == (["decoder.version", "encoder.version"] if kind == "ofa_fairseq" else [])
+    assert plan.dropped == (["decoder.version", "encoder.version"] if kind == "ofa/fairseq" else [])
     assert all(source[src].dtype == port[tgt].dtype for tgt, src in plan.entries)
     assert plan.targets == sorted(plan.targets, key=natural_key)
     assert len(plan.entries) + len(plan.dropped) + len(plan.derived) + len(plan.tied_sources) == len(source)
@@ -64,14 +64,14 @@ def test_plan_gives_port_layout(kind, variant):
 
 @pytest.mark.parametrize("variant", COUNTS)
 def test_both_maps_agree(variant):
-    fairseq = KeyMap.load("ofa_fairseq").plan(keys("ofa_fairseq", variant), COUNTS[variant])
-    port = KeyMap.load("ofa_hf_port").plan(keys("ofa_hf_port", variant), COUNTS[variant])
+    fairseq = KeyMap.load("ofa/fairseq").plan(keys("ofa/fairseq", variant), COUNTS[variant])
+    port = KeyMap.load("ofa/hf_port").plan(keys("ofa/hf_port", variant), COUNTS[variant])
     assert fairseq.targets == port.targets
     assert (fairseq.tied, fairseq.derived) == (port.tied, port.derived)
 
 
 def test_fairseq_renames_are_the_known_seven():
-    plan = KeyMap.load("ofa_fairseq").plan(keys("ofa_fairseq", "micro"), COUNTS["micro"])
+    plan = KeyMap.load("ofa/fairseq").plan(keys("ofa/fairseq", "micro"), COUNTS["micro"])
     renamed = {src.split(".")[3]: tgt.split(".")[3] for tgt, src in plan.entries if src != tgt}
     assert renamed == {
         "attn_ln": "self_attn_mid_layer_norm",
@@ -101,17 +101,17 @@ def test_round_trip_is_identity(kind):
 
 
 def test_reverse_plan_checks_buffers_and_aliases_when_present():
-    port = tensors(keys("ofa_hf_port", "micro"))
-    plan = KeyMap.load("ofa_fairseq").plan(port, COUNTS["micro"], reverse=True)
+    port = tensors(keys("ofa/hf_port", "micro"))
+    plan = KeyMap.load("ofa/fairseq").plan(port, COUNTS["micro"], reverse=True)
     assert plan.derived["decoder.image_position_idx"] == "decoder.image_position_idx"
     assert plan.tied_sources == dict.fromkeys(sorted(ALIASES), "encoder.embed_tokens.weight")
     assert ("decoder.layers.0.encoder_attn.c_attn", "decoder.layers.0.cross_attn.c_attn") in plan.entries
 
 
 def test_natural_order_and_plan_is_deterministic():
-    source = keys("ofa_fairseq", "large")
-    one = KeyMap.load("ofa_fairseq").plan(source, COUNTS["large"])
-    two = KeyMap.load("ofa_fairseq").plan(dict(reversed(list(source.items()))), COUNTS["large"])
+    source = keys("ofa/fairseq", "large")
+    one = KeyMap.load("ofa/fairseq").plan(source, COUNTS["large"])
+    two = KeyMap.load("ofa/fairseq").plan(dict(reversed(list(source.items()))), COUNTS["large"])
     assert one.entries == two.entries
     layers = [t for t in one.targets if t.startswith("encoder.layers.") and t.endswith("fc1.weight")]
     assert layers[:3] == [f"encoder.layers.{i}.fc1.weight" for i in range(3)]
@@ -119,9 +119,9 @@ def test_natural_order_and_plan_is_deterministic():
 
 
 def test_shipped_maps_and_hash():
-    assert {"ofa_fairseq", "ofa_hf_port"} <= set(KeyMap.available())
-    keymap = KeyMap.load("ofa_fairseq")
-    assert keymap.name == "ofa_fairseq"
+    assert {"ofa/fairseq", "ofa/hf_port"} <= set(KeyMap.available())
+    keymap = KeyMap.load("ofa/fairseq")
+    assert keymap.name == "ofa/fairseq"
     assert keymap.sha256 == hashlib.sha256(Path(keymap.path).read_bytes()).hexdigest()
     assert KeyMap.load(keymap.path).sha256 == keymap.sha256
 
@@ -130,14 +130,14 @@ def test_shipped_maps_and_hash():
 
 
 def test_fairseq_version_keys_are_optional():
-    source = {k: m for k, m in keys("ofa_fairseq", "micro").items() if not k.endswith(".version")}
-    plan = KeyMap.load("ofa_fairseq").plan(source, COUNTS["micro"])
+    source = {k: m for k, m in keys("ofa/fairseq", "micro").items() if not k.endswith(".version")}
+    plan = KeyMap.load("ofa/fairseq").plan(source, COUNTS["micro"])
     assert plan.dropped == []
 
 
 def test_port_without_buffers_or_aliases():
-    port = {k: m for k, m in keys("ofa_hf_port", "micro").items() if k not in BUFFERS | ALIASES}
-    plan = KeyMap.load("ofa_hf_port").plan(port, COUNTS["micro"])
+    port = {k: m for k, m in keys("ofa/hf_port", "micro").items() if k not in BUFFERS | ALIASES}
+    plan = KeyMap.load("ofa/hf_port").plan(port, COUNTS["micro"])
     assert plan.derived == {} and plan.tied_sources == {}
     assert set(plan.tied) == ALIASES  # the model still ties them
 
@@ -179,9 +179,9 @@ def test_extra_key(kind):
 
 
 def test_wrong_counts_show_up_as_extra_and_missing_keys_collapsed():
-    exc = error(KeyMap.load("ofa_fairseq").plan, keys("ofa_fairseq", "huge"), COUNTS["large"])
+    exc = error(KeyMap.load("ofa/fairseq").plan, keys("ofa/fairseq", "huge"), COUNTS["large"])
     assert "encoder.layers.{12..23}.fc1.weight" in str(exc)
-    exc = error(KeyMap.load("ofa_fairseq").plan, keys("ofa_fairseq", "large"), COUNTS["huge"])
+    exc = error(KeyMap.load("ofa/fairseq").plan, keys("ofa/fairseq", "large"), COUNTS["huge"])
     assert "expected keys missing: " in str(exc) and "encoder.layers.{12..23}.fc1.weight" in str(exc)
 
 
@@ -198,8 +198,8 @@ def test_two_rules_producing_one_target(tmp_path):
 
 
 def test_dead_rule(tmp_path):
-    source = {k: m for k, m in keys("ofa_fairseq", "micro").items() if ".attn_ln." not in k}
-    exc = error(KeyMap.load("ofa_fairseq").plan, source, COUNTS["micro"])
+    source = {k: m for k, m in keys("ofa/fairseq", "micro").items() if ".attn_ln." not in k}
+    exc = error(KeyMap.load("ofa/fairseq").plan, source, COUNTS["micro"])
     assert "dead rule (matches no key): rename 'encoder.layers.{i:encoder_layers}.attn_ln.{t:weight|bias}'" in str(exc)
     assert "expected keys missing" not in str(exc)  # the dead rule's keys are not listed twice
     keymap = write_map(tmp_path, "keep: [a, 'b.{i:n}']\n")
@@ -207,31 +207,31 @@ def test_dead_rule(tmp_path):
 
 
 def test_mis_shaped_key():
-    source, port = keys("ofa_fairseq", "micro"), keys("ofa_hf_port", "micro")
+    source, port = keys("ofa/fairseq", "micro"), keys("ofa/hf_port", "micro")
     port["decoder.layers.1.cross_attn.q_proj.weight"] = TensorMeta((64, 32), "float32")
     shapes = {k: m.shape for k, m in port.items()}
-    exc = error(KeyMap.load("ofa_fairseq").plan, source, COUNTS["micro"], expected_shapes=shapes, source_path="ckpt.pt")
+    exc = error(KeyMap.load("ofa/fairseq").plan, source, COUNTS["micro"], expected_shapes=shapes, source_path="ckpt.pt")
     assert exc.key == "decoder.layers.1.encoder_attn.q_proj.weight"
     assert "shape (64, 64) does not match (64, 32) expected for 'decoder.layers.1.cross_attn.q_proj.weight'" in str(exc)
-    exc = error(KeyMap.load("ofa_fairseq").plan, source, COUNTS["micro"], expected_shapes=lambda k: shapes.get(k))
+    exc = error(KeyMap.load("ofa/fairseq").plan, source, COUNTS["micro"], expected_shapes=lambda k: shapes.get(k))
     assert exc.key == "decoder.layers.1.encoder_attn.q_proj.weight"
 
 
 def test_tied_alias_of_another_shape():
-    source = keys("ofa_fairseq", "micro")
+    source = keys("ofa/fairseq", "micro")
     source["decoder.output_projection.weight"] = TensorMeta((999, 64), "float32")
-    exc = error(KeyMap.load("ofa_fairseq").plan, source, COUNTS["micro"])
+    exc = error(KeyMap.load("ofa/fairseq").plan, source, COUNTS["micro"])
     assert exc.key == "decoder.output_projection.weight" and "(999, 64)" in str(exc) and "(1000, 64)" in str(exc)
 
 
 def test_model_coverage_both_ways():
-    source, port = keys("ofa_fairseq", "micro"), keys("ofa_hf_port", "micro")
+    source, port = keys("ofa/fairseq", "micro"), keys("ofa/hf_port", "micro")
     shapes = {k: m.shape for k, m in port.items()}
     shapes["encoder.layers.0.w_resid"] = (64,)
-    exc = error(KeyMap.load("ofa_fairseq").plan, source, COUNTS["micro"], expected_shapes=shapes)
+    exc = error(KeyMap.load("ofa/fairseq").plan, source, COUNTS["micro"], expected_shapes=shapes)
     assert exc.key == "encoder.layers.0.w_resid" and "1 model keys not produced" in str(exc)
     del shapes["encoder.layers.0.w_resid"], shapes["encoder.layers.1.fc2.bias"]
-    exc = error(KeyMap.load("ofa_fairseq").plan, source, COUNTS["micro"], expected_shapes=shapes)
+    exc = error(KeyMap.load("ofa/fairseq").plan, source, COUNTS["micro"], expected_shapes=shapes)
     assert exc.key == "encoder.layers.1.fc2.bias" and "produced keys the model lacks" in str(exc)
 
 
@@ -265,7 +265,7 @@ def test_bad_schema_and_unknown_map(tmp_path):
     path = tmp_path / "old.yaml"
     path.write_text("schema: ofaconv/keymap@0\nkeep: [a]\n")
     assert "field 'schema' must be 'ofaconv/keymap@1'" in str(error(KeyMap.load, path))
-    assert "shipped: " in str(error(KeyMap.load, "ofa_nonexistent")) and "ofa_fairseq" in str(error(KeyMap.load, "x"))
+    assert "shipped: " in str(error(KeyMap.load, "ofa_nonexistent")) and "ofa/fairseq" in str(error(KeyMap.load, "x"))
 
 
 @pytest.mark.parametrize(
@@ -307,9 +307,9 @@ def test_collapse_keys():
 
 
 def test_summary_lines_collapse_layers():
-    plan = KeyMap.load("ofa_fairseq").plan(keys("ofa_fairseq", "large"), COUNTS["large"])
+    plan = KeyMap.load("ofa/fairseq").plan(keys("ofa/fairseq", "large"), COUNTS["large"])
     lines = plan.summary_lines()
-    assert lines[0].startswith("key map ofa_fairseq, sha256 ") and "1627 input keys -> 1618 tensors" in lines[0]
+    assert lines[0].startswith("key map ofa/fairseq, sha256 ") and "1627 input keys -> 1618 tensors" in lines[0]
     assert "  rename   decoder.layers.{0..11}.encoder_attn.q_proj.weight -> decoder.layers.{0..11}.cross_attn.q_proj.weight" in lines
     assert f"  keep     {sum(s == t for t, s in plan.entries)} keys unchanged" in lines
     assert "  tied     decoder.output_projection.weight = encoder.embed_tokens.weight" in lines
@@ -321,11 +321,11 @@ def test_summary_lines_collapse_layers():
 
 
 def test_error_listing_is_collapsed_and_bounded():
-    source = {k: m for k, m in keys("ofa_fairseq", "huge").items() if not k.endswith(("fc1.weight", "fc2.bias"))}
-    exc = error(KeyMap.load("ofa_fairseq").plan, source, COUNTS["huge"])
+    source = {k: m for k, m in keys("ofa/fairseq", "huge").items() if not k.endswith(("fc1.weight", "fc2.bias"))}
+    exc = error(KeyMap.load("ofa/fairseq").plan, source, COUNTS["huge"])
     assert "72 expected keys missing: " in str(exc)
     for shown in ("encoder.layers.{0..23}.fc1.weight", "decoder.layers.{0..11}.fc2.bias"):
         assert shown in str(exc)
     junk = {f"junk{i}.{j}": 0 for i in range(30) for j in range(3)}
-    exc = error(KeyMap.load("ofa_fairseq").plan, {**keys("ofa_fairseq", "micro"), **junk}, COUNTS["micro"])
+    exc = error(KeyMap.load("ofa/fairseq").plan, {**keys("ofa/fairseq", "micro"), **junk}, COUNTS["micro"])
     assert "90 keys not consumed" in str(exc) and "(and 18 more)" in str(exc) and "junk0.{0..2}" in str(exc)

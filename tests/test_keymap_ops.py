@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from ofaconv.errors import KeyMapError
-from ofaconv.keymap import OPS, KeyMap
+from ofaconv.core.errors import KeyMapError
+from ofaconv.core.keymap import OPS, KeyMap
 
 FUSED = """
 convert:

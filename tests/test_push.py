@@ -16,7 +16,7 @@ import pytest
 
 import ofaconv.cli as cli
 from fakehub import REJECTED_TOKEN, VALID_TOKEN, FakeHub, User, make_converted_folder
-from ofaconv.hub.report import validate_report
+from ofaconv.core.report import validate_report
 
 ROUTES = ["create", "validate_yaml", "preupload", "commit"]
 
@@ -386,8 +386,8 @@ def test_not_a_model_folder(tmp_path, capsys):
 
 def _converter_ready() -> str | None:
     try:
-        import ofaconv.convert  # noqa: F401
-        import ofaconv.modeling.modeling_ofa  # noqa: F401
+        import ofaconv.ofa.convert  # noqa: F401
+        import ofaconv.ofa.modeling.modeling_ofa  # noqa: F401
     except ImportError as exc:
         return f"needs the converter (ofaconv.convert) and the OFA model: {exc}"
     return None

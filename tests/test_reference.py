@@ -13,11 +13,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ofaconv.errors import OfaconvError
-from ofaconv.reference import FairseqReference, SequenceGenerator
-from ofaconv.reference import forward as forward_module
-from ofaconv.reference import generator as generator_module
-from ofaconv.reference.forward import BOS, EOS, PAD, model_args_from_checkpoint
+from ofaconv.core.errors import OfaconvError
+from ofaconv.ofa.reference import FairseqReference, SequenceGenerator
+from ofaconv.ofa.reference import forward as forward_module
+from ofaconv.ofa.reference import generator as generator_module
+from ofaconv.ofa.reference.forward import BOS, EOS, PAD, model_args_from_checkpoint
 
 OFFICIAL_DIR = Path(__file__).resolve().parents[2] / "shared" / "reference" / "ofa_micro_official"
 PERTURBED_FIXTURE = Path(__file__).parent / "data" / "reference_official_perturbed.pt"

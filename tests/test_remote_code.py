@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from ofaconv.convert import convert_checkpoint
-from ofaconv.synth import write_synthetic_checkpoint
+from ofaconv.ofa.convert import convert_checkpoint
+from ofaconv.ofa.synth import write_synthetic_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 OFFICIAL = ROOT.parent / "shared" / "reference" / "ofa_micro_official"
@@ -53,7 +53,7 @@ _CLEAN = textwrap.dedent(
 def test_folder_works_without_ofaconv(tmp_path):
     from PIL import Image
 
-    from ofaconv.verify import load_converted, probe_inputs
+    from ofaconv.ofa.verify import load_converted, probe_inputs
 
     src = tmp_path / "src.pt"
     write_synthetic_checkpoint(src, "ofa-cn-base", size="micro", seed=3)

@@ -13,7 +13,7 @@ import threading
 
 import pytest
 
-from ofaconv.digest import BackgroundSha256, file_sha256
+from ofaconv.core.digest import BackgroundSha256, file_sha256
 
 HEAVY = ("transformers.modeling_utils", "transformers.processing_utils", "transformers.trainer", "torchvision")
 
@@ -44,10 +44,10 @@ print(json.dumps([type(AutoConfig.from_pretrained(folder)).__module__,
                   type(AutoImageProcessor.from_pretrained(folder)).__module__]))
 """)
     assert json.loads(out.strip().splitlines()[-1]) == [
-        "ofaconv.modeling.configuration_ofa",
-        "ofaconv.modeling.modeling_ofa",
-        "ofaconv.modeling.processing_ofa",
-        "ofaconv.modeling.image_processing_ofa",
+        "ofaconv.ofa.modeling.configuration_ofa",
+        "ofaconv.ofa.modeling.modeling_ofa",
+        "ofaconv.ofa.modeling.processing_ofa",
+        "ofaconv.ofa.modeling.image_processing_ofa",
     ]
 
 
@@ -65,7 +65,7 @@ print(sorted(m for m in {HEAVY!r} if m in sys.modules))
 
 @pytest.fixture(scope="module")
 def cn_checkpoint(tmp_path_factory):
-    from ofaconv.synth import write_synthetic_checkpoint
+    from ofaconv.ofa.synth import write_synthetic_checkpoint
 
     src = tmp_path_factory.mktemp("startup") / "cn.pt"
     write_synthetic_checkpoint(src, "ofa-cn-base", size="micro")
@@ -74,7 +74,7 @@ def cn_checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def converted_cn(cn_checkpoint):
-    from ofaconv.convert import convert_checkpoint
+    from ofaconv.ofa.convert import convert_checkpoint
 
     return convert_checkpoint(cn_checkpoint, cn_checkpoint.parent / "out").out_dir
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ofaconv import variants
-from ofaconv.checkpoint import (
+from ofaconv.ofa import variants
+from ofaconv.ofa.checkpoint import (
     ALLOWED_GLOBALS,
     check_derived_buffers,
     check_finite,
@@ -23,8 +23,8 @@ from ofaconv.checkpoint import (
     read_flags,
 )
 from ofaconv.cli import main as cli
-from ofaconv.errors import OfaconvError
-from ofaconv.synth import synthetic_checkpoint_dict, synthetic_key_spec, write_synthetic_checkpoint
+from ofaconv.core.errors import OfaconvError
+from ofaconv.ofa.synth import synthetic_checkpoint_dict, synthetic_key_spec, write_synthetic_checkpoint
 
 OFFICIAL = Path(__file__).resolve().parents[2] / "shared" / "reference" / "ofa_micro_official"
 KEY_LISTS = Path(__file__).resolve().parents[1] / "fixtures" / "keys"

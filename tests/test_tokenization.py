@@ -12,10 +12,10 @@ import pytest
 import regex
 import yaml
 
-from ofaconv import tokenization
-from ofaconv.errors import OfaconvError
-from ofaconv.modeling.tokenization_ofa import join_cjk_spaces
-from ofaconv.tokenization import (
+from ofaconv.ofa import tokenization
+from ofaconv.core.errors import OfaconvError
+from ofaconv.ofa.modeling.tokenization_ofa import join_cjk_spaces
+from ofaconv.ofa.tokenization import (
     build_tokenizer,
     decode_caption,
     decode_captions,
@@ -225,7 +225,7 @@ def test_chinese_prompt_vector(cn):
 @pytest.mark.parametrize("family", ["en", "cn"])
 def test_layout_matches_variants_yaml(family, tokenizers):
     tok = tokenizers[family]
-    spec = yaml.safe_load(files("ofaconv.mappings").joinpath("variants.yaml").read_text(encoding="utf-8"))["families"][family]
+    spec = yaml.safe_load(files("ofaconv.mappings").joinpath("ofa/variants.yaml").read_text(encoding="utf-8"))["families"][family]
     layout = vocab_layout(family)
     assert [layout.text_start, layout.text_end] == spec["text_token_range"]
     assert len(tok) == layout.vocab_size == spec["vocab_size"] == {"en": 59457, "cn": 30325}[family]

@@ -7,12 +7,12 @@ import json
 import pytest
 import torch
 
-from ofaconv.checkpoint import infer_config, load_checkpoint
+from ofaconv.ofa.checkpoint import infer_config, load_checkpoint
 from ofaconv.cli import main as cli
-from ofaconv.convert import keymap_counts
-from ofaconv.keymap import KeyMap
-from ofaconv.reference.buckets import make_image_position_idx
-from ofaconv.synth import write_synthetic_checkpoint
+from ofaconv.ofa.convert import keymap_counts
+from ofaconv.core.keymap import KeyMap
+from ofaconv.ofa.reference.buckets import make_image_position_idx
+from ofaconv.ofa.synth import write_synthetic_checkpoint
 
 
 @pytest.fixture(scope="module", params=["pytorch_model.bin", "model.safetensors"])
@@ -24,7 +24,7 @@ def old_port_folder(request, tmp_path_factory):
     write_synthetic_checkpoint(src, "ofa-cn-base", size="micro", seed=5)
     ckpt = load_checkpoint(src)
     shape = infer_config(ckpt.state_dict)
-    plan = KeyMap.load("ofa_fairseq").plan(ckpt.state_dict, keymap_counts(shape))
+    plan = KeyMap.load("ofa/fairseq").plan(ckpt.state_dict, keymap_counts(shape))
     state = {target: ckpt.state_dict[source].clone() for target, source in plan.entries}
     for name in ("encoder.token_rp_bucket", "encoder.image_rp_bucket", "decoder.token_rp_bucket",
                  "decoder.image_rp_bucket"):

@@ -10,8 +10,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from ofaconv.errors import OfaconvError
-from ofaconv.writer import plan_shards, write_shards
+from ofaconv.core.errors import OfaconvError
+from ofaconv.core.writer import plan_shards, write_shards
 
 
 def sample() -> dict[str, torch.Tensor]:
@@ -51,7 +51,7 @@ def chunk(request, monkeypatch):
     """Tensors go through staging buffers chunk by chunk; tiny chunks split every tensor (and
     leave a short last chunk) so the chunk seams are exercised."""
     if request.param is not None:
-        monkeypatch.setattr("ofaconv.writer.CHUNK_BYTES", request.param)
+        monkeypatch.setattr("ofaconv.core.writer.CHUNK_BYTES", request.param)
     return request.param
 
 

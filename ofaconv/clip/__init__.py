@@ -3,24 +3,32 @@
     from ofaconv.clip import ClipTowers, similarity, convert
     towers = ClipTowers.from_pretrained("bertclip-package/")
     img = towers.encode_images(["a.jpg"]); txt = towers.encode_texts(["一只猫"])
+
+Names resolve lazily: the registry imports ``ofaconv.clip.family`` at ``import ofaconv``, which must
+not pay for torch or transformers.
 """
 
-from .convert import convert, detect_source, load_package
-from .evaluate import evaluate_retrieval, recall_at_k
-from .export import export_bert
-from .similarity import MODES, SimilarityResult, similarity
-from .towers import ClipTowers, load_image
+import importlib
 
-__all__ = [
-    "ClipTowers",
-    "load_image",
-    "convert",
-    "detect_source",
-    "load_package",
-    "similarity",
-    "SimilarityResult",
-    "MODES",
-    "export_bert",
-    "evaluate_retrieval",
-    "recall_at_k",
-]
+_EXPORTS = {
+    "ClipTowers": "towers",
+    "load_image": "towers",
+    "convert": "convert",
+    "detect_source": "convert",
+    "load_package": "convert",
+    "similarity": "similarity",
+    "SimilarityResult": "similarity",
+    "MODES": "similarity",
+    "export_bert": "export",
+    "evaluate_retrieval": "evaluate",
+    "recall_at_k": "evaluate",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{module}", __name__), name)

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import torch
 
-from ..errors import CheckpointError
-from .checkpoint import atomic_output_dir, check_finite, read_config, read_folder_state_dict
+from ofaconv.core.errors import CheckpointError
+from .source import atomic_output_dir, check_finite, read_config, read_folder_state_dict
 from .convert import _clip_processor_from_dict, _load_tokenizer, vtde_config
-from .keymap import apply_map, clip_tables
-from .layout import ClipPackage, check_package, write_package
+from .architectures import apply_map, clip_tables
+from .package import ClipPackage, check_package, write_package
 
 __all__ = ["init_bertclip"]
 
@@ -35,7 +35,7 @@ def init_bertclip(vision: str | os.PathLike, text: str | os.PathLike, out: str |
                               path=vision / "config.json", key="model_type")
     vstate = read_folder_state_dict(vision)
     check_finite(vstate, path=vision)
-    state = apply_map("clip_to_vtde_vision", vstate, path=vision)
+    state = apply_map("clip/clip_to_vtde_vision", vstate, path=vision)
     if "visual_projection.weight" not in state:
         raise CheckpointError("the CLIP checkpoint has no visual projection", path=vision, key="visual_projection.weight")
     proj = state["visual_projection.weight"].shape[0]
@@ -49,7 +49,7 @@ def init_bertclip(vision: str | os.PathLike, text: str | os.PathLike, out: str |
         raise CheckpointError("expected a BERT checkpoint", path=text / "config.json", key="model_type")
     tstate = read_folder_state_dict(text)
     check_finite(tstate, path=text)
-    tmapped = apply_map(("bert_to_vtde_text", "bert_mlm_to_vtde_text"), tstate, path=text)
+    tmapped = apply_map(("clip/bert_to_vtde_text", "clip/bert_mlm_to_vtde_text"), tstate, path=text)
     hidden = tcfg["hidden_size"]
     g = torch.Generator().manual_seed(seed)
     if "text_model.pooler.dense.weight" not in tmapped:  # MLM checkpoints often ship without the pooler

@@ -53,7 +53,7 @@ def _towers(args):
 
 
 def _similarity(args) -> int:
-    from ..errors import OfaconvError
+    from ofaconv.core.errors import OfaconvError
     from .similarity import similarity
 
     towers = _towers(args)
@@ -80,7 +80,7 @@ def _similarity(args) -> int:
 
 
 def _search(args) -> int:
-    from ..errors import OfaconvError
+    from ofaconv.core.errors import OfaconvError
     from .search import build_index, query_index
 
     towers = _towers(args)

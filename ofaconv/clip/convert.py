@@ -30,17 +30,17 @@ from transformers import (
     VisionTextDualEncoderConfig,
 )
 
-from ..errors import CheckpointError, OfaconvError, VerificationError
+from ofaconv.core.errors import CheckpointError, OfaconvError, VerificationError
 from . import reference as ref
-from .checkpoint import (
+from .source import (
     atomic_output_dir,
     check_finite,
     load_cnclip_pt,
     read_config,
     read_folder_state_dict,
 )
-from .keymap import apply_map, clip_tables
-from .layout import TEXT_TOWER_META, ClipPackage, check_package, write_package
+from .architectures import apply_map, clip_tables
+from .package import TEXT_TOWER_META, ClipPackage, check_package, write_package
 
 __all__ = [
     "detect_source",
@@ -165,7 +165,7 @@ def _legacy_bertclip_package(src: Path, *, max_length: int | None) -> ClipPackag
             raise CheckpointError(f"missing {part}", path=src / "config.json", key=part)
     source_state = read_folder_state_dict(src)
     check_finite(source_state, path=src)
-    state = apply_map("bertclip_to_vtde", source_state, path=src)
+    state = apply_map("clip/bertclip_to_vtde", source_state, path=src)
     proj = cfg.get("projection_dim", 512)
     config = vtde_config(cfg["vision_config"], cfg["text_config"], proj, cfg.get("logit_scale_init_value", 2.6592),
                          where=src / "config.json")
@@ -320,11 +320,11 @@ def _cnclip_package(src: Path, *, arch: str | None, vocab: str | None, max_lengt
         raise CheckpointError("RN50 (ModifiedResNet image tower) has no transformers class (ChineseCLIPModel is "
                               "ViT-only); use cn_clip for RN50", path=src, key="visual.attnpool")
     if any(".Wqkv." in k or ".attention.self.out_proj." in k for k in state):
-        state = apply_map("cnclip_flash_attention_to_standard", state, path=src)
+        state = apply_map("clip/cnclip_flash_attention_to_standard", state, path=src)
     state = {k: (v.float() if v.is_floating_point() else v) for k, v in state.items()}
     arch, how = resolve_cnclip_arch(state, arch=arch, path=src, meta=meta)
     config, vheads, theads = cnclip_config(state, arch, src)
-    hf_state = apply_map("cnclip_to_chinese_clip", state, path=src)
+    hf_state = apply_map("clip/cnclip_to_chinese_clip", state, path=src)
     pooler = _checkpoint_pooler({k[len("bert."):]: v for k, v in state.items() if k.startswith("bert.pooler.")},
                                 config.text_config.hidden_size, src)
     vocab_path = Path(vocab) if vocab else default_vocab_path()
@@ -380,7 +380,7 @@ def _hf_folder_package(src: Path, kind: str, *, max_length: int | None) -> ClipP
     if kind == "vtde":
         config = vtde_config(cfg["vision_config"], cfg["text_config"], cfg.get("projection_dim", 512),
                              cfg.get("logit_scale_init_value", 2.6592), where=src / "config.json")
-        state = apply_map(("vtde_file", "vtde_module_to_file"), state, path=src)
+        state = apply_map(("clip/vtde_file", "clip/vtde_module_to_file"), state, path=src)
         image_processor = _clip_processor_from_dict(pp, config.vision_config.image_size)
         length = max_length or meta.get("max_length") or clip_tables()["bertclip_max_length"]
     else:

@@ -22,7 +22,7 @@ from typing import Callable
 
 from PIL import Image, UnidentifiedImageError
 
-from ..errors import OfaconvError
+from ofaconv.core.errors import OfaconvError
 
 __all__ = ["Pair", "DataStats", "ImageStore", "read_pairs", "read_csv_pairs", "read_cnclip", "validate_image_bytes",
            "read_cnclip_texts", "read_image_tsv", "list_image_folder", "IMAGE_SUFFIXES"]

@@ -22,7 +22,7 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import OfaconvError
+from ofaconv.core.errors import OfaconvError
 from .data import validate_image_bytes
 
 __all__ = ["download_images", "DownloadResult"]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import OfaconvError
+from ofaconv.core.errors import OfaconvError
 from .data import DataStats, read_cnclip_texts, read_image_tsv
 from .towers import ClipTowers
 

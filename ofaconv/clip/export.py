@@ -9,10 +9,10 @@ import torch
 from safetensors.torch import load_file
 from transformers import BertModel
 
-from ..errors import VerificationError
-from .checkpoint import atomic_output_dir
+from ofaconv.core.errors import VerificationError
+from .source import atomic_output_dir
 from .convert import PROBE_TEXTS, load_package
-from .layout import load_strict, write_text_tower
+from .package import load_strict, write_text_tower
 from .towers import ClipTowers, sentence_transformers_encode
 
 __all__ = ["export_bert"]

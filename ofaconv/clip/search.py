@@ -10,8 +10,8 @@ import os
 from pathlib import Path
 
 
-from ..errors import OfaconvError
-from ..featcache import FeatureCache
+from ofaconv.core.errors import OfaconvError
+from ofaconv.core.featcache import FeatureCache
 from .data import DataStats, ImageStore
 from .towers import ClipTowers
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import OfaconvError
+from ofaconv.core.errors import OfaconvError
 from .towers import ClipTowers
 
 __all__ = ["SimilarityResult", "similarity", "similarity_from_features", "MODES"]

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import save_safetensors
-from .keymap import clip_tables
+from .source import save_safetensors
+from .architectures import clip_tables
 
 __all__ = [
     "tiny_vocab",

@@ -20,8 +20,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from safetensors.torch import load_file
 
-from ..errors import OfaconvError
-from ..featcache import fingerprint
+from ofaconv.core.errors import OfaconvError
+from ofaconv.core.featcache import fingerprint
 
 __all__ = ["ClipTowers", "load_image", "sentence_transformers_encode"]
 

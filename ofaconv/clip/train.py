@@ -26,12 +26,12 @@ import yaml
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from ..errors import OfaconvError
-from ..featcache import FeatureCache
-from .checkpoint import atomic_output_dir
+from ofaconv.core.errors import OfaconvError
+from ofaconv.core.featcache import FeatureCache
+from .source import atomic_output_dir
 from .convert import load_package
 from .data import DataStats, ImageStore, Pair, filter_decodable, read_pairs
-from .layout import ClipPackage, check_package, module_state_to_file, write_package
+from .package import ClipPackage, check_package, module_state_to_file, write_package
 from .towers import ClipTowers, _unwrap
 
 __all__ = ["LiTModel", "load_recipe", "train", "precompute_image_features", "PairDataset", "PairCollator"]

@@ -21,10 +21,10 @@ import yaml
 from huggingface_hub import ModelCard, ModelCardData
 from huggingface_hub.repocard import metadata_load
 
-from .. import __version__
-from ..errors import OfaconvError
-from ..variants import family_from_vocab_size, family_info
-from .report import REPORT_NAME, describe_check, format_number, human_size, load_report
+from ofaconv import __version__
+from ofaconv.core.errors import OfaconvError
+from ofaconv.ofa.variants import family_from_vocab_size, family_info
+from ofaconv.core.report import REPORT_NAME, describe_check, format_number, human_size, load_report
 
 CARD_NAME = "README.md"
 DEFAULT_LICENSE = "apache-2.0"

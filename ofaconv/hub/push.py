@@ -19,10 +19,10 @@ from pathlib import Path
 
 import yaml
 
-from .. import __version__
-from ..errors import OfaconvError
+from ofaconv import __version__
+from ofaconv.core.errors import OfaconvError
 from .card import CARD_NAME, card_for_repo, card_metadata
-from .report import REPORT_NAME, folder_files, human_size, load_report, validate_report
+from ofaconv.core.report import REPORT_NAME, folder_files, human_size, load_report, validate_report
 
 _TRUE = {"1", "on", "yes", "true"}
 

@@ -1,0 +1,524 @@
+"""``ofaconv convert CKPT OUT/``: a fairseq OFA checkpoint becomes a complete Hugging Face folder.
+
+Invariants:
+- the source is opened memory-mapped and restricted (``ofaconv.ofa.checkpoint``); the optimizer state
+  and EMA copy are never paged in;
+- every source key is accounted for by the key map before any tensor is read;
+- tensors are streamed one at a time into safetensors shards, cast per tensor;
+- the folder is assembled in a temporary sibling and renamed into place only when complete, so a
+  failure leaves nothing behind (a failed *verification* keeps the folder, with the report saying
+  which check failed, and exits non-zero).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from ofaconv import __version__
+from ofaconv.core.digest import BackgroundSha256
+from ofaconv.core.errors import CheckpointError, OfaconvError
+from ofaconv.core.keymap import KeyMap
+from .variants import family_info, get_variant
+
+# torch, transformers and the checkpoint reader are imported where used: the CLI starts hashing
+# the source (the longest job of a conversion) before paying for those imports.
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}  # --dtype -> torch dtype name
+DEFAULT_KEYMAP = "ofa/fairseq"
+# Files copied next to the weights so the folder works with trust_remote_code and no ofaconv.
+REMOTE_CODE_FILES = [
+    "configuration_ofa.py",
+    "buckets_ofa.py",
+    "modeling_ofa.py",
+    "generation_ofa.py",
+    "image_processing_ofa.py",
+    "processing_ofa.py",
+    "tokenization_ofa.py",
+]
+# fairseq flags the model does not implement: refuse rather than convert something that differs.
+# Every released checkpoint has the other value; the reference implements them, the model does not.
+UNSUPPORTED_FLAGS = {
+    "scale_resids": True,
+    "encoder_prompt": True,
+    "decoder_prompt": True,
+    "cross_self_attention": True,
+    "entangle_position_embedding": True,  # the encoder would add absolute positions to its inputs
+    "sync_bn": True,  # the ResNet's BatchNorm eps would be 1e-3
+    "freeze_resnet": True,  # FrozenBatchNorm2d: no num_batches_tracked
+}
+SUPPORTED_ACTIVATION = "gelu"
+
+
+def parse_size(text: str | int) -> int:
+    if isinstance(text, int):
+        return text
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
+    s = str(text).strip().upper()
+    try:
+        for unit in sorted(units, key=len, reverse=True):
+            if s.endswith(unit):
+                size = int(float(s[: -len(unit)]) * units[unit])
+                break
+        else:
+            size = int(s)
+    except ValueError:
+        size = 0
+    if size <= 0:
+        raise OfaconvError(f"bad size {text!r} (expected e.g. 2GB, 500MB or a byte count)")
+    return size
+
+
+def check_supported(shape: dict, flags: dict, path=None) -> None:
+    """Refuse what the transformers model does not implement (no transformers import: runs first)."""
+    for flag, bad in UNSUPPORTED_FLAGS.items():
+        if flags.get(flag) == bad or shape.get(flag) == bad:
+            raise CheckpointError(f"flag {flag}={bad} is not supported by the transformers model", path=path)
+    activation = flags.get("activation_fn") or SUPPORTED_ACTIVATION
+    if activation != SUPPORTED_ACTIVATION:
+        raise CheckpointError(f"flag activation_fn={activation} is not supported by the transformers model "
+                              f"(only {SUPPORTED_ACTIVATION})", path=path)
+    if shape["max_source_positions"] != shape["max_target_positions"]:
+        raise CheckpointError("different source and target position table sizes are not supported", path=path)
+    # Structural flags come from which keys exist; the rest from the checkpoint's arguments.
+    if len({shape[k] for k in ("scale_attn", "scale_fc", "scale_heads")}) != 1:
+        raise CheckpointError("mixed NormFormer flags (scale_attn/scale_fc/scale_heads) are not supported", path=path)
+    if not shape["scale_attn"]:
+        raise CheckpointError("checkpoints without NormFormer layers (scale_attn/scale_fc/scale_heads all False) "
+                              "are not supported: every released OFA has them", path=path)
+
+
+def build_config(shape: dict, flags: dict):
+    """OFAConfig from inferred shapes plus the checkpoint's non-shape flags (``check_supported`` first)."""
+    from .modeling import OFAConfig
+
+    return OFAConfig(
+        vocab_size=shape["vocab_size"],
+        max_position_embeddings=shape["max_source_positions"],
+        d_model=shape["d_model"],
+        encoder_layers=shape["encoder_layers"],
+        decoder_layers=shape["decoder_layers"],
+        encoder_ffn_dim=shape["encoder_ffn_dim"],
+        decoder_ffn_dim=shape["decoder_ffn_dim"],
+        encoder_attention_heads=shape["encoder_attention_heads"],
+        decoder_attention_heads=shape["decoder_attention_heads"],
+        resnet_type=shape.get("resnet_type") or "custom",
+        resnet_layers=shape["resnet_layers"],
+        token_bucket_size=shape["token_bucket_size"],
+        image_bucket_size=shape["image_bucket_size"],
+        normformer=shape["scale_attn"],
+        attn_scale_factor=float(flags["attn_scale_factor"]),
+        scale_embedding=not flags["no_scale_embedding"],
+        encoder_normalize_before=shape["encoder_normalize_before"],
+        decoder_normalize_before=shape["decoder_normalize_before"],
+        layernorm_embedding=shape["layernorm_embedding"],
+        patch_layernorm_embedding=shape["patch_layernorm_embedding"],
+        code_layernorm_embedding=shape["code_layernorm_embedding"],
+        add_type_embedding=shape["add_type_embedding"],
+        entangle_position_embedding=bool(flags["entangle_position_embedding"]),
+        disable_entangle=bool(flags["disable_entangle"]),
+        interpolate_position=bool(flags["interpolate_position"]),
+        orig_patch_image_size=int(flags["orig_patch_image_size"]),
+        patch_image_size=int(flags["patch_image_size"]),
+        code_image_size=int(flags.get("code_image_size", 128)),
+        architectures=["OFAForConditionalGeneration"],
+        auto_map={
+            "AutoConfig": "configuration_ofa.OFAConfig",
+            "AutoModel": "modeling_ofa.OFAModel",
+            "AutoModelForSeq2SeqLM": "modeling_ofa.OFAForConditionalGeneration",
+        },
+    )
+
+
+def keymap_counts(shape: dict) -> dict:
+    return {
+        "encoder_layers": shape["encoder_layers"],
+        "decoder_layers": shape["decoder_layers"],
+        "resnet_layers": list(shape["resnet_layers"]),
+    }
+
+
+def released_variant(shape: dict, flags: dict) -> tuple[str | None, str | None]:
+    """(variant, family) whose tokenizer and defaults the folder gets; (None, None) for a released
+    variant's layer shapes with another vocabulary."""
+    from .checkpoint import detect_variant
+
+    variant, family = detect_variant(shape, flags)
+    if family is not None and shape["vocab_size"] != family_info(family)["vocab_size"]:
+        return None, None
+    return variant, family
+
+
+def plan_conversion(keymap: str, state: dict, shape: dict, flags: dict, path):
+    """(key map, plan) for ``state``, after refusing what the model does not implement.
+
+    The shipped map's output is the model's key set (a test proves it for every variant); any other
+    map is checked against the model itself, so a map that misses a key cannot write a folder that
+    loads with randomly initialised weights.
+    """
+    check_supported(shape, flags, path)
+    km = KeyMap.load(keymap)
+    targets = None if keymap == DEFAULT_KEYMAP else model_state_shapes(shape, flags)
+    return km, km.plan(state, keymap_counts(shape), source_path=path, expected_shapes=targets)
+
+
+def model_state_shapes(shape: dict, flags: dict) -> dict[str, tuple[int, ...]]:
+    """Every key of the transformers model's state dict with its shape (built on the meta device)."""
+    import torch
+
+    from .modeling.modeling_ofa import OFAForConditionalGeneration
+
+    with torch.device("meta"):
+        model = OFAForConditionalGeneration(build_config(shape, flags))
+    return {key: tuple(value.shape) for key, value in model.state_dict().items()}
+
+
+def check_derived(plan, state: dict, shape: dict, flags: dict, path) -> list[dict]:
+    """The rp-bucket tables and image_position_idx are recomputed by the model: compare once."""
+    import torch
+
+    from .modeling.buckets_ofa import (
+        image_num_rel_dis,
+        make_image_bucket_position,
+        make_token_bucket_position,
+        token_bucket_table_size,
+    )
+    from .reference.buckets import (
+        FAIRSEQ_IMAGE_POSITION_TRAILING,
+        RELEASED_IMAGE_POSITION_TRAILING,
+        image_position_idx_length,
+        make_image_position_idx,
+    )
+
+    token_buckets, image_buckets = shape["token_bucket_size"], shape["image_bucket_size"]
+    code_image_size = int(flags.get("code_image_size") or 128)
+    expected = {
+        "token_rp_bucket": lambda: make_token_bucket_position(
+            token_buckets, token_bucket_table_size(shape["max_source_positions"])),
+        "image_rp_bucket": lambda: make_image_bucket_position(image_buckets, image_num_rel_dis(image_buckets)),
+    }
+    tables = {}  # each table is built once, for the encoder's and the decoder's copy
+    results = []
+    for target, source in plan.derived.items():
+        tensor = state[source]
+        name = target.rsplit(".", 1)[-1]
+        if name == "image_position_idx":
+            # 1026 in fairseq's current code, 1025 in released checkpoints (OFA#229), at code size 128.
+            candidates = [make_image_position_idx(image_buckets, code_image_size,
+                                                  length=image_position_idx_length(code_image_size, trailing))
+                          for trailing in (RELEASED_IMAGE_POSITION_TRAILING, FAIRSEQ_IMAGE_POSITION_TRAILING)]
+            ok = any(c.shape == tensor.shape and torch.equal(c, tensor) for c in candidates)
+        else:
+            if name not in tables:
+                tables[name] = expected[name]()
+            ok = torch.equal(tables[name].to(tensor.dtype), tensor)
+        results.append({"key": source, "equal": ok})
+        if not ok:
+            raise CheckpointError("derived table differs from the one ofaconv recomputes", path=path, key=source)
+    return results
+
+
+def check_tied(plan, state: dict, path) -> None:
+    import torch
+
+    for alias, canonical in plan.tied_sources.items():
+        a, c = state[alias], state[canonical]
+        if a.shape == c.shape and a.dtype == c.dtype and a.stride() == c.stride() and a.data_ptr() == c.data_ptr():
+            continue  # one storage, as torch.save writes a tied parameter: nothing to read
+        if a.shape != c.shape or not torch.equal(a, c):
+            raise CheckpointError(f"tied alias differs from '{canonical}'", path=path, key=alias)
+
+
+@dataclass
+class ConversionResult:
+    out_dir: Path
+    report: dict
+    passed: bool
+    lines: list[str] = field(default_factory=list)
+
+
+def _copy_remote_code(folder: Path) -> None:
+    package = resources.files("ofaconv.ofa.modeling")
+    for name in REMOTE_CODE_FILES:
+        source = package / name
+        if source.is_file():
+            (folder / name).write_bytes(source.read_bytes())
+
+
+def _versions() -> dict:
+    import torch
+    import transformers
+
+    return {
+        "ofaconv": __version__,
+        "torch": torch.__version__.split("+")[0],
+        "transformers": transformers.__version__,
+        "python": ".".join(map(str, sys.version_info[:3])),
+    }
+
+
+def _write_generation_config(folder: Path, family: str | None, variant: str | None, config) -> None:
+    from .modeling.configuration_ofa import build_generation_config
+
+    settings = dict(family_info(family)["generation"]) if family else {}
+    if variant:
+        settings.update(get_variant(variant).get("generation", {}))
+    build_generation_config(settings, config).save_pretrained(folder)
+
+
+def convert_checkpoint(
+    src,
+    out_dir,
+    *,
+    force: bool = False,
+    ema: bool = False,
+    source_sha256=None,
+    **options,
+) -> ConversionResult:
+    """Convert the fairseq checkpoint ``src`` into the folder ``out_dir`` (see ``convert_loaded``).
+
+    ``source_sha256`` may be a ``BackgroundSha256`` of the file already running (the CLI starts
+    it first thing); otherwise hashing starts here, before the checkpoint is opened.
+    """
+    _check_output(out_dir, force)
+    if source_sha256 is None and Path(src).is_file():
+        source_sha256 = BackgroundSha256(src)
+    try:
+        from .checkpoint import load_checkpoint
+
+        ckpt = load_checkpoint(src, ema=ema)
+    except BaseException:
+        if source_sha256 is not None:
+            source_sha256.cancel()
+        raise
+    return convert_loaded(ckpt, out_dir, force=force, source_sha256=source_sha256, **options)
+
+
+def _check_output(out_dir, force: bool) -> None:
+    if Path(out_dir).exists() and not force:
+        raise OfaconvError("output exists (use --force to replace it)", path=out_dir)
+
+
+def convert_loaded(
+    ckpt,
+    out_dir,
+    *,
+    force: bool = False,
+    dtype: str = "fp32",
+    max_shard_size="2GB",
+    keymap: str = DEFAULT_KEYMAP,
+    tokenizer: str | None = None,
+    prompt: str | None = None,
+    verify: bool = False,
+    license: str = "apache-2.0",
+    progress: bool = False,
+    kind: str = "conversion",
+    source_sha256=None,
+) -> ConversionResult:
+    """Write the folder for an already opened checkpoint (fairseq names, ``FairseqCheckpoint``).
+
+    ``source_sha256``: a ``BackgroundSha256`` of the source file if the caller started one.
+    """
+    if source_sha256 is None:
+        # The source hash reads the whole file (optimizer state included, never unpickled), the
+        # longest single job of a conversion: it runs on a worker thread beside everything else.
+        source_sha256 = BackgroundSha256(ckpt.path)
+    try:
+        return _convert(ckpt, out_dir, source_sha256=source_sha256, force=force, dtype=dtype,
+                        max_shard_size=max_shard_size, keymap=keymap, tokenizer=tokenizer, prompt=prompt,
+                        verify=verify, license=license, progress=progress, kind=kind)
+    except BaseException:
+        source_sha256.cancel()
+        raise
+
+
+def _convert(
+    ckpt,
+    out_dir,
+    *,
+    source_sha256,
+    force: bool,
+    dtype: str,
+    max_shard_size,
+    keymap: str,
+    tokenizer: str | None,
+    prompt: str | None,
+    verify: bool,
+    license: str,
+    progress: bool,
+    kind: str,
+) -> ConversionResult:
+    import torch
+
+    from .checkpoint import infer_config, read_flags, release_pages
+    from ofaconv.core.writer import write_shards
+
+    src, out_dir = Path(ckpt.path), Path(out_dir)
+    if dtype not in DTYPES:
+        raise OfaconvError(f"unknown dtype {dtype!r} (choose from {', '.join(DTYPES)})")
+    _check_output(out_dir, force)
+    ema = ckpt.from_ema
+    state = ckpt.state_dict
+    shape = infer_config(state)
+    flags = read_flags(ckpt)
+    variant, family = released_variant(shape, flags)
+    km, plan = plan_conversion(keymap, state, shape, flags, src)
+    check_tied(plan, state, src)
+    derived = check_derived(plan, state, shape, flags, src)
+    if ckpt.mmapped:
+        for key in [*plan.tied_sources, *plan.tied_sources.values(), *plan.derived.values()]:
+            release_pages(state[key])
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    try:
+        target_dtype = getattr(torch, DTYPES[dtype])
+        # The small files first: their Python work (transformers imports, tokenizer) overlaps the
+        # source hash instead of trailing after the weights on one core, and a bad --tokenizer
+        # fails before any weight is written.
+        config = build_config(shape, flags)
+        config.dtype = target_dtype
+        config.save_pretrained(tmp)
+        _copy_remote_code(tmp)
+        _write_generation_config(tmp, family, variant, config)
+        processing_note = _save_processing(tmp, family, config.patch_image_size, tokenizer, prompt)
+
+        sources = dict(plan.entries)
+        items = [
+            (target, tuple(state[key].shape), state[key].dtype, functools.partial(state.__getitem__, key))
+            for target, key in plan.entries
+        ]
+        # The writer refuses NaN/Inf (and fp16 overflow) per tensor, naming the source key.
+        written = write_shards(
+            tmp, items, max_shard_size=parse_size(max_shard_size), dtype=target_dtype,
+            source_path=src, progress=progress,
+            written=(lambda name: release_pages(state[sources[name]])) if ckpt.mmapped else None,
+        )
+
+        report = {
+            "schema": "ofaconv/report@1",
+            "kind": kind,
+            "ofaconv_version": __version__,
+            "source": {"file": src.name, "sha256": source_sha256.result(), "size": src.stat().st_size, "layout": ckpt.layout,
+                       "ema": ema},
+            "variant": variant,
+            "family": family,
+            "flags": flags,
+            "config": {k: shape[k] for k in sorted(shape)},
+            "keymap": {"name": km.name, "file": Path(km.path).name, "sha256": km.sha256},
+            "dtype": {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[dtype],
+            "files": written.files,
+            "processing": processing_note,
+            "derived_checked": [d["key"] for d in derived],
+            "checks": [],
+            "passed": True,
+            "versions": _versions(),
+        }
+        lines = []
+        if verify:
+            from .verify import run_checks
+
+            checks = run_checks(tmp, ckpt, plan=plan, dtype=dtype)
+            report["checks"] = checks
+            report["passed"] = all(c["passed"] for c in checks)
+            from ofaconv.core.verify import format_checks
+
+            lines = format_checks(checks)
+        (tmp / "conversion_report.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+        _write_card(tmp, license)
+        if out_dir.exists():
+            trash = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=out_dir.parent))
+            out_dir.rename(trash / out_dir.name)
+            tmp.rename(out_dir)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return ConversionResult(out_dir, report, report["passed"], lines)
+
+
+def _save_processing(folder: Path, family, image_size: int, tokenizer_source, prompt) -> dict:
+    if family is None:
+        return {"saved": False, "reason": "vocabulary matches no OFA family; no tokenizer or processor written"}
+    from .tokenization import save_processing
+
+    save_processing(folder, family, image_size, tokenizer_source=tokenizer_source, prompt=prompt)
+    return {"saved": True, "family": family, "image_size": image_size, "prompt": prompt or family_info(family)["prompt"]}
+
+
+def _write_card(folder: Path, license: str) -> None:
+    try:
+        from ofaconv.hub.card import write_model_card
+    except ImportError:
+        return
+    write_model_card(folder, license=license)
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("convert", help="convert a fairseq OFA checkpoint to a Hugging Face folder")
+    p.add_argument("checkpoint", help="fairseq OFA checkpoint (.pt), or synth:VARIANT for a built-in micro one")
+    p.add_argument("out", help="output folder (created; refused if it exists unless --force)")
+    p.add_argument("--verify", action="store_true", help="run the parity checker and fail on any mismatch")
+    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="weight dtype on disk (cast per tensor)")
+    p.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard (default 2GB)")
+    p.add_argument("--ema", action="store_true", help="convert the EMA weights stored in extra_state")
+    p.add_argument("--keymap", default=DEFAULT_KEYMAP, help="key map name in mappings/ or a YAML path")
+    p.add_argument("--tokenizer", help="folder or Hub id with the English vocabulary files (default: shipped)")
+    p.add_argument("--prompt", help="caption prompt saved in the processor (default: fairseq's)")
+    p.add_argument("--license", default="apache-2.0", help="license in the model card")
+    p.set_defaults(func=_run)
+
+
+SYNTH_PREFIX = "synth:"
+
+
+def _run(args) -> int:
+    source = args.checkpoint
+    _check_output(args.out, args.force)
+    source_sha256 = None
+    if not source.startswith(SYNTH_PREFIX) and Path(source).is_file():
+        source_sha256 = BackgroundSha256(source)  # before torch is even imported
+    if source.startswith(SYNTH_PREFIX):
+        # The embedded default: a micro synthetic checkpoint of a released variant, in the exact
+        # trainer format, written to a temporary file and converted like any other.
+        from .synth import write_synthetic_checkpoint
+
+        variant = source[len(SYNTH_PREFIX):]
+        tmpdir = tempfile.TemporaryDirectory(prefix="ofaconv-synth-")
+        source = Path(tmpdir.name) / f"{variant}-micro.pt"
+        write_synthetic_checkpoint(source, variant, size="micro")
+        print(f"synthesized {variant} (micro, trainer format) at {source}")
+    result = convert_checkpoint(
+        source,
+        args.out,
+        force=args.force,
+        dtype=args.dtype,
+        max_shard_size=args.max_shard_size,
+        ema=args.ema,
+        keymap=args.keymap,
+        tokenizer=args.tokenizer,
+        prompt=args.prompt,
+        verify=args.verify,
+        license=args.license,
+        progress=sys.stderr.isatty(),
+        source_sha256=source_sha256,
+    )
+    report = result.report
+    print(f"wrote {result.out_dir} (variant {report['variant'] or 'unknown'}, {report['dtype']}, "
+          f"{len(report['files'])} weight file(s))")
+    for line in result.lines:
+        print(line)
+    if not result.passed:
+        failed = ", ".join(c["name"] for c in report["checks"] if not c["passed"])
+        print(f"ofaconv: error: verification failed ({failed}); see {result.out_dir}/conversion_report.json",
+              file=sys.stderr)
+        return 3
+    return 0
