@@ -6,7 +6,9 @@ A sub-command's ``add_parser`` sets ``func`` (called with the parsed args, retur
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import os
 import sys
 
 from .core import registry
@@ -47,6 +49,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     from . import __version__
 
     parser.add_argument("--version", action="version", version=f"ofaconv {__version__}")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the Python traceback of a failure (also OFACONV_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, module in commands().items():
         if command is None or name == command:
@@ -54,21 +58,55 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def _debug(argv: list[str]) -> bool:
+    return "--debug" in argv or os.environ.get("OFACONV_DEBUG", "") not in ("", "0")
+
+
+def _unexpected(exc: BaseException) -> str:
+    """One line for a failure that is not an ``OfaconvError``: the file when the OS names one."""
+    if isinstance(exc, OSError) and exc.filename is not None:
+        return f"{exc.filename}: {exc.strerror or exc}; check the path, its permissions and the free space"
+    if isinstance(exc, MemoryError):
+        return "out of memory; try a smaller --batch-size or a machine with more memory"
+    if isinstance(exc, RecursionError):
+        return "input nested too deeply to process"
+    text = " ".join(str(exc).split())[:300]
+    return f"unexpected {type(exc).__name__}: {text} (run with --debug for the traceback and report it)"
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Exit codes: 0 ok, 2 bad input, 3 failed verification, 1 anything unexpected,
+    130 interrupted, 141 output pipe closed (``ofaconv caption ... | head``)."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = build_parser(_command(argv))
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 2
+    debug = _debug(argv)
+    argv = [a for a in argv if a != "--debug"]
     try:
+        parser = build_parser(_command(argv))
+        args = parser.parse_args(argv)
+        if not getattr(args, "func", None):
+            parser.print_help()
+            return 2
         return int(args.func(args) or 0)
     except OfaconvError as exc:
+        if debug:
+            raise
         print(f"ofaconv: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("ofaconv: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away: say nothing more on a closed pipe (and keep Python's exit-time flush quiet).
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except (SystemExit, GeneratorExit):
+        raise
+    except BaseException as exc:  # noqa: BLE001 - the CLI boundary: one line, the traceback only with --debug
+        if debug:
+            raise
+        print(f"ofaconv: error: {_unexpected(exc)}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

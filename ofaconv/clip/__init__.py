@@ -8,7 +8,7 @@ Names resolve lazily: the registry imports ``ofaconv.clip.family`` at ``import o
 not pay for torch or transformers.
 """
 
-import importlib
+from ofaconv.core.lazy import lazy_exports
 
 _EXPORTS = {
     "ClipTowers": "towers",
@@ -27,8 +27,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f".{module}", __name__), name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -5,7 +5,7 @@ Names resolve lazily: ``from ofaconv.modeling.configuration_ofa import OFAConfig
 importing the transformers model machinery (seconds), which the converter never needs.
 """
 
-import importlib
+from ofaconv.core.lazy import lazy_exports
 
 _EXPORTS = {
     "OFAConfig": "configuration_ofa",
@@ -20,8 +20,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f".{module}", __name__), name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)
