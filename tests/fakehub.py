@@ -415,11 +415,10 @@ def make_converted_folder(
     processor: bool = True,
 ) -> Path:
     """A small folder shaped like ``ofaconv convert --verify`` output: config, weights, report,
-    processor and generation config (a few KiB, so everything stays on the "regular" upload path)."""
+    processor and generation config (a few KiB, so everything stays on the "regular" upload path);
+    the report's manifest lists every file."""
     import torch
     from safetensors.torch import save_file
-
-    from ofaconv.core.report import weight_file_entries
 
     root = Path(path)
     root.mkdir(parents=True, exist_ok=True)
@@ -459,11 +458,29 @@ def make_converted_folder(
         "family": family,
         "flags": {"disable_entangle": True, "patch_image_size": 128},
         "keymap": {"file": "ofa_fairseq.yaml", "sha256": "0d" * 32},
+        "model_family": "ofa",
         "dtype": "float32",
-        "files": weight_file_entries(root),
+        "files": manifest(root),
         "checks": checks,
         "passed": all(c["passed"] for c in checks),
         "versions": {"torch": "2.14.1", "transformers": "5.23.0", "python": "3.11.7"},
     }
     (root / "conversion_report.json").write_text(json.dumps(report, indent=2))
     return root
+
+
+def manifest(folder: str | Path) -> dict[str, dict]:
+    """``{path: {"sha256", "size"}}`` of every file in ``folder`` but its report, as a conversion records it."""
+    from ofaconv.core.report import REPORT_NAME, file_entry, folder_files
+
+    root = Path(folder)
+    return {name: file_entry(root / name) for name in folder_files(root) if name != REPORT_NAME}
+
+
+def rehash(folder: str | Path) -> dict:
+    """Record the folder's current files as its manifest (a test's stand-in for writing them with ofaconv)."""
+    path = Path(folder) / "conversion_report.json"
+    report = json.loads(path.read_text())
+    report["files"] = manifest(folder)
+    path.write_text(json.dumps(report, indent=2))
+    return report

@@ -15,16 +15,10 @@ from pathlib import Path
 import pytest
 
 import ofaconv.cli as cli
-from fakehub import REJECTED_TOKEN, VALID_TOKEN, FakeHub, User, make_converted_folder
+from fakehub import REJECTED_TOKEN, VALID_TOKEN, FakeHub, User, make_converted_folder, rehash
 from ofaconv.core.report import validate_report
 
 ROUTES = ["create", "validate_yaml", "preupload", "commit"]
-
-
-@pytest.fixture(autouse=True)
-def _only_push_command(monkeypatch):
-    # Drive the real CLI entry point, independent of the other sub-commands' state.
-    monkeypatch.setattr(cli, "COMMANDS", {"push": "ofaconv.hub.push"})
 
 
 @pytest.fixture
@@ -64,6 +58,23 @@ def local_files(folder: Path) -> dict[str, bytes]:
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
 
 
+def assert_received(received: dict[str, bytes], folder: Path) -> None:
+    """The repo holds the folder's files byte for byte (the card rebuilt for it) and a report whose
+    manifest lists exactly what the repo holds."""
+    import hashlib
+
+    local = local_files(folder)
+    for name, data in local.items():
+        if name not in ("conversion_report.json", "README.md"):
+            assert received[name] == data, name
+    report = json.loads(received["conversion_report.json"])
+    original = json.loads(local["conversion_report.json"])
+    assert {k: v for k, v in report.items() if k != "files"} == {k: v for k, v in original.items() if k != "files"}
+    held = {name: data for name, data in received.items() if name not in (".gitattributes", "conversion_report.json")}
+    assert report["files"] == {name: {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+                               for name, data in held.items()}
+
+
 # -- the report gate ---------------------------------------------------------------------------
 
 
@@ -92,8 +103,11 @@ def _edit_report(folder, **changes):
                                         "value": 0.5, "gate": 1e-5}], passed=False),
      "check 'logits' (max_abs_diff 0.5, gate 1e-05) failed"),
     (lambda f: _edit_report(f, passed=False), "'passed' is False although every check passed"),
-    (lambda f: _edit_report(f, files={}), "model.safetensors: weight file present but not listed"),
-    (lambda f: (f / "extra.bin").write_bytes(b"x"), "extra.bin: weight file present but not listed"),
+    (lambda f: _edit_report(f, files={}), "the manifest ('files') is empty"),
+    (lambda f: (f / "extra.bin").write_bytes(b"x"), "extra.bin: present but not written by the conversion"),
+    (lambda f: (f / "notes.txt").write_text("x"), "notes.txt: present but not written by the conversion"),
+    (lambda f: (f / "config.json").write_text("{}"), "config.json: size 2 differs"),
+    (lambda f: (f / "sub").mkdir() or (f / "sub" / "x.json").write_text("{}"), "sub/x.json: present but not"),
     (lambda f: (f / "model.safetensors").unlink(), "model.safetensors: listed in conversion_report.json but missing"),
     (lambda f: (f / "model.safetensors").write_bytes(b"short"), "model.safetensors: size 5 differs"),
 ])
@@ -129,7 +143,7 @@ def test_dry_run(folder, capsys):
     assert any(line.split()[:3] == ["model.safetensors", str(size), "B"] for line in lines)
     assert any(line.strip().startswith("README.md") and "card built for YeungNLP/ofa-cn-base-muge" in line
                for line in lines)
-    assert "report: conversion_report.json passed and matches the weight files" in lines
+    assert "report: conversion_report.json passed; every file matches its manifest" in lines
     assert "  language: zh" in lines and "  pipeline_tag: image-to-text" in lines and "  - ofaconv" in lines
     assert lines[-1] == "nothing was uploaded (dry run)"
 
@@ -155,8 +169,7 @@ def test_push_uploads_byte_identical_files_in_one_commit(hub, folder, capsys):
     received = hub.files("alice/ofa-cn")
     expected = local_files(folder)
     assert set(received) == set(expected) | {"README.md", ".gitattributes"}
-    for name, data in expected.items():
-        assert received[name] == data, name
+    assert_received(received, folder)
     card = received["README.md"].decode()
     assert card.startswith("---\n") and 'repo = "alice/ofa-cn"' in card  # the card was built for the repo
 
@@ -178,9 +191,7 @@ def test_push_sharded_folder(hub, tmp_path, capsys):
     folder = make_converted_folder(tmp_path / "sharded", shards=3)
     code, _, err = push(capsys, folder, "alice/sharded", "--endpoint", hub.url, "--token", VALID_TOKEN)
     assert code == 0, err
-    received = hub.files("alice/sharded")
-    for name, data in local_files(folder).items():
-        assert received[name] == data
+    assert_received(hub.files("alice/sharded"), folder)
     assert len(hub.history("alice/sharded")) == 2
 
 
@@ -230,12 +241,15 @@ def test_push_again_changes_nothing(hub, folder, capsys):
 
 
 @pytest.mark.hub
-def test_push_keeps_user_card(hub, folder, capsys):
+def test_push_keeps_a_card_without_the_marker(hub, folder, capsys):
+    # A card ofaconv did not generate but the manifest lists is uploaded as it is.
     card = "---\nlicense: mit\ntags:\n- ofa\n---\n# Hand-written card\n"
     (folder / "README.md").write_text(card)
+    rehash(folder)
     code, out, err = push(capsys, folder, "alice/ofa", "--endpoint", hub.url, "--token", VALID_TOKEN)
     assert code == 0, err
     assert hub.files("alice/ofa")["README.md"] == card.encode()
+    assert_received(hub.files("alice/ofa"), folder)
 
 
 @pytest.mark.hub
@@ -328,6 +342,7 @@ def test_push_errors(case, tmp_path, folder, capsys, monkeypatch, no_saved_token
         if "--bad-card" in argv:
             argv.remove("--bad-card")
             (folder / "README.md").write_text("---\nlicense: [mit, gpl]\n---\n# card\n")
+            rehash(folder)
         if damage:
             damage(folder)
         before = {k: len(r.commits) for k, r in server.repos.items()}  # a new repo has 1
@@ -378,7 +393,9 @@ def test_not_a_model_folder(tmp_path, capsys):
     assert code == 2 and err == f"ofaconv: error: {tmp_path / 'nope'}: not a directory\n"
     (tmp_path / "empty").mkdir()
     code, _, err = push(capsys, tmp_path / "empty", "alice/ofa", "--dry-run")
-    assert code == 2 and "config.json: missing: not a converted model folder" in err
+    assert code == 2 and err == (f"ofaconv: error: refusing to push {tmp_path / 'empty'}: "
+                                 f"{tmp_path / 'empty' / 'conversion_report.json'}: missing: the folder has no "
+                                 "conversion report; only a folder written by ofaconv is published\n")
 
 
 # -- end to end: convert --verify -> push -> load in a clean virtualenv -----------------------------

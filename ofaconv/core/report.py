@@ -1,11 +1,12 @@
 """``conversion_report.json``: reading it, and checking it against the folder it describes.
 
 A converted (or finetuned, or upgraded) model folder carries one report. The report is the proof
-that the weights in the folder are the ones that passed the parity checks: it lists every weight
-file (and shard index) with its sha256 and size, and every check with its metric and gate. A
-folder is acceptable for publishing only when the report exists, follows the schema, records at
-least one check, every check passed, and the listed files are exactly the weight files present,
-byte for byte.
+that the files in the folder are the ones that passed the parity checks: its manifest lists every
+file the conversion wrote with its sha256 and size, and every check with its metric and gate. A
+folder matches its report only when the regular files present (hidden entries and bytecode aside)
+are exactly the manifest, byte for byte, and nothing in it is a symbolic link: an edited config or
+remote code, a dropped-in file or a link out of the folder are all mismatches. It is acceptable for
+publishing only when, in addition, the report records at least one check and every check passed.
 
 Schema ``ofaconv/report@1`` (keys this module relies on are marked *)::
 
@@ -17,7 +18,8 @@ Schema ``ofaconv/report@1`` (keys this module relies on are marked *)::
     flags             checkpoint flags that shape the model (disable_entangle, patch_image_size, ...)
     keymap            {"file", "sha256"} of the key map used
     dtype             dtype of the written weights
-    files*            {relative path: {"sha256", "size"}} for every weight file and index
+    model_family      the registry family that wrote the folder ("ofa", "clip")
+    files*            {relative path: {"sha256", "size"}} for every file written but the report
     checks*           [{"name", "passed", "metric", "value", "gate", "detail"}, ...]
     passed*           true only if every check passed
     versions          {"torch", "transformers", "python"}
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -52,20 +55,42 @@ def is_weight_file(name: str) -> bool:
 
 
 def folder_files(folder: str | os.PathLike) -> list[str]:
-    """Every file a model folder publishes, as sorted POSIX paths relative to ``folder``.
+    """Every regular file a model folder publishes, as sorted POSIX paths relative to ``folder``.
 
     Hidden entries (``.git``, ``.cache``, temp siblings named ``.*``) and Python bytecode are not
-    part of a model folder.
+    part of a model folder. Links are never followed (see :func:`folder_links`).
     """
+    return _scan(folder)[0]
+
+
+def folder_links(folder: str | os.PathLike) -> list[str]:
+    """The symbolic links (to files or directories) and other non-regular files in ``folder``.
+
+    A link may lead out of the folder (a token file, a home directory): nothing ofaconv publishes
+    or verifies is ever read through one.
+    """
+    return _scan(folder)[1]
+
+
+def _scan(folder) -> tuple[list[str], list[str]]:
     root = Path(folder)
-    found = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".") and d != "__pycache__"]
-        for name in filenames:
-            if name.startswith(".") or name.endswith(".pyc"):
+    files, odd = [], []
+    for dirpath, dirnames, filenames in os.walk(root):  # a linked directory is listed, never entered
+        base = Path(dirpath)
+        entries = [(name, True) for name in dirnames] + [(name, False) for name in filenames]
+        dirnames[:] = []
+        for name, is_dir in entries:
+            if name.startswith(".") or name == "__pycache__" or name.endswith(".pyc"):
                 continue
-            found.append((Path(dirpath) / name).relative_to(root).as_posix())
-    return sorted(found)
+            path = base / name
+            mode = os.lstat(path).st_mode
+            if is_dir and stat.S_ISDIR(mode):
+                dirnames.append(name)
+            elif stat.S_ISREG(mode):
+                files.append(path.relative_to(root).as_posix())
+            else:
+                odd.append(path.relative_to(root).as_posix())
+    return sorted(files), sorted(odd)
 
 
 def weight_files(folder: str | os.PathLike) -> list[str]:
@@ -95,6 +120,29 @@ def load_report(folder: str | os.PathLike) -> dict:
     return report
 
 
+def covering_report(folder: str | os.PathLike) -> tuple[dict, str]:
+    """The report that covers ``folder`` and the prefix of ``folder``'s files in its manifest.
+
+    A folder's own report covers it (prefix ``""``). A subfolder a conversion wrote without a report
+    of its own (a CLIP package's ``vision_tower/``) is covered by its parent's, under ``"NAME/"``, so
+    it can be verified and published alone against the part of the parent's manifest it holds.
+    """
+    root = Path(folder)
+    if not (root / REPORT_NAME).exists() and (root.parent / REPORT_NAME).is_file():
+        parent = load_report(root.parent)
+        prefix = f"{root.resolve().name}/"
+        files = parent.get("files")
+        if isinstance(files, dict) and any(isinstance(k, str) and k.startswith(prefix) for k in files):
+            return parent, prefix
+    return load_report(root), ""
+
+
+def manifest_part(report: dict, prefix: str) -> dict:
+    """The manifest entries under ``prefix``, relative to it."""
+    return {name[len(prefix):]: entry for name, entry in (report.get("files") or {}).items()
+            if isinstance(name, str) and name.startswith(prefix)}
+
+
 def validate_report(
     folder: str | os.PathLike, *, digests: Mapping[str, tuple[str, int]] | None = None
 ) -> list[str]:
@@ -108,20 +156,32 @@ def validate_report(
         report = load_report(root)
     except OfaconvError as exc:
         return [str(exc)]
-
-    reasons = []
-    if report.get("schema") != SCHEMA:
-        reasons.append(f"{REPORT_NAME}: schema is {report.get('schema')!r}, expected {SCHEMA!r}")
+    reasons = schema_problems(report)
+    if reasons:
         return reasons
+    return check_problems(report) + manifest_problems(root, report["files"], digests=digests)
+
+
+def schema_problems(report: dict) -> list[str]:
+    """Why ``report`` is not an ofaconv report whose manifest can be trusted; empty when it is."""
+    if report.get("schema") != SCHEMA:
+        return [f"{REPORT_NAME}: schema is {report.get('schema')!r}, expected {SCHEMA!r}"]
+    reasons = []
     if report.get("kind") not in KINDS:
         reasons.append(f"{REPORT_NAME}: kind is {report.get('kind')!r}, expected one of {', '.join(KINDS)}")
-
-    reasons += _check_results(report)
-    reasons += _check_files(root, report.get("files"), digests or {})
+    files = report.get("files")
+    if not isinstance(files, dict) or not all(
+        isinstance(e, dict) and isinstance(e.get("sha256"), str) and isinstance(e.get("size"), int)
+        for e in files.values()
+    ):
+        reasons.append(f"{REPORT_NAME}: key 'files' must map file names to {{sha256, size}}")
+    elif not files:
+        reasons.append(f"{REPORT_NAME}: the manifest ('files') is empty")
     return reasons
 
 
-def _check_results(report: dict) -> list[str]:
+def check_problems(report: dict) -> list[str]:
+    """Why the report's checks do not vouch for the folder (none recorded, one failed); empty if they do."""
     checks = report.get("checks")
     if not isinstance(checks, list) or not all(isinstance(c, dict) for c in checks):
         return [f"{REPORT_NAME}: 'checks' must be a list of objects"]
@@ -133,31 +193,36 @@ def _check_results(report: dict) -> list[str]:
     return reasons
 
 
-def _check_files(root: Path, listed, digests: Mapping[str, tuple[str, int]]) -> list[str]:
-    if not isinstance(listed, dict):
-        return [f"{REPORT_NAME}: 'files' must map file names to {{sha256, size}}"]
-    reasons = []
-    present = set(weight_files(root))
-    if not listed and not present:
-        reasons.append(f"{REPORT_NAME}: lists no weight files and the folder has none")
-    for name in sorted(present - set(listed)):
-        reasons.append(f"{name}: weight file present but not listed in {REPORT_NAME}")
-    for name, entry in sorted(listed.items()):
-        path = root / name
-        if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str):
-            reasons.append(f"{REPORT_NAME}: key 'files.{name}': expected {{sha256, size}}")
-        elif not path.is_file():
+def manifest_problems(
+    folder: str | os.PathLike, files: Mapping[str, dict], *, digests: Mapping[str, tuple[str, int]] | None = None
+) -> list[str]:
+    """Why the regular files in ``folder`` are not exactly the manifest ``files``, byte for byte.
+
+    ``files`` maps paths relative to ``folder`` to ``{"sha256", "size"}`` (the report's own file
+    is never in it). Every link or other non-regular entry is a problem. A listed name that is not
+    a plain relative path inside the folder (``..``, absolute, hidden) is never found, so it can
+    only be reported missing, never read.
+    """
+    root = Path(folder)
+    present, odd = _scan(root)
+    present = set(present) - {REPORT_NAME}
+    digests = digests or {}
+    reasons = [f"{name}: a symbolic link (or other non-regular file); ofaconv never reads or publishes "
+               "through links: replace it with the file it points to or remove it" for name in odd]
+    for name in sorted(present - set(files)):
+        reasons.append(f"{name}: present but not written by the conversion (not in the manifest of "
+                       f"{REPORT_NAME}); remove it, or convert again")
+    for name, entry in sorted(files.items()):
+        if name not in present:
             reasons.append(f"{name}: listed in {REPORT_NAME} but missing from the folder")
-        else:
-            sha256, size = digests.get(name) or (None, path.stat().st_size)
-            if size != entry.get("size"):
-                reasons.append(f"{name}: size {size} differs from {entry.get('size')} in {REPORT_NAME}")
-                continue
-            sha256 = sha256 or file_sha256(path)
-            if sha256 != entry["sha256"].lower():
-                reasons.append(
-                    f"{name}: sha256 {sha256[:12]}… differs from {entry['sha256'][:12]}… in {REPORT_NAME}"
-                )
+            continue
+        sha256, size = digests.get(name) or (None, (root / name).stat().st_size)
+        if size != entry.get("size"):
+            reasons.append(f"{name}: size {size} differs from {entry.get('size')} in {REPORT_NAME}")
+            continue
+        sha256 = sha256 or file_sha256(root / name)
+        if sha256 != str(entry.get("sha256")).lower():
+            reasons.append(f"{name}: sha256 {sha256[:12]}… differs from {str(entry.get('sha256'))[:12]}… in {REPORT_NAME}")
     return reasons
 
 

@@ -1,7 +1,10 @@
 """``ofaconv verify FOLDER [--against SOURCE]``: check any family's folder.
 
-The folder's family (``ofaconv.core.registry``) runs its own checks (loading, probe forward, and
-with ``--against`` the full parity check against the source it was converted from).
+The first check, ``manifest``, is the family's-independent one: the folder holds exactly the files
+its ``conversion_report.json`` lists, byte for byte, and no link. Only then does the folder's family
+(``ofaconv.core.registry``) run its own checks (loading, probe forward, and with ``--against`` the
+full parity check against the source it was converted from): loading files nobody verified proves
+nothing about the conversion.
 """
 
 from __future__ import annotations
@@ -11,12 +14,45 @@ import json
 from pathlib import Path
 
 from . import registry
+from .errors import OfaconvError
+from .report import REPORT_NAME, covering_report, manifest_part, manifest_problems, schema_problems
+
+SHOWN_PROBLEMS = 3
 
 
 def verify(folder, against=None, *, ema: bool | None = None) -> tuple[list[dict], bool]:
     """Check ``folder``; returns the check rows and whether every check passed."""
-    family = registry.family_of_folder(folder)
-    return family.load_hooks().verify_folder(Path(folder), against, ema=ema)
+    root = Path(folder)
+    if not root.is_dir():
+        raise OfaconvError("not a directory", path=root)
+    row, prefix = manifest_check(root)
+    if not row["passed"]:
+        return [row], False
+    home = root.parent if prefix else root
+    checks, passed = registry.family_of_folder(home).load_hooks().verify_folder(root, against, ema=ema)
+    return [row, *checks], passed
+
+
+def manifest_check(folder: Path) -> tuple[dict, str]:
+    """The ``manifest`` row: the folder's files are exactly its report's manifest (or, for a subfolder
+    a conversion wrote, the part of the parent's manifest under its name, returned as the prefix)."""
+    try:
+        report, prefix = covering_report(folder)
+    except OfaconvError as exc:
+        return _row(False, f"{exc}; only a folder written by ofaconv can be verified", "")
+    problems = schema_problems(report)
+    listed = manifest_part(report, prefix)
+    if not problems:
+        problems = manifest_problems(folder, listed)
+    if problems:
+        more = f" (+{len(problems) - SHOWN_PROBLEMS} more)" if len(problems) > SHOWN_PROBLEMS else ""
+        return _row(False, "; ".join(problems[:SHOWN_PROBLEMS]) + more, prefix)
+    where = f"../{REPORT_NAME} under {prefix}" if prefix else REPORT_NAME
+    return _row(True, f"{len(listed)} files match {where}, no links", prefix)
+
+
+def _row(passed: bool, detail: str, prefix: str) -> tuple[dict, str]:
+    return {"name": "manifest", "passed": passed, "detail": detail}, prefix
 
 
 def format_checks(checks: list[dict]) -> list[str]:

@@ -1,20 +1,24 @@
-"""The model card (``README.md``) of a converted folder, built from ``config.json`` and the report.
+"""The model card (``README.md``) of a converted folder, for any model family.
 
-Metadata goes through ``ModelCardData`` and the body through ``ModelCard.from_template`` so the
-YAML block is always well formed. Nothing here talks to the network: ``ModelCard.validate()`` and
-``push_to_hub`` post to huggingface.co, so the card is written to disk and uploaded with the
-weights instead.
+The card is built from ``config.json``, the conversion report and what the folder's family says
+about itself (its hooks module's ``card(folder, config, report)``: pipeline tag, tags, language,
+library, title, description, usage snippet; see :mod:`ofaconv.core.registry`). This module never
+imports a family. Metadata goes through ``ModelCardData`` and the body through
+``ModelCard.from_template`` so the YAML block is always well formed. Nothing here talks to the
+network: ``ModelCard.validate()`` and ``push_to_hub`` post to huggingface.co, so the card is
+written to disk and uploaded with the weights instead.
 
-A card ofaconv wrote carries ``CARD_MARKER``; ``ofaconv push`` rebuilds such a card for the target
-repo (so the usage snippet names it and the parity table matches the report being uploaded) and
-leaves a card without the marker, i.e. one the user took over, exactly as it is.
+A card ofaconv wrote carries ``CARD_MARKER`` and is part of the folder's manifest; ``ofaconv push``
+rebuilds it for the target repo (so the usage snippet names it), keeping its license, base model
+and extra tags. A subfolder published alone (a CLIP package's ``vision_tower/``) has no card on
+disk: push builds one from the subfolder's config and the parent's report.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
 from pathlib import Path
 
 import yaml
@@ -22,67 +26,37 @@ from huggingface_hub import ModelCard, ModelCardData
 from huggingface_hub.repocard import metadata_load
 
 from ofaconv import __version__
+from ofaconv.core import registry
 from ofaconv.core.errors import OfaconvError
-from ofaconv.ofa.variants import family_from_vocab_size, family_info
-from ofaconv.core.report import REPORT_NAME, describe_check, format_number, human_size, load_report
+from ofaconv.core.report import (
+    REPORT_NAME,
+    covering_report,
+    describe_check,
+    format_number,
+    human_size,
+    manifest_part,
+)
 
 CARD_NAME = "README.md"
 DEFAULT_LICENSE = "apache-2.0"
-DEFAULT_TAGS = ("ofa", "ofaconv", "image-captioning")
 CARD_MARKER = "<!-- ofaconv:generated-card"
-_LANGUAGE = {"en": "en", "cn": "zh"}
-_PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
+REPO_PLACEHOLDER = "{repo}"  # in a family's usage snippet: the repo id, or LOCAL_REPO before a push
+LOCAL_REPO = "path/to/converted-folder"
 
 _TEMPLATE = """\
 ---
 {{ card_data }}
 ---
 
-{{ marker }} v{{ ofaconv_version }}. `ofaconv push` rebuilds it from {{ report_name }}; delete this line to keep your edits. -->
+{{ marker }} v{{ ofaconv_version }}. `ofaconv push` rebuilds it for the target repo from {{ report_name }}, whose manifest covers this file: edit the card on the Hub after pushing. -->
 
 # {{ title }}
 
-{{ summary }}
+{{ description }}
 
 ## Usage
 
-With plain transformers (the modeling code ships in this repository):
-
-```python
-{%- if has_processor %}
-import torch
-from PIL import Image
-from transformers import AutoModelForSeq2SeqLM, AutoProcessor
-
-repo = "{{ repo }}"
-model = AutoModelForSeq2SeqLM.from_pretrained(repo, trust_remote_code=True).eval()
-processor = AutoProcessor.from_pretrained(repo, trust_remote_code=True)
-
-image = Image.open("image.jpg").convert("RGB")
-inputs = processor(images=image, return_tensors="pt")  # text defaults to the prompt {{ prompt }}
-with torch.no_grad():
-    output = model.generate(**inputs{{ generate_args }})
-print(processor.batch_decode(output, skip_special_tokens=True)[0])
-{%- else %}
-from transformers import AutoModelForSeq2SeqLM
-
-model = AutoModelForSeq2SeqLM.from_pretrained("{{ repo }}", trust_remote_code=True).eval()
-# No processor in this repo: {{ processor_note }}.
-# Pass input_ids, patch_images and patch_masks to model.generate(...) yourself.
-{%- endif %}
-```
-
-With `pip install ofaconv`, importing it registers the OFA classes, so no remote code runs:
-
-```python
-import ofaconv  # registers model_type "ofa" with the transformers Auto classes
-from transformers import AutoModelForSeq2SeqLM{% if has_processor %}, AutoProcessor{% endif %}
-
-model = AutoModelForSeq2SeqLM.from_pretrained("{{ repo }}").eval()
-{%- if has_processor %}
-processor = AutoProcessor.from_pretrained("{{ repo }}")
-{%- endif %}
-```
+{{ usage }}
 
 ## Parity with the source checkpoint
 
@@ -111,7 +85,7 @@ processor = AutoProcessor.from_pretrained("{{ repo }}")
 </details>
 {% endif %}
 {%- if files %}
-Weight files:
+Files:
 
 | File | Size | sha256 |
 |---|---|---|
@@ -128,46 +102,50 @@ def build_model_card(
     base_model: str | list[str] | None = None,
     extra_tags=(),
     repo_id: str | None = None,
+    report: dict | None = None,
 ) -> ModelCard:
-    """Card for the converted ``folder`` from its ``config.json`` and ``conversion_report.json``.
+    """Card for the converted ``folder`` from its ``config.json``, its report and its family.
 
-    ``repo_id`` is the Hub repo the snippet loads from (``ofaconv push`` passes it); without it the
-    snippet names a placeholder path. A folder without a report still gets a card, one that says
-    the weights were not verified.
+    ``report`` is the report to describe (a conversion passes the one it is about to write);
+    by default the folder's own, or for a subfolder the parent's that covers it. ``repo_id`` is
+    the Hub repo the snippet loads from (``ofaconv push`` passes it); without it the snippet names
+    a placeholder path. A folder without a report still gets a card, one that says the weights
+    were not verified.
     """
     root = Path(folder)
     config = _load_config(root)
-    try:
-        report = load_report(root)
-    except OfaconvError:
-        report = None
-    family = (report or {}).get("family") or family_from_vocab_size(config.get("vocab_size"))
-    family_defaults = family_info(family) if family else None
-
+    prefix = ""
+    if report is None:
+        try:
+            report, prefix = covering_report(root)
+        except OfaconvError:
+            report = None
+    family = _family(root.parent if prefix else root, report)
+    info = family.load_hooks().card(root, config, report)
+    tags = list(dict.fromkeys([*info.get("tags", ()), *extra_tags]))
     card_data = ModelCardData(
-        language=_LANGUAGE.get(family),
+        language=info.get("language"),
         license=license,
-        library_name="transformers",
-        pipeline_tag="image-to-text",
-        tags=[*DEFAULT_TAGS, *extra_tags],
+        library_name=info.get("library_name", "transformers"),
+        pipeline_tag=info.get("pipeline_tag"),
+        tags=tags,
         base_model=base_model,
     )
+    description = info.get("description") or ""
+    if report is None:
+        description += f" **Not verified:** the folder had no {REPORT_NAME}."
     return ModelCard.from_template(
         card_data,
         template_str=_TEMPLATE,
         marker=CARD_MARKER,
         ofaconv_version=__version__,
         report_name=REPORT_NAME,
-        title=repo_id.split("/")[-1] if repo_id else _default_title(report, root),
-        summary=_summary(report, config),
-        repo=repo_id or "path/to/converted-folder",
-        has_processor=any((root / name).is_file() for name in _PROCESSOR_FILES),
-        processor_note=((report or {}).get("processing") or {}).get("reason") or "none was saved with the weights",
-        prompt=json.dumps(_prompt(report, family_defaults), ensure_ascii=False),
-        generate_args=_generate_args(root, family_defaults),
+        title=repo_id.split("/")[-1] if repo_id else info.get("title") or _default_title(report, root),
+        description=description.strip(),
+        usage=(info.get("usage") or "").strip().replace(REPO_PLACEHOLDER, repo_id or LOCAL_REPO),
         verdict=_verdict(report),
         checks=_check_rows(report),
-        source_rows=_source_rows(report, config),
+        source_rows=_source_rows(report) + [(label, value) for label, value in info.get("details", ())],
         flags=[
             (k, _cell(json.dumps(v, ensure_ascii=False)))
             for k, v in sorted(((report or {}).get("flags") or {}).items())
@@ -175,24 +153,25 @@ def build_model_card(
         ],
         files=[
             (name, human_size(entry.get("size")), entry.get("sha256"))
-            for name, entry in sorted(((report or {}).get("files") or {}).items())
+            for name, entry in sorted(manifest_part(report or {}, prefix).items())
             if isinstance(entry, dict)
         ],
     )
 
 
 def write_model_card(folder: str | os.PathLike, **kwargs) -> Path:
-    """Build the card (arguments as ``build_model_card``) and write ``folder/README.md`` atomically."""
+    """Build the card (arguments as ``build_model_card``) and write ``folder/README.md`` atomically,
+    with the permissions the umask gives any other output file."""
     root = Path(folder)
     text = str(build_model_card(root, **kwargs))
     path = root / CARD_NAME
-    fd, tmp = tempfile.mkstemp(prefix=f".{CARD_NAME}.", suffix=".tmp", dir=root)
+    tmp = root / f".{CARD_NAME}.{os.getpid()}-{secrets.token_hex(4)}.tmp"
     try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
+        with open(tmp, "x", encoding="utf-8", newline="") as fh:
             fh.write(text)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     return path
 
@@ -200,24 +179,25 @@ def write_model_card(folder: str | os.PathLike, **kwargs) -> Path:
 def card_for_repo(folder: str | os.PathLike, repo_id: str) -> ModelCard | None:
     """The card to publish ``folder`` as ``repo_id``, or None to upload its ``README.md`` as is.
 
-    A missing card is built with the defaults; a card ofaconv wrote is rebuilt for ``repo_id``
-    keeping its license, base model and extra tags; a card without the marker is the user's.
+    A card ofaconv wrote is rebuilt for ``repo_id`` keeping its license, base model and extra tags;
+    a folder without a card (a subfolder published alone) gets one built with what the parent's
+    card chose, if it has one; a card without the marker is uploaded as it is.
     """
     root = Path(folder)
     path = root / CARD_NAME
-    if not path.is_file():
-        return build_model_card(root, repo_id=repo_id)
-    if CARD_MARKER not in path.read_text(encoding="utf-8", errors="replace"):
-        return None
-    meta = card_metadata(root)
-    tags = meta.get("tags") or []
-    return build_model_card(
-        root,
-        license=meta.get("license") or DEFAULT_LICENSE,
-        base_model=meta.get("base_model"),
-        extra_tags=[t for t in tags if t not in DEFAULT_TAGS],
-        repo_id=repo_id,
-    )
+    if path.is_file():
+        if CARD_MARKER not in path.read_text(encoding="utf-8", errors="replace"):
+            return None
+        meta = card_metadata(root)
+        return build_model_card(root, license=meta.get("license") or DEFAULT_LICENSE,
+                                base_model=meta.get("base_model"), extra_tags=meta.get("tags") or [],
+                                repo_id=repo_id)
+    parent = root.parent / CARD_NAME
+    meta = {}
+    if parent.is_file() and CARD_MARKER in parent.read_text(encoding="utf-8", errors="replace"):
+        meta = card_metadata(root.parent)
+    return build_model_card(root, license=meta.get("license") or DEFAULT_LICENSE,
+                            base_model=meta.get("base_model"), repo_id=repo_id)
 
 
 def card_metadata(folder: str | os.PathLike) -> dict:
@@ -239,12 +219,16 @@ def _load_config(root: Path) -> dict:
         config = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise OfaconvError("missing: not a converted model folder", path=path) from None
-    except json.JSONDecodeError as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise OfaconvError(f"not valid JSON ({exc})", path=path) from None
-    if not isinstance(config, dict) or config.get("model_type") != "ofa":
-        found = config.get("model_type") if isinstance(config, dict) else None
-        raise OfaconvError(f"model_type is {found!r}, expected 'ofa'", path=path, key="model_type")
+    if not isinstance(config, dict):
+        raise OfaconvError(f"expected a JSON object, found {type(config).__name__}", path=path)
     return config
+
+
+def _family(home: Path, report: dict | None) -> registry.Family:
+    name = (report or {}).get("model_family")
+    return registry.family(name) if isinstance(name, str) else registry.family_of_folder(home)
 
 
 def _default_title(report: dict | None, root: Path) -> str:
@@ -253,40 +237,6 @@ def _default_title(report: dict | None, root: Path) -> str:
     report = report or {}
     source = (report.get("source") or {}).get("file")
     return report.get("variant") or (Path(source).stem if source else None) or root.resolve().name
-
-
-def _prompt(report: dict | None, family: dict | None) -> str:
-    """The caption prompt the saved processor uses by default."""
-    processing = (report or {}).get("processing") or {}
-    return processing.get("prompt") or (family or family_info("en"))["prompt"]
-
-
-def _generate_args(root: Path, family: dict | None) -> str:
-    if (root / "generation_config.json").is_file():
-        return ""  # beam settings travel in generation_config.json
-    gen = (family or {}).get("generation") or {}
-    args = {"num_beams": gen.get("num_beams", 5), "max_new_tokens": gen.get("max_len_b", 20)}
-    if gen.get("no_repeat_ngram_size"):
-        args["no_repeat_ngram_size"] = gen["no_repeat_ngram_size"]
-    return "".join(f", {k}={v}" for k, v in args.items())
-
-
-def _summary(report: dict | None, config: dict) -> str:
-    arch = (
-        f"{config.get('encoder_layers', '?')}+{config.get('decoder_layers', '?')} layers, "
-        f"d_model {config.get('d_model', '?')}, {config.get('resnet_type', '?')} trunk"
-    )
-    if report is None:
-        return (
-            f"OFA image-captioning model ({arch}) in Hugging Face transformers format. "
-            f"**Not verified:** the folder had no {REPORT_NAME}."
-        )
-    source = (report.get("source") or {}).get("file") or "an unnamed source"
-    verb = {"finetune": "finetuned with ofaconv from", "upgrade": "upgraded by ofaconv from"}.get(
-        report.get("kind"), "converted by ofaconv from the fairseq checkpoint"
-    )
-    name = report.get("variant") or "OFA"
-    return f"{name} image-captioning model ({arch}), {verb} `{source}`."
 
 
 def _verdict(report: dict | None) -> str:
@@ -321,7 +271,7 @@ def _check_rows(report: dict | None) -> list[dict]:
     return rows
 
 
-def _source_rows(report: dict | None, config: dict) -> list[tuple[str, str]]:
+def _source_rows(report: dict | None) -> list[tuple[str, str]]:
     report = report or {}
     source = report.get("source") or {}
     rows = []
@@ -343,7 +293,6 @@ def _source_rows(report: dict | None, config: dict) -> list[tuple[str, str]]:
         rows.append(("Key map", f"`{keymap['file']}`{sha}"))
     if report.get("dtype"):
         rows.append(("Weights dtype", f"`{report['dtype']}`"))
-    rows.append(("Patch image size", f"`{config.get('patch_image_size', '?')}`"))
     versions = report.get("versions") or {}
     tools = [f"ofaconv {report['ofaconv_version']}"] if report.get("ofaconv_version") else []
     tools += [f"{name} {versions[name]}" for name in ("torch", "transformers", "python") if versions.get(name)]

@@ -1,18 +1,28 @@
 """``ofaconv push FOLDER REPO_ID``: publish a verified model folder to the Hub in one commit.
 
 Invariants:
-- nothing is uploaded unless ``conversion_report.json`` passes and lists exactly the weight files
-  being uploaded, byte for byte (``--allow-unverified`` overrides, loudly);
+- exactly the files of the manifest in ``conversion_report.json`` are uploaded, each read through a
+  descriptor opened without following any link, and only when the folder holds those files and
+  nothing else, byte for byte, and no link at all (no flag overrides this: a folder that is not
+  what ofaconv wrote is never published); the model card ofaconv wrote is rebuilt for the repo;
+- the report's checks must all have passed (``--allow-unverified`` overrides that, loudly);
 - one ``create_commit`` carries every file, so a repo never holds weights without their config,
   card and report;
 - the token never appears in output or in error messages;
 - every failure is one line naming what to do about it.
+
+A subfolder a conversion wrote without a report of its own (a CLIP package's ``vision_tower/``)
+is published against its part of the parent's manifest and the parent's checks.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import hashlib
+import json
 import os
+import stat
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,8 +31,17 @@ import yaml
 
 from ofaconv import __version__
 from ofaconv.core.errors import OfaconvError
+from ofaconv.core.report import (
+    REPORT_NAME,
+    check_problems,
+    covering_report,
+    folder_files,
+    human_size,
+    manifest_part,
+    manifest_problems,
+    schema_problems,
+)
 from .card import CARD_NAME, card_for_repo, card_metadata
-from ofaconv.core.report import REPORT_NAME, folder_files, human_size, load_report, validate_report
 
 _TRUE = {"1", "on", "yes", "true"}
 
@@ -35,7 +54,7 @@ class PushError(OfaconvError):
 class PlannedFile:
     path_in_repo: str
     size: int
-    source: Path | bytes  # a file in the folder, or the card built for the repo
+    source: object  # a file of the folder, opened without following links, or the card's bytes
     note: str = ""
 
 
@@ -43,9 +62,10 @@ class PlannedFile:
 class PushPlan:
     folder: Path
     repo_id: str
+    report: dict
     files: list[PlannedFile]
     card_metadata: dict
-    problems: list[str]  # why the report does not back these files; empty when it does
+    problems: list[str]  # why the checks do not vouch for these files (only with --allow-unverified)
 
     @property
     def total_size(self) -> int:
@@ -67,8 +87,9 @@ def add_parser(subparsers) -> None:
         help="upload a converted folder to the Hugging Face Hub in one commit",
         description=(
             "Upload a converted or finetuned folder to the Hugging Face Hub in a single commit, with "
-            "a model card built from its conversion report. Refuses folders whose "
-            f"{REPORT_NAME} is missing, failed, or does not match the weight files."
+            "a model card built from its conversion report. Uploads exactly the files the manifest in "
+            f"{REPORT_NAME} lists; refuses a folder whose report is missing or failed, whose files "
+            "differ from the manifest (edited, missing or extra) or that holds a symbolic link."
         ),
     )
     parser.add_argument("folder", type=Path, help="converted model folder")
@@ -79,7 +100,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--commit-message", help="commit summary (default: names the source and ofaconv version)")
     parser.add_argument("--token", help="Hugging Face token with write access (default: HF_TOKEN, then `hf auth login`)")
     parser.add_argument("--dry-run", action="store_true", help="print the files, sizes and card metadata; upload nothing")
-    parser.add_argument("--allow-unverified", action="store_true", help="push even if the conversion report does not back the files")
+    parser.add_argument("--allow-unverified", action="store_true", help="push even if the report records no checks or a failed one (never files that differ from its manifest, nor links)")
     parser.add_argument("--endpoint", help=argparse.SUPPRESS)  # tests: a loopback Hub
     parser.set_defaults(func=run)
 
@@ -133,28 +154,79 @@ def push_folder(
         raise
 
 
-def plan_push(folder: Path, repo_id: str) -> PushPlan:
-    """What would be uploaded: every file of ``folder`` (the card rebuilt for ``repo_id``)."""
+def plan_push(folder: Path, repo_id: str, files: contextlib.ExitStack, *, allow_unverified: bool = False) -> PushPlan:
+    """What would be uploaded: the manifest's files of ``folder``, opened (on ``files``) without
+    following links and checked against the manifest, the card rebuilt for ``repo_id``."""
     if not folder.is_dir():
         raise OfaconvError("not a directory", path=folder)
-    card = card_for_repo(folder, repo_id)  # also checks config.json is an OFA config
-    files = []
-    for name in folder_files(folder):
-        if name == CARD_NAME and card is not None:
-            continue
-        files.append(PlannedFile(name, (folder / name).stat().st_size, folder / name))
+    try:
+        report, prefix = covering_report(folder)
+    except OfaconvError as exc:
+        raise OfaconvError(f"refusing to push {folder}: {exc}; only a folder written by ofaconv is published") from None
+    problems = schema_problems(report)
+    listed = manifest_part(report, prefix) if not problems else {}
+    operations = {}
+    for name in sorted(set(listed) & set(folder_files(folder))):
+        operations[name] = _add(name, files.enter_context(open_in_folder(folder, name)))
+    digests = {name: (op.upload_info.sha256.hex(), op.upload_info.size) for name, op in operations.items()}
+    problems = problems or manifest_problems(folder, listed, digests=digests)
+    if problems:
+        raise OfaconvError(f"refusing to push {folder}: " + "; ".join(problems)
+                           + " (--allow-unverified does not override this)")
+    problems = check_problems(report)
+    if problems and not allow_unverified:
+        raise OfaconvError(
+            f"refusing to push {folder}: " + "; ".join(problems) + " (pass --allow-unverified to push anyway)"
+        )
+    card = card_for_repo(folder, repo_id)
+    planned = [PlannedFile(name, op.upload_info.size, op) for name, op in operations.items()
+               if not (name == CARD_NAME and card is not None)]
     if card is not None:
         data = str(card).encode("utf-8")
-        files.append(PlannedFile(CARD_NAME, len(data), data, note=f"card built for {repo_id}"))
+        planned.append(PlannedFile(CARD_NAME, len(data), _add(CARD_NAME, data), note=f"card built for {repo_id}"))
+        listed = {**listed, CARD_NAME: {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}}
         metadata = card.data.to_dict()
     else:
         metadata = card_metadata(folder)
-    return PushPlan(folder, repo_id, sorted(files, key=lambda f: f.path_in_repo), metadata, [])
+    # The repo's report lists what the repo holds (the card as rebuilt, a subfolder's files at its
+    # root), so a downloaded copy passes `ofaconv verify` like the folder did.
+    data = (json.dumps({**report, "files": listed}, indent=2, sort_keys=True) + "\n").encode("utf-8")
+    note = "manifest of the files in this commit" if prefix or card is not None else ""
+    planned.append(PlannedFile(REPORT_NAME, len(data), _add(REPORT_NAME, data), note=note))
+    return PushPlan(folder, repo_id, report, sorted(planned, key=lambda f: f.path_in_repo), metadata, problems)
+
+
+def _add(path_in_repo: str, source):
+    from huggingface_hub import CommitOperationAdd
+
+    return CommitOperationAdd(path_in_repo, source)
+
+
+def open_in_folder(folder: Path, name: str):
+    """``folder/name`` opened for reading without following a link at any step below ``folder``
+    (each directory and the file itself are opened with O_NOFOLLOW), and only if it is a regular file."""
+    nofollow = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0)
+    parts = name.split("/")
+    fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        for part in parts[:-1]:
+            inner = os.open(part, nofollow | getattr(os, "O_DIRECTORY", 0), dir_fd=fd)
+            os.close(fd)
+            fd = inner
+        inner = os.open(parts[-1], nofollow, dir_fd=fd)
+    except OSError as exc:
+        raise OfaconvError(f"cannot open without following links ({exc.strerror}); replace links with the "
+                           "files they point to", path=folder / name) from None
+    finally:
+        os.close(fd)
+    if not stat.S_ISREG(os.fstat(inner).st_mode):
+        os.close(inner)
+        raise OfaconvError("not a regular file", path=folder / name)
+    return os.fdopen(inner, "rb")
 
 
 def _push(folder, repo_id, *, private, revision, create_pr, commit_message, token, endpoint,
           allow_unverified, dry_run, out) -> PushResult | None:
-    from huggingface_hub import CommitOperationAdd
     from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
 
@@ -167,16 +239,16 @@ def _push(folder, repo_id, *, private, revision, create_pr, commit_message, toke
     if "/" not in repo_id:
         raise OfaconvError(f"repo id {repo_id!r} needs a namespace: NAMESPACE/{repo_id}")
 
-    plan = plan_push(folder, repo_id)
-    # The commit operations hash every file once; the report check reuses those digests.
-    operations = [CommitOperationAdd(f.path_in_repo, f.source if isinstance(f.source, bytes) else str(f.source))
-                  for f in plan.files]
-    digests = {op.path_in_repo: (op.upload_info.sha256.hex(), op.upload_info.size) for op in operations}
-    plan.problems = validate_report(folder, digests=digests)
-    if plan.problems and not allow_unverified:
-        raise OfaconvError(
-            f"refusing to push {folder}: " + "; ".join(plan.problems) + " (pass --allow-unverified to push anyway)"
-        )
+    with contextlib.ExitStack() as files:
+        plan = plan_push(folder, repo_id, files, allow_unverified=allow_unverified)
+        return _upload(plan, private=private, revision=revision, create_pr=create_pr, commit_message=commit_message,
+                       token=token, endpoint=endpoint, dry_run=dry_run, out=out)
+
+
+def _upload(plan: PushPlan, *, private, revision, create_pr, commit_message, token, endpoint, dry_run,
+            out) -> PushResult | None:
+    repo_id, folder = plan.repo_id, plan.folder
+    operations = [f.source for f in plan.files]
     endpoint = (endpoint or os.environ.get("HF_ENDPOINT") or "").rstrip("/") or None
     if dry_run:
         _print_plan(plan, endpoint, private=private, revision=revision, create_pr=create_pr, out=out)
@@ -201,8 +273,8 @@ def _push(folder, repo_id, *, private, revision, create_pr, commit_message, toke
         info = api.create_commit(
             repo_id,
             operations,
-            commit_message=commit_message or _default_message(folder),
-            commit_description=_description(folder),
+            commit_message=commit_message or _default_message(folder, plan.report),
+            commit_description=_description(plan.report),
             revision=revision,
             create_pr=create_pr,
         )
@@ -295,11 +367,7 @@ def _transport_errors() -> tuple[type[BaseException], ...]:
     return tuple(classes)
 
 
-def _default_message(folder: Path) -> str:
-    try:
-        report = load_report(folder)
-    except OfaconvError:
-        return f"Upload {folder.resolve().name} with ofaconv {__version__}"
+def _default_message(folder: Path, report: dict) -> str:
     name = report.get("variant") or folder.resolve().name
     source = (report.get("source") or {}).get("file")
     kind = report.get("kind")
@@ -310,11 +378,7 @@ def _default_message(folder: Path) -> str:
     return f"Upload {name} ({kind}) with ofaconv {__version__}"
 
 
-def _description(folder: Path) -> str:
-    try:
-        report = load_report(folder)
-    except OfaconvError:
-        return f"No {REPORT_NAME}: pushed with --allow-unverified."
+def _description(report: dict) -> str:
     source = report.get("source") or {}
     checks = [c for c in report.get("checks") or [] if isinstance(c, dict)]
     passed = sum(c.get("passed") is True for c in checks)
@@ -338,7 +402,7 @@ def _print_plan(plan: PushPlan, endpoint, *, private, revision, create_pr, out) 
     if plan.problems:
         print("report: NOT verified (--allow-unverified): " + "; ".join(plan.problems), file=out)
     else:
-        print(f"report: {REPORT_NAME} passed and matches the weight files", file=out)
+        print(f"report: {REPORT_NAME} passed; every file matches its manifest", file=out)
     print("card metadata:", file=out)
     text = yaml.safe_dump(plan.card_metadata, sort_keys=False, allow_unicode=True).rstrip()
     for line in text.splitlines():

@@ -2,10 +2,114 @@
 
 from __future__ import annotations
 
-__all__ = ["verify_folder"]
+import json
+from pathlib import Path
+
+__all__ = ["verify_folder", "card"]
+
+TAGS = ("ofa", "ofaconv", "image-captioning")
+_LANGUAGE = {"en": "en", "cn": "zh"}
+_PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
 
 
 def verify_folder(folder, against=None, *, ema=None):
     from .verify import verify_folder as run
 
     return run(folder, against, ema=ema)
+
+
+def card(folder, config: dict, report: dict | None) -> dict:
+    """The OFA part of the model card: metadata, a description and both loading paths."""
+    from ofaconv.core.errors import OfaconvError
+    from .variants import family_from_vocab_size, family_info
+
+    folder = Path(folder)
+    if config.get("model_type") != "ofa":
+        raise OfaconvError(f"model_type is {config.get('model_type')!r}, expected 'ofa'", path=folder / "config.json",
+                           key="model_type")
+    family = (report or {}).get("family") or family_from_vocab_size(config.get("vocab_size"))
+    defaults = family_info(family) if family else None
+    return {
+        # image-to-text until the pipeline-tag issue moves OFA to image-text-to-text
+        "pipeline_tag": "image-to-text",
+        "tags": list(TAGS),
+        "language": _LANGUAGE.get(family),
+        "library_name": "transformers",
+        "description": _description(report, config),
+        "usage": _usage(folder, report, defaults),
+        "details": [("Patch image size", f"`{config.get('patch_image_size', '?')}`")],
+    }
+
+
+def _description(report: dict | None, config: dict) -> str:
+    arch = (
+        f"{config.get('encoder_layers', '?')}+{config.get('decoder_layers', '?')} layers, "
+        f"d_model {config.get('d_model', '?')}, {config.get('resnet_type', '?')} trunk"
+    )
+    if report is None:
+        return f"OFA image-captioning model ({arch}) in Hugging Face transformers format."
+    source = (report.get("source") or {}).get("file") or "an unnamed source"
+    verb = {"finetune": "finetuned with ofaconv from", "upgrade": "upgraded by ofaconv from"}.get(
+        report.get("kind"), "converted by ofaconv from the fairseq checkpoint"
+    )
+    return f"{report.get('variant') or 'OFA'} image-captioning model ({arch}), {verb} `{source}`."
+
+
+def _usage(folder: Path, report: dict | None, defaults: dict | None) -> str:
+    has_processor = any((folder / name).is_file() for name in _PROCESSOR_FILES)
+    if has_processor:
+        prompt = json.dumps(_prompt(report, defaults), ensure_ascii=False)
+        remote = f"""\
+import torch
+from PIL import Image
+from transformers import AutoModelForSeq2SeqLM, AutoProcessor
+
+repo = "{{repo}}"
+model = AutoModelForSeq2SeqLM.from_pretrained(repo, trust_remote_code=True).eval()
+processor = AutoProcessor.from_pretrained(repo, trust_remote_code=True)
+
+image = Image.open("image.jpg").convert("RGB")
+inputs = processor(images=image, return_tensors="pt")  # text defaults to the prompt {prompt}
+with torch.no_grad():
+    output = model.generate(**inputs{_generate_args(folder, defaults)})
+print(processor.batch_decode(output, skip_special_tokens=True)[0])"""
+        native = """\
+import ofaconv  # registers model_type "ofa" with the transformers Auto classes
+from transformers import AutoModelForSeq2SeqLM, AutoProcessor
+
+model = AutoModelForSeq2SeqLM.from_pretrained("{repo}").eval()
+processor = AutoProcessor.from_pretrained("{repo}")"""
+    else:
+        note = ((report or {}).get("processing") or {}).get("reason") or "none was saved with the weights"
+        remote = f"""\
+from transformers import AutoModelForSeq2SeqLM
+
+model = AutoModelForSeq2SeqLM.from_pretrained("{{repo}}", trust_remote_code=True).eval()
+# No processor in this repo: {note}.
+# Pass input_ids, patch_images and patch_masks to model.generate(...) yourself."""
+        native = """\
+import ofaconv  # registers model_type "ofa" with the transformers Auto classes
+from transformers import AutoModelForSeq2SeqLM
+
+model = AutoModelForSeq2SeqLM.from_pretrained("{repo}").eval()"""
+    return (f"With plain transformers (the modeling code ships in this repository):\n\n```python\n{remote}\n```\n\n"
+            "With `pip install ofaconv`, importing it registers the OFA classes, so no remote code runs:\n\n"
+            f"```python\n{native}\n```")
+
+
+def _prompt(report: dict | None, defaults: dict | None) -> str:
+    """The caption prompt the saved processor uses by default."""
+    from .variants import family_info
+
+    processing = (report or {}).get("processing") or {}
+    return processing.get("prompt") or (defaults or family_info("en"))["prompt"]
+
+
+def _generate_args(folder: Path, defaults: dict | None) -> str:
+    if (folder / "generation_config.json").is_file():
+        return ""  # beam settings travel in generation_config.json
+    gen = (defaults or {}).get("generation") or {}
+    args = {"num_beams": gen.get("num_beams", 5), "max_new_tokens": gen.get("max_len_b", 20)}
+    if gen.get("no_repeat_ngram_size"):
+        args["no_repeat_ngram_size"] = gen["no_repeat_ngram_size"]
+    return "".join(f", {k}={v}" for k, v in args.items())
