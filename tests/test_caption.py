@@ -14,7 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
-from ofaconv.ofa.caption import caption_items, decode_base64, expand_images, load_captioner, read_tsv
+from ofaconv.core.images import decode_base64
+from ofaconv.ofa.caption import caption_items, expand_images, load_captioner, read_tsv
 from ofaconv.cli import main
 from ofaconv.ofa.convert import convert_checkpoint
 from ofaconv.ofa.modeling.tokenization_ofa import CJK_CHARACTERS

@@ -15,14 +15,9 @@ import torch
 from PIL import Image
 
 from ofaconv.ofa.finetune.batching import IGNORE_INDEX, CaptionCollator, CaptionDataset, CaptionSampler, tokenize_targets
-from ofaconv.ofa.finetune.data import (
-    DataError,
-    DataIssues,
-    decode_base64_image,
-    read_muge,
-    read_pairs,
-    split_holdout,
-)
+from ofaconv.core.errors import DataError
+from ofaconv.core.images import ImageDecodeError, decode_base64
+from ofaconv.ofa.finetune.data import DataIssues, read_muge, read_pairs, split_holdout
 from ofaconv.ofa.finetune.lit import (
     apply_freezing,
     caption_loss,
@@ -103,7 +98,7 @@ def test_overrides_are_yaml_typed():
         (["training.learning_rat=1"], "did you mean 'training.learning_rate'"),
         (["training.output_dir=x"], "checkpoint_dir"),
         (["training.label_smoothing_factor=0.1"], "label_smoothing"),
-        (["sampler=sorted"], "unknown sampler"),
+        (["sampler=sorted"], "expected 'random' or 'length' or 'image'"),
         (["encoder_cache.enabled=true", "freeze_word_embed=false"], "shared word embedding"),
         (["encoder_cache.enabled=true", "freeze_encoder=false"], "freeze_encoder: true"),
         (["model=null"], "exactly one of"),
@@ -175,7 +170,7 @@ def test_muge_reader_counts_and_skips(tmp_path):
     assert "skipped 3 malformed lines (i.tsv:3, c.jsonl:2, c.jsonl:5)" in summary
     # both base64 alphabets decode to the same image
     assert data.images.open("1").getpixel((0, 0)) == data.images.open("2").getpixel((0, 0))[:3] or True
-    assert decode_base64_image(_png_b64(urlsafe=True)) == decode_base64_image(_png_b64(urlsafe=False))
+    assert decode_base64(_png_b64(urlsafe=True)) == decode_base64(_png_b64(urlsafe=False))
 
 
 def test_muge_schema_is_checked_up_front(tmp_path):
@@ -256,9 +251,7 @@ def test_collator_pads_and_survives_undecodable_images(tmp_path, micro):
 
     def load(image_id):
         if image_id in ("s0", "s1"):
-            from ofaconv.ofa.finetune.data import ImageDecodeError
-
-            raise ImageDecodeError(f"shapes.tsv:{image_id}", "cannot decode image")
+            raise ImageDecodeError("cannot read image", path=f"shapes.tsv:{image_id}")
         return torch.zeros(3, 4, 4)
 
     collate = CaptionCollator(data, pad_id=1, bos_id=0, image_source="pixels", load_image=load, dummy_shape=(3, 4, 4))

@@ -41,7 +41,7 @@ def _init(args) -> int:
 def _train(args) -> int:
     from .train import load_recipe, train
 
-    recipe = load_recipe(args.recipe, args.set)
+    recipe = load_recipe(args.recipe, args.override)
     _print(train(recipe, resume=args.resume))
     return 0
 
@@ -171,8 +171,8 @@ def add_parser(subparsers) -> None:
 
     p = sub.add_parser("train", help="LiT-tune a CLIP package from a YAML recipe (torchrun/accelerate ok)")
     p.add_argument("recipe")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a recipe value, e.g. training.fp16=false")
+    p.add_argument("--override", "-o", action="append", default=[], metavar="KEY=VALUE",
+                   help="set a recipe key (dotted, value parsed as YAML), e.g. training.fp16=false; repeatable")
     p.add_argument("--resume", nargs="?", const=True, default=None, help="resume from the last (or given) checkpoint")
     p.set_defaults(func=_train)
 

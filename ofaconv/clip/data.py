@@ -10,28 +10,22 @@ skipped; a schema problem (wrong CSV header) is an error naming the file.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import csv
-import io
 import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from ofaconv.core.errors import OfaconvError
+from ofaconv.core.errors import DataError, OfaconvError
+from ofaconv.core.images import ImageDecodeError, ImageTsv, open_image
 
 __all__ = ["Pair", "DataStats", "ImageStore", "read_pairs", "read_csv_pairs", "read_cnclip", "validate_image_bytes",
            "read_cnclip_texts", "read_image_tsv", "list_image_folder", "IMAGE_SUFFIXES"]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
-
-
-class DataError(OfaconvError):
-    """The data file's schema is wrong (as opposed to a single bad row)."""
 
 
 @dataclass
@@ -71,69 +65,40 @@ class DataStats:
 def validate_image_bytes(data: bytes) -> str | None:
     """None when ``data`` decodes as an image, else the reason (a PIL replacement for ``imghdr``)."""
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.verify()
-        with Image.open(io.BytesIO(data)) as im:
-            im.convert("RGB").load()
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        return f"{type(exc).__name__}: {exc}"
+        open_image(data, verify=True)
+    except ImageDecodeError as exc:
+        return exc.reason
     return None
 
 
 class ImageStore:
-    """id -> image bytes loader over a folder or a Chinese-CLIP TSV (kept as file offsets)."""
+    """id -> image over a folder or a Chinese-CLIP image TSV (kept as file offsets)."""
 
     def __init__(self, *, root: Path | None = None, tsv: Path | None = None):
         self.root = Path(root) if root else None
-        self.tsv = Path(tsv) if tsv else None
-        self._offsets: dict[str, int] = {}
-        if self.tsv is not None:
-            self._offsets = _index_tsv(self.tsv)
+        self.tsv = ImageTsv(tsv) if tsv else None
 
     def ids(self) -> list[str]:
         if self.tsv is not None:
-            return list(self._offsets)
+            return self.tsv.ids()
         return [str(p.relative_to(self.root)) for p in list_image_folder(self.root)]
 
     def __contains__(self, image_id: str) -> bool:
         if self.tsv is not None:
-            return image_id in self._offsets
+            return image_id in self.tsv
         return (self.root / image_id).is_file()
 
     def read(self, image_id: str) -> bytes:
+        """Encoded bytes; ``ImageDecodeError`` (naming file:line) for a TSV row with broken base64."""
         if self.tsv is not None:
-            offset = self._offsets[image_id]
-            with open(self.tsv, "rb") as f:
-                f.seek(offset)
-                line = f.readline().decode("utf-8").rstrip("\r\n")
-            _, _, b64 = line.partition("\t")
-            try:
-                return base64.urlsafe_b64decode(b64)  # also accepts the standard alphabet
-            except (binascii.Error, ValueError) as exc:
-                raise OfaconvError(f"bad base64 for image {image_id}: {exc}", path=self.tsv) from exc
+            return self.tsv.read(image_id)
         return (self.root / image_id).read_bytes()
 
     def load(self, image_id: str) -> Image.Image:
-        data = self.read(image_id)
-        with Image.open(io.BytesIO(data)) as im:
-            return im.convert("RGB")
-
-    def __getstate__(self):
-        return self.__dict__.copy()
-
-
-def _index_tsv(path: Path) -> dict[str, int]:
-    offsets = {}
-    if not path.is_file():
-        raise DataError("no such image TSV", path=path)
-    with open(path, "rb") as f:
-        pos = 0
-        for line in f:
-            image_id, sep, _ = line.partition(b"\t")
-            if sep:  # utf-8-sig: a byte-order mark must not become part of the first id
-                offsets[image_id.decode("utf-8-sig").strip()] = pos
-            pos += len(line)
-    return offsets
+        """RGB image; ``ImageDecodeError`` naming the file (or TSV file:line) when it cannot be decoded."""
+        if self.tsv is not None:
+            return self.tsv.open(image_id)
+        return open_image(self.root / image_id)
 
 
 def list_image_folder(root: Path) -> list[Path]:

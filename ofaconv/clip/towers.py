@@ -9,7 +9,6 @@ unwrapped from the ``BaseModelOutputWithPooling`` that transformers 5 returns.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
@@ -17,34 +16,21 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from safetensors.torch import load_file
 
 from ofaconv.core.errors import OfaconvError
 from ofaconv.core.featcache import fingerprint
+from ofaconv.core.images import open_image
 
 __all__ = ["ClipTowers", "load_image", "sentence_transformers_encode"]
 
 logger = logging.getLogger("ofaconv.clip")
 
 
-class ImageError(OfaconvError):
-    """An image file that cannot be decoded."""
-
-
 def load_image(item) -> Image.Image:
-    """A PIL RGB image from a PIL image, a path or raw bytes; corrupt input names the file."""
-    if isinstance(item, Image.Image):
-        return item if item.mode == "RGB" else item.convert("RGB")
-    try:
-        if isinstance(item, (bytes, bytearray)):
-            with Image.open(io.BytesIO(item)) as im:
-                return im.convert("RGB")
-        with Image.open(item) as im:
-            return im.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        where = "<bytes>" if isinstance(item, (bytes, bytearray)) else item
-        raise ImageError(f"cannot decode image: {exc}", path=where) from exc
+    """A PIL RGB image from a PIL image, a path or raw bytes; ``ImageDecodeError`` names the file."""
+    return open_image(item)
 
 
 def _unwrap(out):

@@ -14,66 +14,91 @@ are gathered into ``data_stats.json``, then all train. The final model is writte
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Literal, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
-import yaml
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ofaconv.core.errors import OfaconvError
 from ofaconv.core.featcache import FeatureCache
+from ofaconv.core.recipe import RecipeError, check_fields, load, path_field
 from .source import atomic_output_dir
 from .convert import load_package
 from .data import DataStats, ImageStore, Pair, filter_decodable, read_pairs
 from .package import ClipPackage, check_package, module_state_to_file, write_package
 from .towers import ClipTowers, _unwrap
 
-__all__ = ["LiTModel", "load_recipe", "train", "precompute_image_features", "PairDataset", "PairCollator"]
+__all__ = ["ClipRecipe", "LiTModel", "load_recipe", "train", "precompute_image_features", "PairDataset", "PairCollator"]
 
 logger = logging.getLogger("ofaconv.clip")
 
-_RECIPE_KEYS = {"model", "output_dir", "data", "lit", "max_length", "training"}
-_LIT_DEFAULTS = {"lock_image": True, "lock_image_head": False, "clamp_logit_scale": None,
-                 "cache_image_features": True, "cache_dir": None, "cache_dtype": "float16",
-                 "encode_batch_size": 64}
+@dataclass(kw_only=True)
+class PairFiles:
+    """BertCLIP ``csv`` (+ ``image_root``, default the CSV's folder) or Chinese-CLIP ``texts`` + ``images``."""
+
+    csv: str | None = path_field()
+    image_root: str | None = path_field()
+    texts: str | None = path_field()
+    images: str | None = path_field()
 
 
-def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> dict:
-    path = Path(path)
-    try:
-        recipe = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise OfaconvError(f"unreadable recipe: {exc}", path=path) from exc
-    if not isinstance(recipe, dict):
-        raise OfaconvError("recipe must be a YAML mapping", path=path)
-    for item in overrides or []:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise OfaconvError(f"override must be KEY=VALUE, got {item!r}")
-        node = recipe
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = yaml.safe_load(value)
-    unknown = set(recipe) - _RECIPE_KEYS
-    if unknown:
-        raise OfaconvError(f"unknown recipe key {sorted(unknown)[0]!r}", path=path, key=sorted(unknown)[0])
-    for key in ("model", "output_dir", "data"):
-        if key not in recipe:
-            raise OfaconvError("missing recipe key", path=path, key=key)
-    unknown_lit = set(recipe.get("lit") or {}) - set(_LIT_DEFAULTS)
-    if unknown_lit:
-        raise OfaconvError("unknown lit option", path=path, key=f"lit.{sorted(unknown_lit)[0]}")
-    recipe["lit"] = {**_LIT_DEFAULTS, **(recipe.get("lit") or {})}
-    recipe.setdefault("training", {})
-    recipe["_base"] = str(path.parent)
-    return recipe
+@dataclass(kw_only=True)
+class TrainData:
+    train: PairFiles
+
+
+@dataclass(kw_only=True)
+class LiT:
+    lock_image: bool = True
+    lock_image_head: bool = False
+    clamp_logit_scale: float | None = None
+    cache_image_features: bool = True
+    cache_dir: str | None = path_field()  # default: <output_dir>/feature_cache
+    cache_dtype: Literal["float16", "fp16", "bfloat16", "float32", "fp32"] = "float16"
+    encode_batch_size: int = 64
+
+
+@dataclass(kw_only=True)
+class ClipRecipe:
+    """``ofaconv clip train`` recipe; ``training:`` is passed to ``transformers.TrainingArguments``."""
+
+    model: str = path_field(dataclasses.MISSING)
+    output_dir: str = path_field(dataclasses.MISSING)
+    data: TrainData
+    max_length: int | None = None
+    lit: LiT = field(default_factory=LiT)
+    training: dict = field(default_factory=dict)
+
+
+# The trainer settings train() owns.
+TRAINING_RESERVED = {"output_dir": "set output_dir at the top level",
+                     "remove_unused_columns": "the pair collator needs every column"}
+
+
+def _validate(recipe: ClipRecipe) -> None:
+    files = recipe.data.train
+    if not files.csv and not (files.texts and files.images):
+        raise RecipeError("give 'csv' (+ 'image_root') or 'texts' + 'images'", key="data.train")
+    if recipe.lit.cache_image_features and not recipe.lit.lock_image:
+        raise RecipeError("cache_image_features needs lock_image: true (an unlocked tower changes every step)",
+                          key="lit.cache_image_features")
+    from transformers import TrainingArguments
+
+    check_fields(recipe.training, TrainingArguments, "training", reserved=TRAINING_RESERVED)
+
+
+def load_recipe(recipe: str | os.PathLike | Mapping | ClipRecipe,
+                overrides: Sequence[str] | Mapping[str, Any] = ()) -> ClipRecipe:
+    """Read a recipe (YAML path, mapping or ClipRecipe) with ``key.path=value`` overrides, checked."""
+    return load(ClipRecipe, recipe, overrides, validate=_validate)
 
 
 class LiTModel(nn.Module):
@@ -212,10 +237,10 @@ def _merge_rank_failures(parts: list[tuple[list[str], dict]], stats: DataStats) 
     return bad
 
 
-def _build_trainer_args(recipe: dict, output_dir: Path):
+def _build_trainer_args(recipe: ClipRecipe, output_dir: Path):
     from transformers import TrainingArguments
 
-    args = dict(recipe["training"])
+    args = dict(recipe.training)
     args.setdefault("report_to", "none")
     args.setdefault("save_strategy", "no")
     args["remove_unused_columns"] = False
@@ -248,43 +273,34 @@ def export_package(base: ClipPackage, clip_model, out: Path, *, overwrite: bool 
         check_package(pkg, tmp)
 
 
-def train(recipe: dict, *, resume: str | bool | None = None, callbacks: list | None = None) -> dict:
+def train(recipe: ClipRecipe, *, resume: str | bool | None = None, callbacks: list | None = None) -> dict:
     """Run a loaded recipe; ``callbacks``: extra ``TrainerCallback`` objects (progress, timing)."""
     from accelerate import PartialState
     from accelerate.utils import gather_object
     from transformers import Trainer, set_seed
 
-    base = Path(recipe.pop("_base", "."))
-
-    def rel(p):
-        return Path(p) if os.path.isabs(p) else base / p
-
-    lit = recipe["lit"]
-    set_seed(int(recipe["training"].get("seed", 42)))
-    output_dir = rel(recipe["output_dir"])
+    lit = recipe.lit
+    set_seed(int(recipe.training.get("seed", 42)))
+    output_dir = Path(recipe.output_dir)
     args = _build_trainer_args(recipe, output_dir)
     # The training arguments set up the process state (use_cpu, backend); a PartialState made
     # before them sees a single process on a CPU-only torchrun.
     device = args.device
     state = PartialState()
-    pkg, _, _, _ = load_package(rel(recipe["model"]), max_length=recipe.get("max_length"))
+    pkg, _, _, _ = load_package(recipe.model, max_length=recipe.max_length)
     clip_model = pkg.build_model()
     towers = ClipTowers(clip_model, pkg.image_processor, pkg.tokenizer, kind=pkg.kind, max_length=pkg.max_length)
-    max_length = int(recipe.get("max_length") or pkg.max_length)
+    max_length = int(recipe.max_length or pkg.max_length)
 
-    pairs, store, stats = read_pairs(recipe["data"]["train"] if "train" in recipe["data"] else recipe["data"], base)
+    pairs, store, stats = read_pairs(dataclasses.asdict(recipe.data.train))
     cache = None
-    if lit["cache_image_features"]:
-        if not lit["lock_image"]:
-            raise OfaconvError("cache_image_features needs lock_image: true (an unlocked tower changes every step)",
-                               key="lit.cache_image_features")
-        cache = open_image_cache(towers, rel(lit["cache_dir"] or (Path(recipe["output_dir"]) / "feature_cache")),
-                                 lit["cache_dtype"])
+    if lit.cache_image_features:
+        cache = open_image_cache(towers, Path(lit.cache_dir or output_dir / "feature_cache"), lit.cache_dtype)
         unique = list(dict.fromkeys(p.image_id for p in pairs))
         # Encode where the model will train; the Trainer would move it there anyway.
         clip_model.to(device)
         fill_stats = DataStats()
-        failed = precompute_image_features(towers, store, unique, cache, batch_size=int(lit["encode_batch_size"]),
+        failed = precompute_image_features(towers, store, unique, cache, batch_size=lit.encode_batch_size,
                                            rank=state.process_index, world_size=state.num_processes,
                                            num_workers=args.dataloader_num_workers, stats=fill_stats)
         # Returns once every rank has finished its share, so all shards are on disk.
@@ -303,11 +319,11 @@ def train(recipe: dict, *, resume: str | bool | None = None, callbacks: list | N
         raise OfaconvError(f"no usable training pairs ({json.dumps(stats.to_dict())})")
     logger.info("training pairs: %s", stats.to_dict())
 
-    model = LiTModel(clip_model, lock_image=lit["lock_image"], lock_image_head=lit["lock_image_head"])
+    model = LiTModel(clip_model, lock_image=lit.lock_image, lock_image_head=lit.lock_image_head)
     dataset = PairDataset(pairs, store, pkg.image_processor, cache)
     callbacks = list(callbacks or [])
-    if lit["clamp_logit_scale"] is not None:
-        callbacks.append(_clamp_callback(float(lit["clamp_logit_scale"])))
+    if lit.clamp_logit_scale is not None:
+        callbacks.append(_clamp_callback(lit.clamp_logit_scale))
     trainer = Trainer(model=model, args=args, train_dataset=dataset,
                       data_collator=PairCollator(pkg.tokenizer, max_length), callbacks=callbacks)
     result = trainer.train(resume_from_checkpoint=resume)

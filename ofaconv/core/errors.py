@@ -18,12 +18,17 @@ class OfaconvError(Exception):
             parts.append(f"key '{key}'")
         prefix = ": ".join(parts)
         super().__init__(f"{prefix}: {message}" if prefix else message)
+        self.detail = message
         self.path = path
         self.key = key
 
 
 class CheckpointError(OfaconvError):
     """The source checkpoint cannot be read safely or is not an OFA checkpoint."""
+
+
+class DataError(OfaconvError):
+    """Input data (captions, image files, image TSVs) that cannot be used as given."""
 
 
 class KeyMapError(OfaconvError):

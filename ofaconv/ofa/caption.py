@@ -12,7 +12,6 @@ Generation is the model's fairseq-faithful search with the folder's ``generation
 
 from __future__ import annotations
 
-import base64
 import binascii
 import glob
 import json
@@ -25,7 +24,8 @@ from typing import Iterable, Iterator, Optional
 
 import torch
 
-from ofaconv.core.errors import OfaconvError
+from ofaconv.core.errors import DataError, OfaconvError
+from ofaconv.core.images import ImageDecodeError, decode_base64, open_image, tsv_rows
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -73,34 +73,24 @@ def expand_images(arguments: Iterable[str]) -> Iterator[Item]:
             yield Item(argument, error="no such file or directory")
 
 
-def decode_base64(text: str) -> bytes:
-    """fairseq reads TSV images with urlsafe_b64decode; standard base64 is accepted too."""
-    cleaned = "".join(text.split()).replace("+", "-").replace("/", "_")
-    cleaned += "=" * (-len(cleaned) % 4)
-    return base64.urlsafe_b64decode(cleaned.encode("ascii"))
-
-
 def read_tsv(path: str) -> Iterator[Item]:
-    """Items of a MUGE-style image TSV (``image_id<TAB>base64``; extra columns are ignored)."""
+    """Items of a MUGE-style image TSV, one per non-blank line (``image_id<TAB>base64``; extra columns ignored)."""
     try:
-        handle = open(path, encoding="utf-8")
+        handle = open(path, "rb")
     except OSError as exc:
-        raise OfaconvError(f"cannot read TSV ({exc.strerror or exc})", path=path) from None
+        raise DataError(f"cannot read TSV ({exc.strerror or exc})", path=path) from None
     with handle:
-        for lineno, line in enumerate(handle, 1):
-            line = line.rstrip("\r\n")
-            if not line.strip():
+        for row in tsv_rows(path):
+            if not row.ok:
+                yield Item(f"{path}:{row.lineno}", error="malformed TSV line (expected image_id<TAB>base64)")
                 continue
-            fields = line.split("\t")
-            if len(fields) < 2 or not fields[0]:
-                yield Item(f"{path}:{lineno}", error="malformed TSV line (expected image_id<TAB>base64)")
-                continue
+            handle.seek(row.start)
             try:
-                data = decode_base64(fields[1])
-            except (binascii.Error, ValueError, UnicodeEncodeError) as exc:
-                yield Item(fields[0], error=f"{path}:{lineno}: invalid base64 ({exc})")
+                data = decode_base64(handle.read(row.length))
+            except (binascii.Error, ValueError) as exc:
+                yield Item(row.image_id, error=f"{path}:{row.lineno}: invalid base64 ({exc})")
                 continue
-            yield Item(fields[0], data=data)
+            yield Item(row.image_id, data=data)
 
 
 def count_tsv_lines(path: str) -> int:
@@ -139,24 +129,13 @@ def load_captioner(folder, device: str = "cpu", dtype: str = "fp32"):
 
 def _preprocess(processor, item: Item):
     """Pixel tensor [3, S, S] of one item, or an error message."""
-    from .modeling.image_processing_ofa import OFAImageError
-
     if item.error is not None:
         return None, item.error
-    source = item.path if item.path is not None else item.data
     try:
-        pixels = processor.image_processor(source, return_tensors="pt")["patch_images"][0]
-    except OFAImageError as exc:
-        message = str(exc)
-        # the processor names the file itself; TSV images are named by their id
-        if item.data is not None:
-            message = message.replace("<image bytes #0>: ", "")
-        elif message.startswith(f"{item.path}: "):
-            message = message[len(item.path) + 2 :]
-        return None, message
-    except Exception as exc:  # noqa: BLE001 - any decoder failure of one image is that image's error
-        return None, f"cannot read image ({type(exc).__name__}: {exc})"
-    return pixels, None
+        image = open_image(item.path if item.path is not None else item.data, item.name)
+    except ImageDecodeError as exc:
+        return None, exc.reason
+    return processor.image_processor(image, return_tensors="pt")["patch_images"][0], None
 
 
 def caption_batch(model, processor, pixels: list[torch.Tensor], prompt: Optional[str] = None,

@@ -13,11 +13,8 @@ first line numbers of each kind (``DataIssues``).
 
 from __future__ import annotations
 
-import base64
-import binascii
 import csv
 import hashlib
-import io
 import json
 import os
 import string
@@ -26,10 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from ofaconv.core.errors import OfaconvError
+from ofaconv.core.errors import DataError
+from ofaconv.core.images import ImageDecodeError, ImageTsv, open_image  # noqa: F401 - batching, cache import it here
 
 __all__ = [
-    "DataError",
     "DataIssues",
     "CaptionSet",
     "TsvImages",
@@ -39,17 +36,12 @@ __all__ = [
     "load_split",
     "clean_caption",
     "split_holdout",
-    "decode_base64_image",
 ]
 
 MUGE_COLUMNS = {"image_id": "image_id", "text": "text"}
 PAIRS_COLUMNS = {"image": "image_path", "caption": "caption"}
 _ASCII_PUNCT = str.maketrans("", "", string.punctuation)
 _EXAMPLES = 5
-
-
-class DataError(OfaconvError):
-    """Caption data that cannot be used at all (missing file, wrong schema, nothing usable)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -108,117 +100,17 @@ class DataIssues:
 # ---------------------------------------------------------------------------------------------
 
 
-def decode_base64_image(payload: bytes | str) -> bytes:
-    """Bytes of a base64 image in either alphabet (MUGE TSVs use urlsafe, others standard)."""
-    if isinstance(payload, str):
-        payload = payload.encode("ascii", "ignore")
-    payload = payload.strip().translate(bytes.maketrans(b"-_", b"+/"))
-    payload += b"=" * (-len(payload) % 4)
-    return base64.b64decode(payload, validate=False)
-
-
-def open_image(data: bytes, where: str):
-    """A PIL image in RGB from encoded bytes; ``ImageDecodeError`` when it cannot be decoded."""
-    from PIL import Image
-
-    try:
-        image = Image.open(io.BytesIO(data))
-        image.load()
-        return image.convert("RGB")
-    except Exception as exc:  # PIL raises many types for corrupt data
-        raise ImageDecodeError(where, f"cannot decode image ({type(exc).__name__}: {exc})") from None
-
-
-class ImageDecodeError(Exception):
-    """One image could not be read; counted and skipped by the caller."""
-
-    def __init__(self, where: str, reason: str):
-        super().__init__(f"{where}: {reason}")
-        self.where = where
-        self.reason = reason
-
-
-class TsvImages:
-    """``image_id -> image`` over an ``image_id<TAB>base64`` file, read by byte offset (never all in memory)."""
+class TsvImages(ImageTsv):
+    """A MUGE image TSV whose skipped rows are counted in ``issues``, with cache keys that change with the file."""
 
     def __init__(self, path: str | os.PathLike, issues: DataIssues | None = None):
-        self.path = Path(path)
         self.issues = issues if issues is not None else DataIssues()
-        self._offsets: dict[str, tuple[int, int, int]] = {}
-        self._fh = None
-        self._pid = None
-        self._index()
+        super().__init__(path, self.issues.add)
         stat = self.path.stat()
         self.tag = _short_hash(f"{self.path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}")
 
-    def _index(self) -> None:
-        try:
-            fh = open(self.path, "rb")
-        except FileNotFoundError:
-            raise DataError("image TSV not found", path=self.path) from None
-        except OSError as exc:
-            raise DataError(f"cannot read image TSV ({exc.strerror})", path=self.path) from None
-        name = self.path.name
-        with fh:
-            offset = 0
-            checked = False
-            for lineno, line in enumerate(fh, 1):
-                start, offset = offset, offset + len(line)
-                body = line.rstrip(b"\r\n")
-                if not body.strip():
-                    continue
-                tab = body.find(b"\t")
-                if not checked:
-                    checked = True
-                    if tab <= 0:
-                        raise DataError(
-                            "line 1 is not 'image_id<TAB>base64' (MUGE image TSV); found no tab", path=self.path
-                        )
-                if tab <= 0 or tab == len(body) - 1:
-                    self.issues.add("malformed_line", f"{name}:{lineno}")
-                    continue
-                image_id = body[:tab].decode("utf-8", "replace").strip()
-                if image_id in self._offsets:
-                    self.issues.add("duplicate_image", f"{name}:{lineno}")
-                    continue
-                self._offsets[image_id] = (start + tab + 1, len(body) - tab - 1, lineno)
-        if not self._offsets:
-            raise DataError("no 'image_id<TAB>base64' lines", path=self.path)
-
-    def __contains__(self, image_id: str) -> bool:
-        return image_id in self._offsets
-
-    def __len__(self) -> int:
-        return len(self._offsets)
-
-    def ids(self) -> list[str]:
-        return list(self._offsets)
-
-    def where(self, image_id: str) -> str:
-        entry = self._offsets.get(image_id)
-        return f"{self.path.name}:{entry[2]}" if entry else f"{self.path.name}:{image_id}"
-
     def cache_key(self, image_id: str) -> str:
         return f"{image_id}@{self.tag}"
-
-    def read(self, image_id: str) -> bytes:
-        start, length, _ = self._offsets[image_id]
-        if self._fh is None or self._pid != os.getpid():  # one handle per (forked) process
-            self._fh, self._pid = open(self.path, "rb"), os.getpid()
-        self._fh.seek(start)
-        payload = self._fh.read(length)
-        try:
-            return decode_base64_image(payload)
-        except (binascii.Error, ValueError) as exc:
-            raise ImageDecodeError(self.where(image_id), f"invalid base64 ({exc})") from None
-
-    def open(self, image_id: str):
-        return open_image(self.read(image_id), self.where(image_id))
-
-    def __getstate__(self):
-        state = self.__dict__.copy()
-        state["_fh"] = None
-        return state
 
 
 class FileImages:
@@ -249,14 +141,8 @@ class FileImages:
         size, mtime = self._stat.get(image_id) or (0, 0)
         return _short_hash(f"{self.resolve(image_id).resolve()}|{size}|{mtime}") + "@" + Path(image_id).name
 
-    def read(self, image_id: str) -> bytes:
-        try:
-            return self.resolve(image_id).read_bytes()
-        except OSError as exc:
-            raise ImageDecodeError(self.where(image_id), f"cannot read ({exc.strerror})") from None
-
     def open(self, image_id: str):
-        return open_image(self.read(image_id), self.where(image_id))
+        return open_image(self.resolve(image_id), self.where(image_id))
 
 
 def _short_hash(text: str) -> str:

@@ -1,34 +1,29 @@
-"""Finetuning recipes: YAML files with a fixed schema, ``base:`` inheritance and ``key=value`` overrides.
+"""Finetuning recipes: the schema and defaults of ``ofaconv finetune`` recipes.
 
 A recipe names the model to start from, the caption data, what is frozen, the encoder cache, the
 batching strategy, evaluation settings, and a ``training:`` section that is passed to
 ``transformers.TrainingArguments`` as is (so every Trainer option works under its usual name).
 
-Relative paths are relative to the working directory, except ``base:``, which is relative to the
-recipe that names it. Unknown keys are errors (with the closest known key suggested), never
-silently ignored.
+Reading (YAML 1.2 numbers and booleans, ``base:``, ``--override key=value``, paths relative to the
+recipe file, unknown keys and wrong types as one-line errors) is ``ofaconv.core.recipe``'s.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import difflib
 import os
-import re
+import typing
 from dataclasses import dataclass, field
+from importlib.resources import files
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Literal, Mapping, Sequence
 
-import yaml
+from ofaconv.core.recipe import RecipeError, RecipeSource, check_fields, path_field, read_yaml
 
-from ofaconv.core.errors import OfaconvError
+__all__ = ["Recipe", "RecipeError", "load_recipe", "SAMPLERS"]
 
-__all__ = ["Recipe", "RecipeError", "load_recipe", "apply_overrides", "SAMPLERS"]
-
-SAMPLERS = ("random", "length", "image")
-DATA_FORMATS = ("muge", "pairs")
-CACHE_DTYPES = ("float32", "float16", "bfloat16")
+Sampler = Literal["random", "length", "image"]
+SAMPLERS = typing.get_args(Sampler)
 
 # Trainer settings we choose differently from transformers' defaults; the recipe's own
 # `training:` values win over these.
@@ -54,37 +49,11 @@ TRAINING_RESERVED = {
 }
 
 
-class _Loader(yaml.SafeLoader):
-    """YAML 1.1 reads ``5e-5`` as a string; recipes mean a float (as YAML 1.2 and JSON do)."""
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(
-        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
-        |\.[0-9_]+(?:[eE][-+][0-9]+)?
-        |[-+]?\.(?:inf|Inf|INF)
-        |\.(?:nan|NaN|NAN))$""",
-        re.X,
-    ),
-    list("-+0123456789."),
-)
-
-
-def _yaml(text: str):
-    return yaml.load(text, Loader=_Loader)
-
-
-class RecipeError(OfaconvError):
-    """A recipe file or override that does not follow the schema."""
-
-
 @dataclass
 class ModelInit:
     """Start from a random initialisation instead of a converted folder (tests, smoke runs)."""
 
-    config: str | None = None  # a config.json-style file with an added "family" field
+    config: str | None = path_field()  # a config.json-style file with an added "family" field
     variant: str | None = None  # or a variant of mappings/variants.yaml ...
     micro: bool = True  # ... at its micro size
     seed: int = 0
@@ -92,8 +61,8 @@ class ModelInit:
 
 @dataclass
 class SplitSpec:
-    captions: str | None = None  # MUGE jsonl, or a CSV/JSONL of image,caption pairs
-    images: str | None = None  # MUGE image TSV; for pairs: folder image paths are relative to
+    captions: str | None = path_field()  # MUGE jsonl, or a CSV/JSONL of image,caption pairs
+    images: str | None = path_field()  # MUGE image TSV; for pairs: folder image paths are relative to
 
 
 @dataclass
@@ -109,7 +78,7 @@ class SyntheticSpec:
 
 @dataclass
 class DataConfig:
-    format: str = "muge"
+    format: Literal["muge", "pairs"] = "muge"
     train: SplitSpec = field(default_factory=SplitSpec)
     eval: SplitSpec | None = None
     eval_fraction: float = 0.0  # hold out this share of the training images when eval is not given
@@ -122,36 +91,37 @@ class DataConfig:
 
 @dataclass
 class CacheConfig:
-    enabled: Any = "auto"  # true | false | "auto" (on whenever the encoder output is fixed)
+    enabled: bool | Literal["auto"] = "auto"  # "auto": on whenever the encoder output is fixed
     # Default: <checkpoint_dir>/encoder-cache. Opening a cache deletes caches of other encoders
     # in the same folder, so concurrent runs on different models need different folders.
-    dir: str | None = None
-    dtype: str = "float32"
+    dir: str | None = path_field()
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     batch_size: int = 32  # images per encoder forward while filling the cache
 
 
 @dataclass
 class Recipe:
-    model: str | None = None  # converted or finetuned folder
+    model: str | None = path_field()  # converted or finetuned folder
     model_init: ModelInit | None = None
-    output_dir: str | None = None  # final folder (same format as a converted one)
-    checkpoint_dir: str | None = None  # Trainer checkpoints; default <output_dir>-checkpoints
-    resume_from_checkpoint: Any = None  # path, or true for the latest in checkpoint_dir
+    output_dir: str | None = path_field()  # final folder (same format as a converted one)
+    checkpoint_dir: str | None = path_field()  # Trainer checkpoints; default <output_dir>-checkpoints
+    resume_from_checkpoint: str | bool | None = path_field()  # path, or true for the latest in checkpoint_dir
     prompt: str | None = None  # default: fairseq's prompt for the model's family
     freeze_encoder: bool = True  # LiT: ResNet trunk and encoder frozen, kept in eval mode
     freeze_word_embed: bool = True  # the shared embedding (encoder, decoder, output projection)
     freeze_batchnorm: bool = True  # BatchNorm statistics never move, even in full finetuning
     label_smoothing: float = 0.0
-    sampler: str = "random"  # random (the seed's) | length (bucketed) | image (captions of an image together)
+    sampler: Sampler = "random"  # random (the seed's) | length (bucketed) | image (captions of an image together)
     bucket_size: int = 64  # global batches per length bucket (sampler: length)
     # Exact savings (same loss and gradients); switched off only to measure them (bench/finetune.py).
     pad_free_logits: bool = True  # vocabulary logits only at target positions, not at padding
     share_encoder_rows: bool = True  # cross-attention keys/values once per image for all its captions in a batch
     data: DataConfig = field(default_factory=DataConfig)
     encoder_cache: CacheConfig = field(default_factory=CacheConfig)
-    generation: dict = field(default_factory=dict)  # evaluation beam search; default: the family's
+    # Evaluation beam search (default: the family's); replaced as a whole, never merged with a base's.
+    generation: dict = field(default_factory=dict, metadata={"merge": False})
     training: dict = field(default_factory=dict)  # transformers.TrainingArguments fields
-    source: str | None = None  # the recipe file (for messages and the report)
+    source: str | None = field(default=None, metadata={"internal": True})  # the recipe file (messages, report)
 
     # -- derived ------------------------------------------------------------------------------
     def resolved_checkpoint_dir(self) -> Path:
@@ -165,54 +135,6 @@ class Recipe:
         return out
 
 
-# ---------------------------------------------------------------------------------------------
-# Loading
-# ---------------------------------------------------------------------------------------------
-
-
-def _read_yaml(path: Path) -> dict:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise RecipeError("recipe not found", path=path) from None
-    except OSError as exc:
-        raise RecipeError(f"cannot read recipe ({exc.strerror})", path=path) from None
-    try:
-        data = _yaml(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise RecipeError(f"not valid YAML{where}: {getattr(exc, 'problem', exc)}", path=path) from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise RecipeError(f"a recipe is a mapping, found {type(data).__name__}", path=path)
-    return data
-
-
-def _deep_merge(base: dict, top: Mapping) -> dict:
-    out = copy.deepcopy(base)
-    for key, value in top.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), dict) and key not in ("generation",):
-            out[key] = _deep_merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
-
-
-def _load_with_bases(path: Path, seen: tuple = ()) -> dict:
-    path = path.resolve()
-    if path in seen:
-        raise RecipeError("recipe inherits from itself (base: cycle)", path=path)
-    data = _read_yaml(path)
-    base = data.pop("base", None)
-    if base is None:
-        return data
-    if not isinstance(base, str):
-        raise RecipeError("'base' must be a path to another recipe", path=path, key="base")
-    return _deep_merge(_load_with_bases((path.parent / base), seen + (path,)), data)
-
-
 def load_recipe(
     recipe: str | os.PathLike | Mapping | Recipe,
     overrides: Sequence[str] | Mapping[str, Any] = (),
@@ -221,131 +143,39 @@ def load_recipe(
 ) -> Recipe:
     """Read a recipe (a YAML path, a mapping or a Recipe), apply overrides, validate.
 
-    ``overrides``: ``["training.learning_rate=1e-4", ...]`` (values parsed as YAML) or a mapping of
-    dotted keys. ``smoke``: lay the packaged smoke overlay (micro model, synthetic data, a few steps
-    on CPU) over the recipe, the way ``ofaconv finetune RECIPE --smoke`` does.
+    ``overrides``: ``["training.learning_rate=1e-4", ...]`` or a mapping of dotted keys. ``smoke``:
+    lay the packaged smoke overlay (micro model, synthetic data, a few steps on CPU) over the
+    recipe, the way ``ofaconv finetune RECIPE --smoke`` does.
     """
-    if isinstance(recipe, Recipe):
-        data, source = recipe.to_dict(), recipe.source
-    elif isinstance(recipe, Mapping):
-        data, source = copy.deepcopy(dict(recipe)), None
-        data.pop("base", None)
-    else:
-        path = Path(recipe)
-        data, source = _load_with_bases(path), str(path)
-    if data.pop("smoke", False) or smoke:
-        data = _deep_merge(data, smoke_overlay())
-    data = apply_overrides(data, overrides)
-    parsed = _build(Recipe, data, "")
-    parsed.source = source
-    validate(parsed)
+    source = RecipeSource.open(Recipe, recipe)
+    if source.pop("smoke", False) or smoke:
+        source.merge(smoke_overlay(), _SMOKE)
+    source.override(overrides)
+    parsed = source.build(validate)
+    parsed.source = None if source.top is None else str(source.top)
     return parsed
 
 
+_SMOKE = files("ofaconv.ofa.finetune").joinpath("smoke.yaml")
+
+
 def smoke_overlay() -> dict:
-    """The packaged overlay that turns any recipe into a seconds-long CPU run."""
-    from importlib.resources import files
-
-    text = files("ofaconv.ofa.finetune").joinpath("smoke.yaml").read_text(encoding="utf-8")
-    return _yaml(text) or {}
-
-
-def _parse_override(item: str) -> tuple[str, Any]:
-    if "=" not in item:
-        raise RecipeError(f"override {item!r} is not key=value")
-    key, _, raw = item.partition("=")
-    key = key.strip()
-    if not key:
-        raise RecipeError(f"override {item!r} has an empty key")
-    try:
-        value = _yaml(raw) if raw.strip() else None
-    except yaml.YAMLError:
-        value = raw
-    return key, value
-
-
-def apply_overrides(data: dict, overrides: Sequence[str] | Mapping[str, Any]) -> dict:
-    """Set dotted keys (``a.b.c=value``) in a recipe mapping, creating sections as needed."""
-    data = copy.deepcopy(data)
-    items = overrides.items() if isinstance(overrides, Mapping) else map(_parse_override, overrides)
-    for key, value in items:
-        node = data
-        parts = key.split(".")
-        for part in parts[:-1]:
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            if not isinstance(child, dict):
-                raise RecipeError(f"override {key!r}: {part!r} is not a section", key=key)
-            node = child
-        node[parts[-1]] = value
-    return data
-
-
-# ---------------------------------------------------------------------------------------------
-# Schema
-# ---------------------------------------------------------------------------------------------
-
-_NESTED = {
-    ("Recipe", "model_init"): ModelInit,
-    ("Recipe", "data"): DataConfig,
-    ("Recipe", "encoder_cache"): CacheConfig,
-    ("DataConfig", "train"): SplitSpec,
-    ("DataConfig", "eval"): SplitSpec,
-    ("DataConfig", "synthetic"): SyntheticSpec,
-}
-
-
-def _build(cls, data: Any, prefix: str):
-    if data is None and cls is not Recipe:
-        return None
-    if not isinstance(data, Mapping):
-        raise RecipeError(f"'{prefix.rstrip('.')}' must be a mapping, found {type(data).__name__}", key=prefix.rstrip("."))
-    names = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in data.items():
-        if key not in names:
-            hint = difflib.get_close_matches(str(key), sorted(names), n=1)
-            suggestion = f"; did you mean '{prefix}{hint[0]}'?" if hint else ""
-            raise RecipeError(f"unknown recipe key '{prefix}{key}'{suggestion}", key=f"{prefix}{key}")
-        nested = _NESTED.get((cls.__name__, key))
-        kwargs[key] = _build(nested, value, f"{prefix}{key}.") if nested else value
-    return cls(**kwargs)
-
-
-def _expect(value, types, key: str, what: str):
-    if not isinstance(value, types) or (isinstance(value, bool) and bool not in _as_tuple(types)):
-        raise RecipeError(f"expected {what}, found {value!r}", key=key)
-
-
-def _as_tuple(types):
-    return types if isinstance(types, tuple) else (types,)
+    """The packaged overlay that turns any recipe into a seconds-long CPU run (paths: working directory)."""
+    return read_yaml(_SMOKE.read_text(encoding="utf-8")) or {}
 
 
 def validate(recipe: Recipe) -> None:
-    """Type and consistency checks that would otherwise fail deep inside a run."""
+    """Consistency checks that would otherwise fail deep inside a run (types are the schema's)."""
     if (recipe.model is None) == (recipe.model_init is None):
         raise RecipeError("give exactly one of 'model' (a converted folder) and 'model_init'", key="model")
-    if recipe.model is not None:
-        _expect(recipe.model, str, "model", "a folder path")
     if recipe.model_init is not None and (recipe.model_init.config is None) == (recipe.model_init.variant is None):
         raise RecipeError("model_init needs exactly one of 'config' and 'variant'", key="model_init")
     if not recipe.output_dir:
         raise RecipeError("'output_dir' (the final model folder) is required", key="output_dir")
-    for key in ("freeze_encoder", "freeze_word_embed", "freeze_batchnorm", "pad_free_logits", "share_encoder_rows"):
-        _expect(getattr(recipe, key), bool, key, "true or false")
-    _expect(recipe.label_smoothing, (int, float), "label_smoothing", "a number in [0, 1)")
     if not 0.0 <= recipe.label_smoothing < 1.0:
         raise RecipeError(f"expected a number in [0, 1), found {recipe.label_smoothing}", key="label_smoothing")
-    if recipe.sampler not in SAMPLERS:
-        raise RecipeError(f"unknown sampler {recipe.sampler!r}; choose from {', '.join(SAMPLERS)}", key="sampler")
-    _expect(recipe.bucket_size, int, "bucket_size", "a positive integer")
-    if recipe.prompt is not None:
-        _expect(recipe.prompt, str, "prompt", "a string")
 
     data = recipe.data
-    if data.format not in DATA_FORMATS:
-        raise RecipeError(f"unknown data format {data.format!r}; choose from {', '.join(DATA_FORMATS)}", key="data.format")
     if data.synthetic is None:
         if not data.train or not data.train.captions:
             raise RecipeError("the training captions file is required", key="data.train.captions")
@@ -353,20 +183,12 @@ def validate(recipe: Recipe) -> None:
             raise RecipeError("MUGE data needs the image TSV", key="data.train.images")
         if data.eval is not None and data.eval.captions and data.format == "muge" and not data.eval.images:
             raise RecipeError("MUGE data needs the image TSV", key="data.eval.images")
-    _expect(data.eval_fraction, (int, float), "data.eval_fraction", "a number in [0, 1)")
     if not 0.0 <= data.eval_fraction < 1.0:
         raise RecipeError(f"expected a number in [0, 1), found {data.eval_fraction}", key="data.eval_fraction")
-    _expect(data.max_target_length, int, "data.max_target_length", "an integer >= 2")
     if data.max_target_length < 2:
         raise RecipeError("must be at least 2 (one token and EOS)", key="data.max_target_length")
-    _expect(data.columns, dict, "data.columns", "a mapping of column names")
 
-    cache = recipe.encoder_cache
-    if cache.enabled not in (True, False, "auto"):
-        raise RecipeError(f"expected true, false or auto, found {cache.enabled!r}", key="encoder_cache.enabled")
-    if cache.dtype not in CACHE_DTYPES:
-        raise RecipeError(f"choose from {', '.join(CACHE_DTYPES)}", key="encoder_cache.dtype")
-    if cache.enabled is True:
+    if recipe.encoder_cache.enabled is True:
         # The prompt's embeddings are part of the encoder output: if anything of the encoder
         # trains, yesterday's cache entries describe another model.
         if not recipe.freeze_encoder:
@@ -378,22 +200,9 @@ def validate(recipe: Recipe) -> None:
                 key="encoder_cache.enabled",
             )
 
-    _expect(recipe.generation, dict, "generation", "a mapping of generation settings")
-    _expect(recipe.training, dict, "training", "a mapping of transformers.TrainingArguments fields")
-    valid = {f.name for f in dataclasses.fields(_training_arguments_class())}
-    for key in recipe.training:
-        if key in TRAINING_RESERVED:
-            raise RecipeError(f"not settable here: {TRAINING_RESERVED[key]}", key=f"training.{key}")
-        if key not in valid:
-            hint = difflib.get_close_matches(key, sorted(valid), n=1)
-            suggestion = f"; did you mean 'training.{hint[0]}'?" if hint else ""
-            raise RecipeError(f"not a transformers.TrainingArguments field{suggestion}", key=f"training.{key}")
-
-
-def _training_arguments_class():
     from transformers import TrainingArguments
 
-    return TrainingArguments
+    check_fields(recipe.training, TrainingArguments, "training", reserved=TRAINING_RESERVED)
 
 
 def cache_enabled(recipe: Recipe) -> bool:

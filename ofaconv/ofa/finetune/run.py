@@ -20,10 +20,11 @@ import torch
 from transformers import TrainerCallback, TrainingArguments
 
 from ofaconv.core.errors import OfaconvError
+from ofaconv.core.images import ImageDecodeError
 from .base import BaseModel, init_random_folder, load_base
 from .batching import CaptionCollator, CaptionDataset, CaptionSampler, global_batch_size, tokenize_targets
 from .cache import EncoderCache, encoder_fingerprint
-from .data import CaptionSet, DataIssues, ImageDecodeError, load_split, split_holdout
+from .data import CaptionSet, DataIssues, load_split, split_holdout
 from .engine import CaptionTrainer, EngineSetup, generate_captions
 from .lit import apply_freezing
 from .recipe import TRAINING_DEFAULTS, Recipe, cache_enabled, load_recipe
