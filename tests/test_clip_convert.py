@@ -368,7 +368,7 @@ def test_bad_inputs_get_one_line_errors(tmp_path, vocab):
         convert(trunc, tmp_path / "o1", vocab=str(vocab))
     evil = tmp_path / "evil.pt"
     evil.write_bytes(pickle.dumps({"state_dict": {"x": Evil()}}))
-    with pytest.raises(CheckpointError, match="refused to unpickle|not a readable"):
+    with pytest.raises(CheckpointError, match="not a PyTorch checkpoint"):  # a bare pickle is never unpickled
         convert(evil, tmp_path / "o2", vocab=str(vocab))
     state = synth.cnclip_state_dict("ViT-B-16")
     state["visual.ln_pre.weight"][0] = float("nan")

@@ -15,7 +15,8 @@ import yaml
 
 from ofaconv.cli import main as cli
 from ofaconv.ofa.convert import convert_checkpoint
-from ofaconv.ofa.synth import write_bad_checkpoint, write_synthetic_checkpoint
+from badfiles import write_bad_checkpoint
+from ofaconv.ofa.synth import write_synthetic_checkpoint
 from ofaconv.ofa.variants import variant_names
 
 OFFICIAL = Path(__file__).resolve().parents[2] / "shared" / "reference" / "ofa_micro_official"

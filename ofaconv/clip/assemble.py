@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 
 from ofaconv.core.errors import CheckpointError
-from .source import atomic_output_dir, check_finite, read_config, read_folder_state_dict
+from ofaconv.core.loader import check_finite, read_config, read_folder_state_dict
+from .source import atomic_output_dir
 from .convert import _clip_processor_from_dict, _load_tokenizer, vtde_config
 from .architectures import apply_map, clip_tables
 from .package import ClipPackage, check_package, write_package

@@ -32,13 +32,8 @@ from transformers import (
 
 from ofaconv.core.errors import CheckpointError, OfaconvError, VerificationError
 from . import reference as ref
-from .source import (
-    atomic_output_dir,
-    check_finite,
-    load_cnclip_pt,
-    read_config,
-    read_folder_state_dict,
-)
+from ofaconv.core.loader import check_finite, read_config, read_folder_state_dict
+from .source import atomic_output_dir, load_cnclip_pt
 from .architectures import apply_map, clip_tables
 from .package import TEXT_TOWER_META, ClipPackage, check_package, write_package
 

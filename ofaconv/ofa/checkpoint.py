@@ -1,10 +1,9 @@
 """Reading fairseq OFA checkpoints safely, and what can be learnt from them.
 
 Invariants:
-- Nothing is unpickled outside ``torch.load(weights_only=True)``, and a file that needs any global
-  beyond the fixed allow-list below is refused before loading. There is no unsafe fallback.
-- Zip-format files are memory-mapped: tensors that are never read (``last_optimizer_state``,
-  ``extra_state["ema"]`` unless asked for) are never paged in.
+- Files are read by ``ofaconv.core.loader`` (restricted unpickler, allow-list, mmap); only the
+  state dict that will be converted is checked (``check_tensors``), so tensors that are never read
+  (``last_optimizer_state``, ``extra_state["ema"]`` unless asked for) are never paged in.
 - Shapes come from the state dict (``infer_config``), behaviour flags from the training
   arguments (``read_flags``); neither trusts the ``arch`` string (OFA-Sys/OFA#77).
 """
@@ -13,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import logging
 import math
 import os
 import re
@@ -27,56 +25,8 @@ import torch
 from . import layout
 from . import variants
 from ofaconv.core.errors import CheckpointError
+from ofaconv.core.loader import check_tensors, load_torch
 from .reference import buckets
-
-logger = logging.getLogger(__name__)
-
-_ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")
-# torch < 1.6 files: pickle protocol 2, then the magic number 0x1950a86a20f9469cfc6c as a LONG1.
-_LEGACY_MAGIC = b"\x80\x02\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
-
-# Numeric numpy dtype classes that may appear in pickled numpy scalars / arrays.
-_NUMPY_DTYPE_CLASSES = (
-    "BoolDType", "Int8DType", "Int16DType", "Int32DType", "Int64DType", "UInt8DType", "UInt16DType",
-    "UInt32DType", "UInt64DType", "ByteDType", "UByteDType", "ShortDType", "UShortDType", "IntDType",
-    "UIntDType", "LongDType", "ULongDType", "LongLongDType", "ULongLongDType", "Float16DType",
-    "Float32DType", "Float64DType", "LongDoubleDType", "Complex64DType", "Complex128DType",
-)
-
-
-def _allowed_globals() -> list[tuple[object, str]]:
-    """The fixed allow-list: (object, name as pickles spell it).
-
-    ``argparse.Namespace`` holds fairseq's arguments (``cfg["model"]`` or legacy ``args``).
-    numpy scalars, dtypes and plain arrays appear in ``extra_state`` meters and ``best`` values;
-    they are data (an object array's items go through the same restricted unpickler). Pickles
-    written under numpy < 2 spell the module ``numpy.core``, under numpy >= 2 ``numpy._core``;
-    both names are mapped to the installed objects.
-    """
-    entries: list[tuple[object, str]] = [(argparse.Namespace, "argparse.Namespace")]
-    try:
-        import numpy as np
-    except ImportError:  # numpy absent: a file that needs it is refused by name
-        return entries
-    try:
-        from numpy._core import multiarray
-    except ImportError:  # numpy < 2
-        from numpy.core import multiarray
-    for module in ("numpy._core.multiarray", "numpy.core.multiarray"):
-        entries.append((multiarray.scalar, f"{module}.scalar"))
-        entries.append((multiarray._reconstruct, f"{module}._reconstruct"))
-    entries.append((np.dtype, "numpy.dtype"))
-    entries.append((np.ndarray, "numpy.ndarray"))
-    dtypes = getattr(np, "dtypes", None)
-    for name in _NUMPY_DTYPE_CLASSES:
-        cls = getattr(dtypes, name, None)
-        if cls is not None:
-            entries.append((cls, f"numpy.dtypes.{name}"))
-    return entries
-
-
-ALLOWED_GLOBALS = _allowed_globals()
-ALLOWED_GLOBAL_NAMES = frozenset(name for _, name in ALLOWED_GLOBALS)
 
 
 class StateDict(dict):
@@ -119,91 +69,16 @@ class FairseqCheckpoint:
 
 
 def load_checkpoint(path, *, ema: bool = False) -> FairseqCheckpoint:
-    """Open a fairseq OFA checkpoint with the restricted unpickler, memory-mapped.
+    """Open a fairseq OFA checkpoint with ofaconv's safe loader (``ofaconv.core.loader``), memory-mapped.
 
     With ``ema=True`` the state dict is ``extra_state["ema"]`` (fairseq ``--store-ema``).
     Raises ``CheckpointError`` naming the file (and key) for anything that is not a readable,
-    safe fairseq OFA checkpoint.
-
-    Legacy (torch < 1.6, non-zip) files cannot be memory-mapped nor scanned for globals in
-    advance; they are still loaded with ``weights_only=True`` and the same allow-list (the
-    restricted unpickler refuses any other global before constructing it), but the whole file
-    is read into memory (``mmapped`` False). Released OFA checkpoints are zip files.
+    safe fairseq OFA checkpoint. Legacy (torch < 1.6, non-zip) files load without mmap
+    (``mmapped`` False); released OFA checkpoints are zip files.
     """
     path = Path(path)
-    kind = _file_kind(path)
-    if kind == "zip":
-        try:
-            wanted = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
-        except Exception as exc:  # noqa: BLE001 - torch raises RuntimeError/ValueError/zip errors alike
-            raise CheckpointError(_zip_error(exc), path=path) from None
-        refused = sorted(set(wanted) - ALLOWED_GLOBAL_NAMES)
-        if refused:
-            raise CheckpointError(
-                f"refusing to unpickle: the file needs globals outside the allow-list: {', '.join(refused)} "
-                "(ofaconv never falls back to unsafe unpickling)",
-                path=path,
-            )
-    else:
-        # torch < 1.6 format: cannot be memory-mapped nor pre-scanned; the weights_only unpickler
-        # still refuses every global outside the allow-list, but the whole file is read into memory.
-        logger.warning("%s: legacy (pre-zip) torch file: loading without mmap, the whole file is read", path)
-    try:
-        with torch.serialization.safe_globals(ALLOWED_GLOBALS):
-            obj = torch.load(str(path), map_location="cpu", mmap=kind == "zip", weights_only=True)
-    except Exception as exc:  # noqa: BLE001
-        raise CheckpointError(_load_error(exc, kind), path=path) from None
-    return _from_loaded(obj, path, ema=ema, mmapped=kind == "zip")
-
-
-def _file_kind(path: Path) -> str:
-    try:
-        if path.is_dir():
-            raise CheckpointError("is a directory, expected a fairseq checkpoint file (.pt)", path=path)
-        with open(path, "rb") as f:
-            head = f.read(len(_LEGACY_MAGIC))
-    except FileNotFoundError:
-        raise CheckpointError("no such file", path=path) from None
-    except OSError as exc:
-        raise CheckpointError(f"cannot read: {exc.strerror or exc}", path=path) from None
-    if not head:
-        raise CheckpointError("file is empty, not a checkpoint", path=path)
-    if head[:4] in _ZIP_MAGICS:
-        return "zip"
-    if head == _LEGACY_MAGIC:
-        return "legacy"
-    raise CheckpointError("not a PyTorch checkpoint (neither a torch zip archive nor a legacy torch file)", path=path)
-
-
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:300] if text else type(exc).__name__
-
-
-def _zip_error(exc: Exception) -> str:
-    msg = str(exc)
-    if "central directory" in msg or "failed reading zip archive" in msg:
-        return "truncated or corrupt checkpoint (the zip archive has no readable central directory)"
-    if "not in a subdirectory" in msg or "data.pkl" in msg or "Expected input to be a checkpoint" in msg:
-        return "a zip archive but not a PyTorch checkpoint"
-    return f"cannot read the checkpoint archive: {_first_line(exc)}"
-
-
-def _load_error(exc: Exception, kind: str) -> str:
-    import pickle
-
-    if isinstance(exc, pickle.UnpicklingError):
-        wanted = re.findall(r"GLOBAL ([\w.]+)", str(exc)) or re.findall(r"Unsupported global: ([\w.]+)", str(exc))
-        which = f" ({', '.join(wanted)})" if wanted else ""
-        return (
-            f"refusing to unpickle: the file needs a global outside the allow-list{which} "
-            "(ofaconv never falls back to unsafe unpickling)"
-        )
-    if kind == "zip":
-        return _zip_error(exc)
-    if isinstance(exc, (EOFError, IndexError, ValueError)):
-        return "truncated or corrupt legacy torch file"
-    return f"cannot load: {_first_line(exc)}"
+    obj, mmapped = load_torch(path)
+    return _from_loaded(obj, path, ema=ema, mmapped=mmapped)
 
 
 def _as_dict(value) -> dict:
@@ -261,9 +136,7 @@ def _from_loaded(obj, path: Path, *, ema: bool, mmapped: bool) -> FairseqCheckpo
         state_dict, where = obj["model"], "model"
     if not isinstance(state_dict, Mapping):
         raise CheckpointError(f"is a {type(state_dict).__name__}, expected a dict of tensors", path=path, key=where)
-    for name, value in state_dict.items():
-        if not isinstance(name, str) or not isinstance(value, torch.Tensor):
-            raise CheckpointError(f"is a {type(value).__name__}, expected a tensor", path=path, key=f"{where}.{name}")
+    check_tensors(state_dict, path=path, prefix=f"{where}.")
     if not any(k.startswith("encoder.embed_images.") for k in state_dict) or not any(k.startswith("decoder.") for k in state_dict):
         sample = ", ".join(list(state_dict)[:3])
         raise CheckpointError(
@@ -566,25 +439,6 @@ def check_derived_buffers(state_dict: Mapping, config: dict, *, path=None) -> No
         for name, expected in ((f"{side}.token_rp_bucket", token), (f"{side}.image_rp_bucket", image)):
             if name in state_dict and not torch.equal(state_dict[name], expected):
                 raise CheckpointError("differs from fairseq's recomputed table", path=path, key=name)
-
-
-_FINITE_CHUNK = 1 << 24
-
-
-def check_finite(name: str, tensor: torch.Tensor, path=None) -> None:
-    """Raise ``CheckpointError`` if a floating tensor holds NaN or Inf (chunked: bounded extra memory)."""
-    if not tensor.is_floating_point() or tensor.numel() == 0:
-        return
-    flat = tensor.reshape(-1)
-    n_nan = n_inf = 0
-    for start in range(0, flat.numel(), _FINITE_CHUNK):
-        chunk = flat[start : start + _FINITE_CHUNK]
-        if bool(torch.isfinite(chunk).all()):
-            continue
-        n_nan += int(torch.isnan(chunk).sum())
-        n_inf += int(torch.isinf(chunk).sum())
-    if n_nan or n_inf:
-        raise CheckpointError(f"holds {n_nan} NaN and {n_inf} Inf values", path=path, key=name)
 
 
 # --------------------------------------------------------------------------------------------

@@ -15,31 +15,12 @@ from pathlib import Path
 import torch
 
 from .checkpoint import FairseqCheckpoint
-from ofaconv.core.errors import CheckpointError, OfaconvError
+from ofaconv.core.errors import OfaconvError
 from ofaconv.core.keymap import KeyMap
+from ofaconv.core.loader import load_safetensors, load_state_dict_file, read_sharded
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
-
-
-def _load_bin(path: Path) -> dict:
-    try:
-        state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any failure of the restricted loader is a refusal
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"cannot be read as a weights-only torch file: {first}", path=path) from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError("is not a state dict of tensors", path=path)
-    return state
-
-
-def _load_safetensors(path: Path) -> dict:
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(str(path))
-    except Exception as exc:  # noqa: BLE001
-        raise CheckpointError(f"cannot be read as safetensors: {exc}", path=path) from None
 
 
 def load_port_weights(folder: Path) -> tuple[dict, Path]:
@@ -49,16 +30,8 @@ def load_port_weights(folder: Path) -> tuple[dict, Path]:
         if not path.exists():
             continue
         if name.endswith(".index.json"):
-            try:
-                shards = sorted(set(json.loads(path.read_text())["weight_map"].values()))
-            except (ValueError, KeyError) as exc:
-                raise CheckpointError(f"malformed shard index ({exc})", path=path) from None
-            state: dict = {}
-            for shard in shards:
-                loader = _load_safetensors if shard.endswith(".safetensors") else _load_bin
-                state.update(loader(folder / shard))
-            return state, path
-        return (_load_safetensors(path) if name.endswith(".safetensors") else _load_bin(path)), path
+            return read_sharded(path), path
+        return (load_safetensors(path) if name.endswith(".safetensors") else load_state_dict_file(path)), path
     raise OfaconvError(f"no weights found (looked for {', '.join(WEIGHT_FILES)})", path=folder)
 
 
