@@ -49,3 +49,46 @@ def _private_hf_home(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", os.environ.get("OFACONV_TEST_HF_OFFLINE", "1"))
     monkeypatch.delenv("HF_TOKEN", raising=False)
     yield
+
+
+# -- converted folders, made once per session with the real commands; copy before editing --------
+
+
+def _convert_once(tmp_path_factory, name: str, argv):
+    from ofaconv.cli import main
+
+    root = tmp_path_factory.mktemp(name)
+    out = root / "out"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        mp.setenv("HF_HOME", str(root / "hf_home"))
+        assert main([*map(str, argv(root)), str(out), "--verify"]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def ofa_verified_folder(tmp_path_factory):
+    """``ofaconv convert synth:ofa-cn-base OUT --verify``."""
+    return _convert_once(tmp_path_factory, "ofa-verified", lambda root: ["convert", "synth:ofa-cn-base"])
+
+
+@pytest.fixture(scope="session")
+def bertclip_verified_folder(tmp_path_factory):
+    """``ofaconv clip convert BERTCLIP OUT --verify`` of a synthetic legacy BertCLIP folder (``OUT/../bertclip``)."""
+    from ofaconv.clip import synth
+
+    return _convert_once(tmp_path_factory, "bertclip-verified",
+                         lambda root: ["clip", "convert", synth.write_legacy_bertclip(root / "bertclip")])
+
+
+@pytest.fixture(scope="session")
+def cnclip_verified_folder(tmp_path_factory):
+    """``ofaconv clip convert clip_cn_vit-b-16.pt OUT --vocab VOCAB --verify`` of a synthetic
+    Chinese-CLIP checkpoint (``OUT/../src/clip_cn_vit-b-16.pt``)."""
+    from ofaconv.clip import synth
+
+    def argv(root):
+        vocab = synth.write_vocab(root / "vocab.txt")
+        return ["clip", "convert", synth.write_cnclip_pt(root / "src", "ViT-B-16"), "--vocab", vocab]
+
+    return _convert_once(tmp_path_factory, "cnclip-verified", argv)

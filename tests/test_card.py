@@ -152,3 +152,71 @@ def test_card_for_repo(tmp_path):
     # a card without the marker belongs to the user: left alone
     (folder / "README.md").write_text("---\nlicense: mit\n---\n# my own card\n")
     assert card_for_repo(folder, "acme/ofa") is None
+
+
+# -- any family: the card comes from the family's hooks; hub imports no family ---------------------
+
+
+def test_hub_imports_no_family():
+    import pathlib
+
+    import ofaconv.hub
+
+    for path in pathlib.Path(ofaconv.hub.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            for name in names:
+                assert not name.startswith(("ofaconv.ofa", "ofaconv.clip")), f"{path.name} imports {name}"
+                assert not (isinstance(node, ast.ImportFrom) and node.level > 1), f"{path.name}: relative import"
+
+
+CLIP_CARDS = [
+    ("", "zero-shot-image-classification", "transformers"),
+    ("vision_tower", "image-feature-extraction", "transformers"),
+    ("text_tower", "feature-extraction", "sentence-transformers"),
+]
+
+
+@pytest.mark.parametrize("family", ["bertclip", "cnclip"])
+@pytest.mark.parametrize("sub, pipeline, library", CLIP_CARDS, ids=["root", "vision_tower", "text_tower"])
+def test_clip_card(request, family, sub, pipeline, library):
+    folder = request.getfixturevalue(f"{family}_verified_folder")
+    card = build_model_card(folder / sub if sub else folder, repo_id="alice/clip-part")
+    assert card.data.pipeline_tag == pipeline and card.data.library_name == library
+    assert card.data.language == "zh" and {"clip", "ofaconv"} <= set(card.data.tags)
+    report = json.loads((folder / "conversion_report.json").read_text())
+    assert f"All {len(report['checks'])} checks passed" in card.text and report["source"]["sha256"] in card.text
+    listed = {name[len(sub) + 1:] if sub else name: entry for name, entry in report["files"].items()
+              if not sub or name.startswith(sub + "/")}
+    for name, entry in listed.items():  # the files table lists this folder's part of the manifest
+        assert f"| `{name}` |" in card.text and entry["sha256"] in card.text
+    if sub:
+        assert "| `config.json` |" in card.text and "| `README.md` |" not in card.text
+    else:
+        written = metadata_load(folder / "README.md")  # the card convert wrote, in the manifest
+        assert written["pipeline_tag"] == pipeline and "README.md" in report["files"]
+
+
+@pytest.mark.parametrize("family", ["bertclip", "cnclip"])
+@pytest.mark.parametrize("sub", ["", "vision_tower", "text_tower"], ids=["root", "vision_tower", "text_tower"])
+def test_clip_card_snippet_runs(request, tmp_path, monkeypatch, family, sub):
+    from PIL import Image
+
+    folder = request.getfixturevalue(f"{family}_verified_folder")
+    folder = folder / sub if sub else folder
+    (snippet,) = _code_blocks(build_model_card(folder, repo_id="alice/clip-part").text)
+    assert snippet.count('"alice/clip-part"') >= 1
+    Image.new("RGB", (40, 30), (20, 200, 30)).save(tmp_path / "image.jpg")
+    monkeypatch.chdir(tmp_path)
+    exec(compile(snippet.replace('"alice/clip-part"', repr(str(folder))), "card-snippet", "exec"), {})
+
+
+def test_card_of_an_unknown_model_type(tmp_path):
+    folder = make_converted_folder(tmp_path / "out")
+    report = json.loads((folder / "conversion_report.json").read_text())
+    del report["model_family"]
+    (folder / "conversion_report.json").write_text(json.dumps(report))
+    (folder / "config.json").write_text('{"model_type": "bart"}')
+    with pytest.raises(OfaconvError, match=r"config.json: model_type 'bart' belongs to no ofaconv family"):
+        build_model_card(folder)

@@ -4,6 +4,7 @@ The conftest blocks every non-loopback socket and sets HF_HUB_OFFLINE=1; the ``h
 offline mode off for its test only, so the client can reach 127.0.0.1 and nothing else.
 """
 
+import hashlib
 import json
 import os
 import socket
@@ -115,6 +116,57 @@ def test_report_rejects(folder, damage, reason):
     damage(folder)
     reasons = validate_report(folder)
     assert any(reason in r for r in reasons), reasons
+
+
+def test_report_never_reads_outside_the_folder(folder, tmp_path):
+    secret = tmp_path / "secret"
+    secret.write_text(VALID_TOKEN)
+    report = json.loads((folder / "conversion_report.json").read_text())
+    entry = {"sha256": hashlib.sha256(secret.read_bytes()).hexdigest(), "size": secret.stat().st_size}
+    _edit_report(folder, files={**report["files"], "../secret": entry, str(secret): entry})
+    reasons = validate_report(folder)
+    assert f"{secret}: listed in conversion_report.json but missing from the folder" in reasons
+    assert "../secret: listed in conversion_report.json but missing from the folder" in reasons
+
+
+@pytest.mark.parametrize("where", ["file", "directory"])
+def test_open_in_folder_follows_no_link(folder, tmp_path, where):
+    from ofaconv.core.errors import OfaconvError
+    from ofaconv.hub.push import open_in_folder
+
+    outside = tmp_path / "outside"
+    (outside / "sub").mkdir(parents=True)
+    (outside / "sub" / "token").write_text(VALID_TOKEN)
+    if where == "file":
+        os.symlink(outside / "sub" / "token", folder / "token")
+        name = "token"
+    else:
+        os.symlink(outside / "sub", folder / "sub")
+        name = "sub/token"
+    with pytest.raises(OfaconvError, match="cannot open without following links"):
+        open_in_folder(folder, name)
+    with open_in_folder(folder, "config.json") as f:
+        assert f.read() == (folder / "config.json").read_bytes()
+
+
+@pytest.mark.hub
+@pytest.mark.parametrize("link", ["file", "directory"])
+def test_push_refuses_links_and_uploads_nothing(hub, folder, tmp_path, capsys, link):
+    secret = tmp_path / "secret"
+    if link == "file":
+        secret.write_text(VALID_TOKEN)
+        os.symlink(secret, folder / "token")
+        name = "token"
+    else:
+        (secret / ".cache" / "huggingface").mkdir(parents=True)
+        (secret / ".cache" / "huggingface" / "token").write_text(VALID_TOKEN)
+        os.symlink(secret, folder / "home")
+        name = "home"
+    for extra in ([], ["--dry-run"], ["--allow-unverified"]):
+        code, out, err = push(capsys, folder, "alice/ofa", "--endpoint", hub.url, "--token", VALID_TOKEN, *extra)
+        assert code == 2 and out == "" and err.count("\n") == 1
+        assert err.startswith(f"ofaconv: error: refusing to push {folder}: {name}: a symbolic link"), err
+    assert hub.log == [] and "alice/ofa" not in hub.repos
 
 
 def test_report_rejects_same_size_different_bytes(folder):
@@ -284,8 +336,25 @@ def _unverified(folder):
     (folder / "model.safetensors").write_bytes(b"tampered")
 
 
+def _edited_remote_code(folder):
+    with open(folder / "configuration_ofa.py", "a") as f:
+        f.write("import os  # runs on every user's machine\n")
+
+
+def _link_to_token(folder):
+    token = folder.parent / "token"
+    token.write_text(VALID_TOKEN)
+    os.symlink(token, folder / "token")
+
+
 ERRORS = {
     "unverified": (["--token", VALID_TOKEN], _unverified, "refusing to push {folder}: model.safetensors: size 8 differs", []),
+    "edited_remote_code": (["--token", VALID_TOKEN, "--allow-unverified"], _edited_remote_code,
+                           "refusing to push {folder}: configuration_ofa.py: size ", []),
+    "extra_file": (["--token", VALID_TOKEN], lambda f: (f / "notes.txt").write_text("x"),
+                   "refusing to push {folder}: notes.txt: present but not written by the conversion", []),
+    "link_to_token": (["--token", VALID_TOKEN, "--allow-unverified"], _link_to_token,
+                      "refusing to push {folder}: token: a symbolic link", []),
     "create_pr_and_revision": (["--token", VALID_TOKEN, "--create-pr", "--revision", "dev"], None,
                                "--create-pr opens a pull request against main and cannot be combined with --revision", []),
     "no_token": ([], None, "no Hugging Face token: run `hf auth login`, set HF_TOKEN, or pass --token", []),
