@@ -5,6 +5,7 @@ broken mapping, a missing attention mask or a wrong head count makes the gate fa
 """
 
 import contextlib
+import hashlib
 import json
 import logging
 import pickle
@@ -24,6 +25,7 @@ from ofaconv.clip import architectures as keymap
 from ofaconv.clip.convert import convert, detect_source
 from ofaconv.clip.export import export_bert
 from ofaconv.core.errors import CheckpointError, KeyMapError, VerificationError
+from ofaconv.core.report import validate_report
 from ofaconv.core.keymap import KeyMap
 
 convert_mod = importlib.import_module("ofaconv.clip.convert")  # the package re-exports a function named convert
@@ -46,6 +48,12 @@ def _keys(path):
         return set(f.keys())
 
 
+def _diffs(report) -> dict:
+    """The parity checks of a conversion report: name -> max |diff| (each gated at 1e-5)."""
+    assert all(c["passed"] and c["gate"] == 1e-5 and c["metric"] == "max_abs_diff" for c in report["checks"])
+    return {c["name"]: c["value"] for c in report["checks"]}
+
+
 def test_cnclip_with_the_shipped_bert_chinese_vocab(tmp_path):
     # The real vocab has entries containing U+2028: counted by "\n", it has exactly 21128 lines.
     src = synth.write_cnclip_pt(tmp_path / "src", "ViT-B-16", vocab_size=21128)
@@ -61,7 +69,7 @@ def test_cnclip_every_vit_converts_and_verifies(tmp_path, vocab, arch):
     src = synth.write_cnclip_pt(tmp_path / "src", arch)
     report = convert(src, tmp_path / "out", vocab=str(vocab))
     assert report["arch"] == arch and report["arch_from"] == "file name"
-    diffs = report["parity"]["max_abs_diff"]
+    diffs = _diffs(report)
     assert max(diffs.values()) <= 1e-5 and "logits_over_exp_logit_scale" in diffs
     out = tmp_path / "out"
     cfg = json.loads((out / "config.json").read_text())
@@ -83,7 +91,10 @@ def test_cnclip_every_vit_converts_and_verifies(tmp_path, vocab, arch):
     assert not tower["pooler.dense.bias"].any()
     meta = json.loads((out / "text_tower" / "text_tower.json").read_text())
     assert (meta["pooling"], meta["pooler"], meta["pooler_in_clip_embedding"]) == ("cls", "identity", False)
-    assert (out / "parity.json").is_file() and not list(tmp_path.glob(".out.*"))
+    assert json.loads((out / "conversion_report.json").read_text()) == report and not (out / "parity.json").exists()
+    assert report["model_family"] == "clip" and report["kind"] == "conversion" and report["passed"]
+    assert report["source"]["file"] == src.name and report["source"]["size"] == src.stat().st_size
+    assert validate_report(out) == [] and not list(tmp_path.glob(".out*"))
 
 
 def test_vit_h_needs_its_80_wide_heads(tmp_path, vocab):
@@ -174,7 +185,7 @@ def test_pooler_keys_and_flash_attention_names_are_accepted(tmp_path, vocab):
     path = tmp_path / "clip_cn_vit-b-16.pt"
     torch.save({"epoch": 1, "step": 2, "name": "x", "state_dict": {f"module.{k}": v for k, v in flash.items()}}, path)
     report = convert(path, tmp_path / "out", vocab=str(vocab))
-    assert report["parity"]["max_abs_diff"]["text_features"] <= 1e-5
+    assert _diffs(report)["text_features"] <= 1e-5
     # cn_clip never runs the pooler; text_tower/ keeps the checkpoint's for BertModel users, also when
     # the package itself is converted again
     for out in (tmp_path / "out", tmp_path / "again"):
@@ -191,7 +202,7 @@ def test_legacy_bertclip_to_canonical_vtde(tmp_path, safetensors, position_ids):
     src = synth.write_legacy_bertclip(tmp_path / "src", safetensors=safetensors, position_ids=position_ids)
     assert detect_source(src) == "legacy_bertclip"
     report = convert(src, tmp_path / "out")
-    assert max(report["parity"]["max_abs_diff"].values()) <= 1e-5
+    assert max(_diffs(report).values()) <= 1e-5
     out = tmp_path / "out"
     cfg = json.loads((out / "config.json").read_text())
     # clip.md §C.3: the layout that loads on transformers 4.40, 4.57 and 5.x
@@ -266,7 +277,7 @@ def test_reconverting_a_package_is_stable(tmp_path, legacy):
     convert(legacy, tmp_path / "a")
     report = convert(tmp_path / "a", tmp_path / "b")
     assert report["source_format"] == "legacy_bertclip"
-    assert report["parity"]["max_abs_diff"]["logits_over_exp_logit_scale"] <= 1e-5
+    assert _diffs(report)["logits_over_exp_logit_scale"] <= 1e-5
 
 
 # -- mutation tests: each deliberate break must trip the gate -------------------------------------
@@ -336,13 +347,28 @@ def test_mutation_perturbed_projection_fails_the_logits_gate(tmp_path, legacy, v
     assert not (tmp_path / "out").exists()
 
 
-def test_parity_json_reports_the_gated_logits_on_the_cosine_scale(tmp_path, legacy):
+def test_report_gates_the_logits_on_the_cosine_scale(tmp_path, legacy):
     convert(legacy, tmp_path / "out")
-    parity = json.loads((tmp_path / "out" / "parity.json").read_text())["parity"]
-    diffs = parity["max_abs_diff"]
-    assert parity["gate"] == 1e-5 and max(diffs.values()) <= parity["gate"]
+    report = json.loads((tmp_path / "out" / "conversion_report.json").read_text())
+    diffs = _diffs(report)
+    assert max(diffs.values()) <= 1e-5
     scale = float(load_file(str(tmp_path / "out" / "model.safetensors"))["logit_scale"].exp())
-    assert parity["logits_max_abs_diff_ungated"] == pytest.approx(diffs["logits_over_exp_logit_scale"] * scale)
+    logits, = (c for c in report["checks"] if c["name"] == "logits_over_exp_logit_scale")
+    ungated = float(logits["detail"].rsplit(" ", 1)[1])
+    assert ungated == pytest.approx(diffs["logits_over_exp_logit_scale"] * scale, rel=1e-5)
+
+
+def test_every_file_of_a_package_is_in_its_manifest(tmp_path, legacy):
+    out = tmp_path / "out"
+    report = convert(legacy, out)
+    files = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()} - {"conversion_report.json"}
+    assert set(report["files"]) == files
+    assert {"README.md", "vision_tower/model.safetensors", "text_tower/text_projection.safetensors",
+            "text_tower/3_Dense/model.safetensors", "text_tower/tokenizer.json"} <= files
+    for name, entry in report["files"].items():
+        data = (out / name).read_bytes()
+        assert entry == {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}, name
+    assert validate_report(out) == []
 
 
 def test_mutation_bertclip_pooler_ignored(tmp_path, legacy, monkeypatch):
@@ -406,6 +432,15 @@ def test_cli_convert_prints_parity_and_fails_cleanly(tmp_path, legacy, capsys):
 
     assert main(["clip", "convert", str(legacy), str(tmp_path / "out")]) == 0
     assert "text_tower_sentence_transformers" in capsys.readouterr().out
-    assert main(["clip", "convert", str(legacy), str(tmp_path / "out")]) == 2  # exists, no --overwrite
+    assert main(["clip", "convert", str(legacy), str(tmp_path / "out")]) == 2  # exists, no --force
     err = capsys.readouterr().err
-    assert err.startswith("ofaconv: error:") and len(err.strip().splitlines()) == 1
+    assert err.startswith("ofaconv: error:") and len(err.strip().splitlines()) == 1 and "--force" in err
+    assert main(["clip", "convert", str(legacy), str(tmp_path / "out"), "--force", "--no-verify"]) == 0
+    with pytest.raises(SystemExit):
+        main(["clip", "convert", str(legacy), str(tmp_path / "out"), "--overwrite"])
+    capsys.readouterr()
+    # --force never replaces the source: here OUT is the legacy folder itself, or its parent
+    for out in (legacy, legacy.parent):
+        assert main(["clip", "convert", str(legacy), str(out), "--force"]) == 2
+        assert "input" in capsys.readouterr().err
+    assert (legacy / "config.json").is_file()

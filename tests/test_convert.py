@@ -158,7 +158,7 @@ def test_bad_tokenizer_source_fails_before_any_weight_is_written(micro_checkpoin
     def no_write(*args, **kwargs):
         raise AssertionError("weights written before the tokenizer source was checked")
 
-    monkeypatch.setattr(ofaconv.writer, "write_shards", no_write)
+    monkeypatch.setattr(ofaconv.core.writer, "write_shards", no_write)
     out = tmp_path / "out"
     code = cli(["convert", str(micro_checkpoint("ofa-tiny")), str(out), "--tokenizer", str(tmp_path / "no-such-folder")])
     err = capsys.readouterr().err.strip()

@@ -212,3 +212,29 @@ def test_loads_with_transformers_from_pretrained(tmp_path):
         assert torch.equal(tensor, state[name]), name
     inputs = torch.tensor([[2, 5, 9, 3]])
     assert torch.equal(loaded(inputs).last_hidden_state, model(inputs).last_hidden_state)
+
+
+def test_write_safetensors_names_one_file_and_hashes_it_as_written(tmp_path, chunk):
+    from ofaconv.core.writer import write_safetensors
+
+    state = sample()
+    path = tmp_path / "sub" / "text_projection.safetensors"
+    path.parent.mkdir()
+    entry = write_safetensors(path, state)
+    assert sorted(p.name for p in path.parent.iterdir()) == ["text_projection.safetensors"]
+    assert entry == {"sha256": file_sha(path), "size": path.stat().st_size}
+    loaded = load_file(str(path))
+    assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], v) for k, v in state.items())
+    with pytest.raises(ValueError, match="safetensors"):
+        write_safetensors(tmp_path / "weights.bin", state)
+
+
+def test_stem_names_shards_and_index(tmp_path):
+    result = write_shards(tmp_path, items_of(sample()), max_shard_size=64, stem="adapter")
+    import re
+
+    shards = [n for n in result.files if n != "adapter.safetensors.index.json"]
+    assert len(shards) == len(result.files) - 1 > 1
+    assert all(re.fullmatch(rf"adapter-\d{{5}}-of-{len(shards):05d}\.safetensors", n) for n in shards)
+    assert set(result.index["weight_map"].values()) == set(shards)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(result.files)

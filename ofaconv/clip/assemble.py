@@ -14,16 +14,18 @@ import torch
 
 from ofaconv.core.errors import CheckpointError
 from ofaconv.core.loader import check_finite, read_config, read_folder_state_dict
-from .source import atomic_output_dir
+from ofaconv.core.digest import file_sha256
+from ofaconv.core.writer import OutputFolder
 from .convert import _clip_processor_from_dict, _load_tokenizer, vtde_config
 from .architectures import apply_map, clip_tables
-from .package import ClipPackage, check_package, write_package
+from .convert import source_entry, source_weights
+from .package import ClipPackage, check_package, clip_report, reload_check, write_package
 
 __all__ = ["init_bertclip"]
 
 
 def init_bertclip(vision: str | os.PathLike, text: str | os.PathLike, out: str | os.PathLike, *,
-                  max_length: int | None = None, seed: int = 0, overwrite: bool = False) -> dict:
+                  max_length: int | None = None, seed: int = 0, force: bool = False) -> dict:
     vision, text = Path(vision), Path(text)
     vcfg = read_config(vision)
     if vcfg.get("model_type") == "clip":
@@ -68,7 +70,11 @@ def init_bertclip(vision: str | os.PathLike, text: str | os.PathLike, out: str |
                       max_length=max_length or clip_tables()["bertclip_max_length"],
                       extra={"source_format": "init", "vision_source": str(vision), "text_source": str(text),
                              "notes": notes})
-    with atomic_output_dir(out, overwrite=overwrite) as tmp:
-        write_package(pkg, tmp)
-        check_package(pkg, tmp)
+    with OutputFolder(out, force=force, protect=[vision, text]) as folder:
+        write_package(pkg, folder)
+        checks = [reload_check(check_package(pkg, folder.path))]
+        source = {"file": f"{vision.name} + {text.name}",
+                  **{role: source_entry(path, file_sha256(path))
+                     for role, path in (("vision", source_weights(vision)), ("text", source_weights(text)))}}
+        folder.commit(clip_report(pkg, kind="conversion", source=source, checks=checks))
     return {"output": str(out), "projection_dim": proj, "logit_scale": float(state["logit_scale"]), "notes": notes}

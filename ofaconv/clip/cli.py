@@ -18,15 +18,13 @@ def _convert(args) -> int:
     from .convert import convert
 
     report = convert(args.src, args.out, verify=args.verify, arch=args.arch, vocab=args.vocab,
-                     max_length=args.max_length, overwrite=args.overwrite)
+                     max_length=args.max_length, force=args.force)
     if args.json:
         _print(report)
         return 0
-    print(f"wrote {report['output']} ({report['kind']}, from {report['source_format']})")
-    if "parity" in report:
-        p = report["parity"]
-        for name, value in p["max_abs_diff"].items():
-            print(f"  {name:34s} max|diff| {value:.3e}  (gate {p['gate']:.1e})  ok")
+    print(f"wrote {args.out} ({report['package']}, from {report['source_format']})")
+    for check in report["checks"]:
+        print(f"  {check['name']:34s} max|diff| {check['value']:.3e}  (gate {check['gate']:.1e})  ok")
     return 0
 
 
@@ -34,7 +32,7 @@ def _init(args) -> int:
     from .assemble import init_bertclip
 
     _print(init_bertclip(args.vision, args.text, args.out, max_length=args.max_length, seed=args.seed,
-                         overwrite=args.overwrite))
+                         force=args.force))
     return 0
 
 
@@ -98,7 +96,7 @@ def _search(args) -> int:
 def _export_bert(args) -> int:
     from .export import export_bert
 
-    _print(export_bert(args.model, args.out, with_projection=not args.no_projection, overwrite=args.overwrite,
+    _print(export_bert(args.model, args.out, with_projection=not args.no_projection, force=args.force,
                        arch=args.arch, vocab=args.vocab))
     return 0
 
@@ -156,7 +154,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--arch", help="Chinese-CLIP architecture (RN50 is refused), when the file name does not say")
     p.add_argument("--vocab", help="vocab.txt for Chinese-CLIP (default: ofaconv's BERT-Chinese vocab)")
     p.add_argument("--max-length", type=int, help="text length (default: BertCLIP 100, Chinese-CLIP 52)")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--force", action="store_true", help="replace an earlier ofaconv output folder")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_convert)
 
@@ -166,7 +164,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("out")
     p.add_argument("--max-length", type=int)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--force", action="store_true", help="replace an earlier ofaconv output folder")
     p.set_defaults(func=_init)
 
     p = sub.add_parser("train", help="LiT-tune a CLIP package from a YAML recipe (torchrun/accelerate ok)")
@@ -204,7 +202,7 @@ def add_parser(subparsers) -> None:
     model_args(p)
     p.add_argument("out")
     p.add_argument("--no-projection", action="store_true", help="leave out the CLIP text projection")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--force", action="store_true", help="replace an earlier ofaconv output folder")
     p.set_defaults(func=_export_bert)
 
     p = sub.add_parser("eval", help="retrieval R@1/5/10 + mean recall, Chinese-CLIP protocol")

@@ -4,9 +4,10 @@
 * Chinese-CLIP ``.pt`` (ViT-B/16, L/14, L/14@336, H/14) -> ChineseCLIPModel
 * an ofaconv / transformers VTDE or ChineseCLIPModel folder -> re-written (normalised layout)
 
-Every conversion writes into a temp sibling, loads the result back with stock classes, optionally
-verifies parity against a plain-maths reference computed from the SOURCE weights, and only then
-renames the folder into place.
+Every conversion writes through ``ofaconv.core.writer.OutputFolder`` (a temp sibling), loads the
+result back with stock classes, optionally verifies parity against a plain-maths reference computed
+from the SOURCE weights (the ``checks`` of ``conversion_report.json``), and only then renames the
+folder into place.
 """
 
 from __future__ import annotations
@@ -33,9 +34,11 @@ from transformers import (
 from ofaconv.core.errors import CheckpointError, OfaconvError, VerificationError
 from . import reference as ref
 from ofaconv.core.loader import check_finite, read_config, read_folder_state_dict
-from .source import atomic_output_dir, load_cnclip_pt
+from ofaconv.core.digest import BackgroundSha256
+from ofaconv.core.writer import OutputFolder
+from .source import load_cnclip_pt
 from .architectures import apply_map, clip_tables
-from .package import TEXT_TOWER_META, ClipPackage, check_package, write_package
+from .package import TEXT_TOWER_META, ClipPackage, check_package, clip_report, write_package
 
 __all__ = [
     "detect_source",
@@ -44,6 +47,8 @@ __all__ = [
     "resolve_cnclip_arch",
     "default_vocab_path",
     "verify_package_dir",
+    "parity_checks",
+    "reference_source",
     "PARITY_GATE",
 ]
 
@@ -428,9 +433,55 @@ def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def verify_package_dir(out: Path, pkg: ClipPackage, source_format: str, source_state: dict, heads: tuple,
-                       models: dict) -> dict:
+                       models: dict) -> list[dict]:
     """Compare the written folder (root model, towers, processor, tokenizer, sentence-transformers
-    layout) with the reference forward of the source weights. Raises VerificationError above the gate."""
+    layout) with the reference forward of the source weights: one report check row per output.
+    Raises VerificationError above the gate."""
+    checks = _parity_rows(*parity_diffs(out, pkg, source_format, source_state, heads, models))
+    failed = [c for c in checks if not c["passed"]]
+    if failed:
+        raise VerificationError("parity above the gate {:g}: {}".format(
+            PARITY_GATE, ", ".join(f"{c['name']} max |diff| {c['value']:.3g}" for c in failed)), path=out)
+    return checks
+
+
+def _parity_rows(diffs: dict[str, float], logits_diff: float) -> list[dict]:
+    details = {"logits_over_exp_logit_scale": "image-text logits divided by exp(logit_scale), the cosine scale; "
+                                              f"ungated max |diff| of the logits themselves {logits_diff:.6g}"}
+    return [{"name": name, "passed": value <= PARITY_GATE, "metric": "max_abs_diff", "value": value,
+             "gate": PARITY_GATE, "detail": details.get(name, "vs the reference forward of the source weights")}
+            for name, value in diffs.items()]
+
+
+def source_entry(src: Path, sha256: str) -> dict:
+    """The report's ``source``: a checkpoint file, or the weights file of a model folder."""
+    return {"file": src.name, "sha256": sha256, "size": src.stat().st_size}
+
+
+def source_weights(src: Path) -> Path:
+    """The file that identifies a source: itself, or a folder's weights (or shard index)."""
+    if src.is_file():
+        return src
+    for name in ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json",
+                 "pytorch_model.bin"):
+        if (src / name).is_file():
+            return src / name
+    raise CheckpointError("no model.safetensors or pytorch_model.bin", path=src)
+
+
+def parity_checks(out: Path, pkg: ClipPackage, source_format: str, source_state: dict, heads: tuple,
+                  models: dict) -> list[dict]:
+    """The parity comparisons of ``verify_package_dir`` as report check rows (one per quantity),
+    failed rows included instead of raised."""
+    try:
+        return _parity_rows(*parity_diffs(out, pkg, source_format, source_state, heads, models))
+    except VerificationError as exc:  # the tokenizer disagrees: no number to report
+        return [{"name": "tokenizer", "passed": False, "detail": str(exc)}]
+
+
+def parity_diffs(out: Path, pkg: ClipPackage, source_format: str, source_state: dict, heads: tuple,
+                 models: dict) -> tuple[dict[str, float], float]:
+    """Max |diff| of every output of the written folder vs the reference, and the ungated logits diff."""
     from .towers import ClipTowers, sentence_transformers_encode
 
     vheads, theads = heads
@@ -492,28 +543,37 @@ def verify_package_dir(out: Path, pkg: ClipPackage, source_format: str, source_s
         report["text_tower"] = _max_diff(pooled @ w.t(), ref_txt)
         st = sentence_transformers_encode(out / "text_tower", ids, mask, tt_model)
         report["text_tower_sentence_transformers"] = _max_diff(st, ref_txt / ref_txt.norm(dim=-1, keepdim=True))
-    failed = [k for k in report if not report[k] <= PARITY_GATE]
-    if failed:
-        raise VerificationError("parity above the gate {:g}: {}".format(
-            PARITY_GATE, ", ".join(f"{k} max |diff| {report[k]:.3g}" for k in failed)), path=out)
-    return {"gate": PARITY_GATE, "max_abs_diff": report, "logits_max_abs_diff_ungated": logits_diff}
+    return report, logits_diff
 
 
 def convert(src: str | os.PathLike, out: str | os.PathLike, *, verify: bool = True, arch: str | None = None,
-            vocab: str | None = None, max_length: int | None = None, overwrite: bool = False) -> dict:
-    pkg, fmt, source_state, heads = load_package(src, arch=arch, vocab=vocab, max_length=max_length)
-    if verify and source_state is None:
-        source_state, heads = _reference_state_from_package(pkg)
-        fmt = "legacy_bertclip" if pkg.kind == "vtde" else "cnclip_pt"
-    with atomic_output_dir(out, overwrite=overwrite) as tmp:
-        write_package(pkg, tmp)
-        models = check_package(pkg, tmp)
-        report = {"source": str(src), "source_format": fmt, "kind": pkg.kind, "output": str(out),
-                  "max_length": pkg.max_length, **{k: v for k, v in pkg.extra.items() if k not in ("source",)}}
-        if verify:
-            report["parity"] = verify_package_dir(tmp, pkg, fmt, source_state, heads, models)
-            (tmp / "parity.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-    return report
+            vocab: str | None = None, max_length: int | None = None, force: bool = False) -> dict:
+    """Convert ``src`` into the package folder ``out``; returns its ``conversion_report.json``."""
+    src = Path(src)
+    with OutputFolder(out, force=force, protect=[src]) as folder:
+        pkg, fmt, source_state, heads = load_package(src, arch=arch, vocab=vocab, max_length=max_length)
+        weights = source_weights(src)
+        sha256 = BackgroundSha256(weights)  # beside the writing and the checks
+        try:
+            if verify:
+                fmt, source_state, heads = reference_source(pkg, fmt, source_state, heads)
+            write_package(pkg, folder)
+            models = check_package(pkg, folder.path)
+            checks = verify_package_dir(folder.path, pkg, fmt, source_state, heads, models) if verify else []
+            source = {**source_entry(weights, sha256.result()), **({"folder": src.name} if src.is_dir() else {})}
+        except BaseException:
+            sha256.cancel()
+            raise
+        return folder.commit(clip_report(pkg, kind="conversion", source=source, checks=checks, source_format=fmt))
+
+
+def reference_source(pkg: ClipPackage, fmt: str, source_state: dict | None, heads: tuple | None):
+    """(format, state, heads) the reference runs on: the source's own, or for an HF folder source
+    its weights in the source naming."""
+    if source_state is not None:
+        return fmt, source_state, heads
+    source_state, heads = _reference_state_from_package(pkg)
+    return ("legacy_bertclip" if pkg.kind == "vtde" else "cnclip_pt"), source_state, heads
 
 
 def _reference_state_from_package(pkg: ClipPackage) -> tuple[dict, tuple]:

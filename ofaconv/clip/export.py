@@ -4,27 +4,30 @@ CLIP text projection, plus a sentence-transformers layout; checked by loading it
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 from transformers import BertModel
 
+from ofaconv.core.digest import file_sha256
 from ofaconv.core.errors import VerificationError
-from .source import atomic_output_dir
-from .convert import PROBE_TEXTS, load_package
-from .package import load_strict, write_text_tower
+from ofaconv.core.writer import OutputFolder
+from .convert import PROBE_TEXTS, load_package, source_entry, source_weights
+from .package import clip_report, load_strict, write_text_tower
 from .towers import ClipTowers, sentence_transformers_encode
 
 __all__ = ["export_bert"]
 
 
 def export_bert(src: str | os.PathLike, out: str | os.PathLike, *, with_projection: bool = True,
-                overwrite: bool = False, arch: str | None = None, vocab: str | None = None) -> dict:
+                force: bool = False, arch: str | None = None, vocab: str | None = None) -> dict:
     pkg, _, _, _ = load_package(src, arch=arch, vocab=vocab)
     model = pkg.build_model()
     towers = ClipTowers(model, pkg.image_processor, pkg.tokenizer, kind=pkg.kind, max_length=pkg.max_length)
-    with atomic_output_dir(out, overwrite=overwrite) as tmp:
-        write_text_tower(pkg, tmp, with_projection=with_projection)
+    with OutputFolder(out, force=force, protect=[src]) as folder:
+        tmp = folder.path
+        write_text_tower(pkg, folder, "", with_projection=with_projection)
         bert = load_strict(BertModel, tmp)  # as a user loads it: a missing pooler must show
         batch = towers.tokenize(PROBE_TEXTS)
         with torch.no_grad():
@@ -43,5 +46,12 @@ def export_bert(src: str | os.PathLike, out: str | os.PathLike, *, with_projecti
         if diff > 1e-5 or st_diff > 1e-5:
             raise VerificationError(f"exported text tower differs from the source model ({max(diff, st_diff):.3g})",
                                     path=tmp)
+        checks = [{"name": name, "passed": True, "metric": "max_abs_diff", "value": value, "gate": 1e-5,
+                   "detail": detail} for name, value, detail in (
+            ("text_embedding", diff, "BertModel.from_pretrained of the folder vs the source model's text embedding"),
+            ("sentence_transformers", st_diff, "the folder's sentence-transformers layout vs the normalised embedding"))]
+        weights = source_weights(Path(src))
+        folder.commit(clip_report(pkg, kind="conversion", source=source_entry(weights, file_sha256(weights)),
+                                  checks=checks, exported="text tower (BertModel)", with_projection=with_projection))
     return {"output": str(out), "kind": pkg.kind, "with_projection": with_projection,
             "embedding_dim": int(got.shape[-1]), "max_abs_diff": diff, "sentence_transformers_max_abs_diff": st_diff}

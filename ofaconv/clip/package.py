@@ -10,14 +10,17 @@
                            carries the checkpoint's own ``bert.pooler`` or an identity pooler, so it
                            loads without missing keys; its CLIP embedding never reads the pooler.
 
-After writing, every folder is loaded with the stock classes; a missing, unexpected or
-mis-shaped key, or any tensor that differs from the in-memory model, is an error.
+Packages are written through ``ofaconv.core.writer.OutputFolder`` (every file in the manifest of
+``conversion_report.json``, whose ``checks`` hold what was verified). After writing, every folder is
+loaded with the stock classes; a missing, unexpected or mis-shaped key, or any tensor that differs
+from the in-memory model, is an error.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,8 +38,10 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
+from ofaconv import __version__
 from ofaconv.core.errors import VerificationError
-from .source import save_safetensors
+from ofaconv.core.report import SCHEMA
+from ofaconv.core.writer import OutputFolder
 from .architectures import apply_map
 
 __all__ = [
@@ -47,6 +52,8 @@ __all__ = [
     "file_state_to_module",
     "TEXT_TOWER_META",
     "text_tower_state",
+    "clip_report",
+    "reload_check",
 ]
 
 TEXT_TOWER_META = "text_tower.json"
@@ -106,27 +113,37 @@ def file_state_to_module(state: dict, model) -> dict:
 
 
 # -- writing -----------------------------------------------------------------------------------
-def _save_tokenizer(tokenizer: BertTokenizer, out: Path, max_length: int) -> None:
+# Paths are relative to the OutputFolder: "" is the package root, "text_tower" a subfolder.
+def _at(base: str, name: str) -> str:
+    return f"{base}/{name}" if base else name
+
+
+def _save_tokenizer(tokenizer: BertTokenizer, folder: OutputFolder, base: str, max_length: int) -> None:
     tokenizer.model_max_length = max_length
-    tokenizer.save_pretrained(str(out))
+    with folder.recording():
+        tokenizer.save_pretrained(str(folder.path / base))
     vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
     # vocab.txt and special_tokens_map.json let transformers 4.x build its slow/fast BERT tokenizer
-    (out / "vocab.txt").write_text("".join(f"{tok}\n" for tok, _ in vocab), encoding="utf-8")
+    folder.write_text(_at(base, "vocab.txt"), "".join(f"{tok}\n" for tok, _ in vocab))
     special = {n: getattr(tokenizer, n) for n in ("unk_token", "sep_token", "pad_token", "cls_token", "mask_token")}
-    (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
+    folder.write_text(_at(base, "special_tokens_map.json"), json.dumps(special, indent=2))
 
 
-def _save_image_processor(image_processor, out: Path, processor_class: str | None) -> None:
+def _save_image_processor(image_processor, folder: OutputFolder, base: str, processor_class: str | None) -> None:
     cfg = image_processor.to_dict()
     cfg.pop("processor_class", None)
     if processor_class:
         cfg["processor_class"] = processor_class
-    (out / "preprocessor_config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    folder.write_text(_at(base, "preprocessor_config.json"), json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
-def _write_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, indent=2) + "\n")
+def _write_json(folder: OutputFolder, name: str, obj) -> None:
+    folder.write_text(name, json.dumps(obj, indent=2) + "\n")
+
+
+def _save_config(config, folder: OutputFolder, base: str) -> None:
+    with folder.recording():
+        config.save_pretrained(str(folder.path / base))
 
 
 def _vision_tower_config(pkg: ClipPackage) -> CLIPVisionConfig:
@@ -143,12 +160,12 @@ def _text_tower_config(pkg: ClipPackage) -> BertConfig:
     return BertConfig(**tc)
 
 
-def _write_sentence_transformers(pkg: ClipPackage, out: Path, hidden: int, projection: torch.Tensor | None,
-                                 pooler: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+def _write_sentence_transformers(pkg: ClipPackage, folder: OutputFolder, base: str, hidden: int,
+                                 projection: torch.Tensor | None, pooler: tuple[torch.Tensor, torch.Tensor] | None) -> None:
     """Transformer -> Pooling(cls) -> [Dense(pooler, tanh)] -> Dense(projection) -> Normalize."""
     modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
                {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
-    _write_json(out / "1_Pooling" / "config.json", {
+    _write_json(folder, _at(base, "1_Pooling/config.json"), {
         "word_embedding_dimension": hidden, "pooling_mode_cls_token": True, "pooling_mode_mean_tokens": False,
         "pooling_mode_max_tokens": False, "pooling_mode_mean_sqrt_len_tokens": False,
         "pooling_mode_weightedmean_tokens": False, "pooling_mode_lasttoken": False, "include_prompt": True})
@@ -159,46 +176,46 @@ def _write_sentence_transformers(pkg: ClipPackage, out: Path, hidden: int, proje
         dense.append(("projection", projection, None, "torch.nn.modules.linear.Identity"))
     for weight_name, weight, bias, act in dense:
         idx = len(modules)
-        folder = f"{idx}_Dense"
-        _write_json(out / folder / "config.json", {"in_features": weight.shape[1], "out_features": weight.shape[0],
-                                                  "bias": bias is not None, "activation_function": act})
+        dense_dir = f"{idx}_Dense"
+        _write_json(folder, _at(base, f"{dense_dir}/config.json"), {
+            "in_features": weight.shape[1], "out_features": weight.shape[0], "bias": bias is not None,
+            "activation_function": act})
         tensors = {"linear.weight": weight}
         if bias is not None:
             tensors["linear.bias"] = bias
-        save_safetensors(tensors, out / folder / "model.safetensors")
-        modules.append({"idx": idx, "name": str(idx), "path": folder, "type": "sentence_transformers.models.Dense"})
+        folder.write_tensors(_at(base, f"{dense_dir}/model.safetensors"), tensors)
+        modules.append({"idx": idx, "name": str(idx), "path": dense_dir, "type": "sentence_transformers.models.Dense"})
     idx = len(modules)
-    (out / f"{idx}_Normalize").mkdir()
+    (folder.path / base / f"{idx}_Normalize").mkdir()  # Normalize has no files: an empty folder
     modules.append({"idx": idx, "name": str(idx), "path": f"{idx}_Normalize", "type": "sentence_transformers.models.Normalize"})
-    _write_json(out / "modules.json", modules)
-    _write_json(out / "sentence_bert_config.json", {"max_seq_length": pkg.max_length, "do_lower_case": False})
-    _write_json(out / "config_sentence_transformers.json", {
+    _write_json(folder, _at(base, "modules.json"), modules)
+    _write_json(folder, _at(base, "sentence_bert_config.json"), {"max_seq_length": pkg.max_length, "do_lower_case": False})
+    _write_json(folder, _at(base, "config_sentence_transformers.json"), {
         "prompts": {}, "default_prompt_name": None, "similarity_fn_name": "cosine",
         "__version__": {"sentence_transformers": "3.0.0"}})
 
 
-def write_package(pkg: ClipPackage, out: Path) -> None:
-    """Write root, vision_tower/ and text_tower/ into an (empty, temporary) folder ``out``."""
-    out = Path(out)
+def write_package(pkg: ClipPackage, folder: OutputFolder) -> None:
+    """Write root, vision_tower/ and text_tower/ into an open ``OutputFolder``."""
     processor_class = _KINDS[pkg.kind]
     pkg.config.architectures = ["VisionTextDualEncoderModel" if pkg.kind == "vtde" else "ChineseCLIPModel"]
-    pkg.config.save_pretrained(str(out))
-    save_safetensors(pkg.state, out / "model.safetensors")
-    _save_image_processor(pkg.image_processor, out, processor_class)
-    _save_tokenizer(pkg.tokenizer, out, pkg.max_length)
-    _write_json(out / "ofaconv_clip.json", {"kind": pkg.kind, "text_pooling": pkg.text_pooling,
-                                           "max_length": pkg.max_length, **pkg.extra})
+    _save_config(pkg.config, folder, "")
+    folder.write_tensors("model.safetensors", pkg.state)
+    _save_image_processor(pkg.image_processor, folder, "", processor_class)
+    _save_tokenizer(pkg.tokenizer, folder, "", pkg.max_length)
+    _write_json(folder, "ofaconv_clip.json", {"kind": pkg.kind, "text_pooling": pkg.text_pooling,
+                                              "max_length": pkg.max_length, **pkg.extra})
 
-    write_vision_tower(pkg, out / "vision_tower")
-    write_text_tower(pkg, out / "text_tower")
+    write_vision_tower(pkg, folder, "vision_tower")
+    write_text_tower(pkg, folder, "text_tower")
 
 
-def write_vision_tower(pkg: ClipPackage, vt: Path) -> None:
-    vt.mkdir(parents=True, exist_ok=True)
-    _vision_tower_config(pkg).save_pretrained(str(vt))
+def write_vision_tower(pkg: ClipPackage, folder: OutputFolder, base: str) -> None:
+    (folder.path / base).mkdir(parents=True, exist_ok=True)
+    _save_config(_vision_tower_config(pkg), folder, base)
     vmap = "clip/vtde_to_vision_tower" if pkg.kind == "vtde" else "clip/chinese_clip_to_vision_tower"
-    save_safetensors(apply_map(vmap, pkg.state), vt / "model.safetensors")
-    _save_image_processor(pkg.image_processor, vt, None)
+    folder.write_tensors(_at(base, "model.safetensors"), apply_map(vmap, pkg.state))
+    _save_image_processor(pkg.image_processor, folder, base, None)
 
 
 def text_tower_state(pkg: ClipPackage) -> dict[str, torch.Tensor]:
@@ -217,29 +234,61 @@ def text_tower_state(pkg: ClipPackage) -> dict[str, torch.Tensor]:
     return state
 
 
-def write_text_tower(pkg: ClipPackage, tt: Path, *, with_projection: bool = True) -> None:
-    """BertModel folder + tokenizer (+ text_projection.safetensors) + sentence-transformers files."""
-    tt.mkdir(parents=True, exist_ok=True)
-    _text_tower_config(pkg).save_pretrained(str(tt))
+def write_text_tower(pkg: ClipPackage, folder: OutputFolder, base: str, *, with_projection: bool = True) -> None:
+    """BertModel folder + tokenizer (+ text_projection.safetensors) + sentence-transformers files, at
+    ``base`` in ``folder`` ("" for a folder of its own)."""
+    (folder.path / base).mkdir(parents=True, exist_ok=True)
+    _save_config(_text_tower_config(pkg), folder, base)
     text_state = text_tower_state(pkg)
-    save_safetensors(text_state, tt / "model.safetensors")
+    folder.write_tensors(_at(base, "model.safetensors"), text_state)
     projection = pkg.state["text_projection.weight"] if with_projection else None
     if with_projection:
-        save_safetensors({"weight": projection}, tt / "text_projection.safetensors")
-    _save_tokenizer(pkg.tokenizer, tt, pkg.max_length)
+        folder.write_tensors(_at(base, "text_projection.safetensors"), {"weight": projection})
+    _save_tokenizer(pkg.tokenizer, folder, base, pkg.max_length)
     if pkg.kind == "vtde":
         pooled, pooler = "BertModel.from_pretrained(dir).pooler_output", "bert"
     else:
         pooled = "BertModel.from_pretrained(dir).last_hidden_state[:, 0]"
         pooler = "checkpoint" if pkg.text_pooler is not None else "identity"
-    _write_json(tt / TEXT_TOWER_META, {
+    _write_json(folder, _at(base, TEXT_TOWER_META), {
         "pooling": pkg.text_pooling, "pooler": pooler, "pooler_in_clip_embedding": pkg.kind == "vtde",
         "projection": "text_projection.safetensors" if with_projection else None,
         "embedding_dim": projection.shape[0] if with_projection else pkg.config.text_config.hidden_size,
         "max_length": pkg.max_length,
         "usage": f"{pooled} @ W.T" if with_projection else pooled})
     dense_pooler = (text_state["pooler.dense.weight"], text_state["pooler.dense.bias"]) if pkg.kind == "vtde" else None
-    _write_sentence_transformers(pkg, tt, pkg.config.text_config.hidden_size, projection, dense_pooler)
+    _write_sentence_transformers(pkg, folder, base, pkg.config.text_config.hidden_size, projection, dense_pooler)
+
+
+def clip_report(pkg: ClipPackage, *, kind: str, source: dict, checks: list[dict], **fields) -> dict:
+    """``conversion_report.json`` of a CLIP package (schema: ``ofaconv.core.report``); ``fields`` and
+    the package's provenance (``pkg.extra``) are added where they do not shadow a schema key."""
+    import transformers
+
+    report = {
+        "schema": SCHEMA,
+        "kind": kind,
+        "model_family": "clip",
+        "ofaconv_version": __version__,
+        "source": source,
+        "package": pkg.kind,
+        "max_length": pkg.max_length,
+        "checks": checks,
+        "passed": all(c["passed"] for c in checks),
+        "versions": {"torch": torch.__version__.split("+")[0], "transformers": transformers.__version__,
+                     "python": ".".join(map(str, sys.version_info[:3]))},
+    }
+    for key, value in {**pkg.extra, **fields}.items():
+        report.setdefault(key, value)
+    return report
+
+
+def reload_check(loaded: dict) -> dict:
+    """The check row of ``check_package`` (which raises on any difference)."""
+    notes = "; ".join(loaded.get("notes") or [])
+    return {"name": "reload", "passed": True, "metric": "max_abs_diff", "value": 0.0, "gate": 0.0,
+            "detail": "every folder reloaded with the stock classes equals the written state"
+                      + (f" ({notes})" if notes else "")}
 
 
 # -- checking ----------------------------------------------------------------------------------

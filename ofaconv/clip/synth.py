@@ -20,7 +20,6 @@ from pathlib import Path
 
 import torch
 
-from .source import save_safetensors
 from .architectures import clip_tables
 
 __all__ = [
@@ -35,6 +34,13 @@ __all__ = [
     "write_bert",
     "perturb_",
 ]
+
+
+def save_safetensors(state: dict, path: Path) -> None:
+    """As the real files were written: ``safetensors.torch.save_file`` with transformers' metadata."""
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path), metadata={"format": "pt"})
 
 _SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 _CJK = (

@@ -30,10 +30,11 @@ from torch.utils.data import DataLoader, Dataset
 from ofaconv.core.errors import OfaconvError
 from ofaconv.core.featcache import FeatureCache
 from ofaconv.core.recipe import RecipeError, check_fields, load, path_field
-from .source import atomic_output_dir
-from .convert import load_package
+from ofaconv.core.digest import file_sha256
+from ofaconv.core.writer import OutputFolder
+from .convert import load_package, source_entry, source_weights
 from .data import DataStats, ImageStore, Pair, filter_decodable, read_pairs
-from .package import ClipPackage, check_package, module_state_to_file, write_package
+from .package import ClipPackage, check_package, clip_report, module_state_to_file, reload_check, write_package
 from .towers import ClipTowers, _unwrap
 
 __all__ = ["ClipRecipe", "LiTModel", "load_recipe", "train", "precompute_image_features", "PairDataset", "PairCollator"]
@@ -263,14 +264,18 @@ def _clamp_callback(limit: float):
     return ClampLogitScale()
 
 
-def export_package(base: ClipPackage, clip_model, out: Path, *, overwrite: bool = True) -> None:
+def export_package(base: ClipPackage, clip_model, out: Path, *, source: Path, training: dict) -> None:
+    """The trained model as a package folder (replacing an earlier one ofaconv wrote there)."""
     pkg = copy.copy(base)
     state = {k: v.detach().float().cpu() for k, v in clip_model.state_dict().items()
              if not k.endswith(("position_ids", "token_type_ids"))}
     pkg.state = module_state_to_file(state, clip_model)
-    with atomic_output_dir(out, overwrite=overwrite) as tmp:
-        write_package(pkg, tmp)
-        check_package(pkg, tmp)
+    with OutputFolder(out, force=True, protect=[source]) as folder:
+        write_package(pkg, folder)
+        checks = [reload_check(check_package(pkg, folder.path))]
+        weights = source_weights(source)
+        folder.commit(clip_report(pkg, kind="finetune", source=source_entry(weights, file_sha256(weights)),
+                                  checks=checks, training=training))
 
 
 def train(recipe: ClipRecipe, *, resume: str | bool | None = None, callbacks: list | None = None) -> dict:
@@ -331,7 +336,9 @@ def train(recipe: ClipRecipe, *, resume: str | bool | None = None, callbacks: li
     if state.is_main_process:
         pkg.max_length = max_length
         pkg.extra = {**pkg.extra, "trained_with": "ofaconv clip train (LiT)"}
-        export_package(pkg, clip_model, final)
+        export_package(pkg, clip_model, final, source=Path(recipe.model),
+                       training={"steps": result.global_step, "train_loss": result.training_loss,
+                                 "data": stats.to_dict()})
         (output_dir / "data_stats.json").write_text(json.dumps(stats.to_dict(), indent=2) + "\n")
     state.wait_for_everyone()
     return {"output": str(final), "train_loss": result.training_loss, "steps": result.global_step,

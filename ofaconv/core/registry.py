@@ -31,6 +31,7 @@ from types import ModuleType
 from .errors import OfaconvError
 
 ENTRY_POINT_GROUP = "ofaconv.families"
+CARD_ENTRY_POINT_GROUP = "ofaconv.card"  # the model-card writer, ``write_model_card(folder, **kwargs)``
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,18 @@ def families() -> tuple[Family, ...]:
     if len(set(names)) != len(names):
         raise OfaconvError(f"two families share a name: {sorted(names)}", path="pyproject.toml")
     return tuple(sorted(found, key=lambda f: (f.order, f.name)))
+
+
+def card_writer():
+    """The model-card writer named by the ``ofaconv.card`` entry point (the publisher's), or None
+    when none is installed or it cannot be imported. Output folders get their card through it, so
+    a family never imports the publisher."""
+    for entry in metadata.entry_points(group=CARD_ENTRY_POINT_GROUP, name="card"):
+        try:
+            return entry.load()
+        except ImportError:
+            return None
+    return None
 
 
 def register_auto_classes() -> None:

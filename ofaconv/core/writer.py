@@ -9,22 +9,37 @@ Invariants:
 - identical input gives byte-identical files: fixed header order and metadata, no timestamps;
 - files appear under their final names only when complete (written as hidden ``.partial`` siblings)
   and a failure removes whatever this call wrote.
+
+:class:`OutputFolder` is the one way ofaconv writes an output folder: a temp sibling filled and
+hashed as it is written, a manifest of every file in ``conversion_report.json``, an exclusive lock
+per output, and an atomic rename that replaces only an earlier ofaconv output (see its docstring).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
+import functools
 import hashlib
 import json
 import math
+import os
+import re
+import secrets
+import shutil
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from pathlib import Path, PurePosixPath
+from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 
+from . import registry
+from .digest import file_sha256
 from .errors import OfaconvError
+from .report import REPORT_NAME, SCHEMA, load_report
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -98,10 +113,10 @@ def plan_shards(items: Iterable[Item], *, max_shard_size: int = 2 * 10**9, dtype
     return shards
 
 
-def shard_names(count: int) -> list[str]:
+def shard_names(count: int, stem: str = "model") -> list[str]:
     if count == 1:
-        return [SINGLE_FILE]
-    return [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
+        return [f"{stem}.safetensors"]
+    return [f"{stem}-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
 
 
 def _layout(shard: list[_Planned]) -> tuple[bytes, list[_Planned]]:
@@ -217,6 +232,7 @@ def write_shards(
     source_path=None,
     progress: bool = False,
     written=None,
+    stem: str = "model",
 ) -> WriteResult:
     """Write ``items`` — ``(name, shape, dtype, thunk)`` in the order wanted — as safetensors shards.
 
@@ -225,14 +241,14 @@ def write_shards(
     cast), naming the key and ``source_path``. ``written(name)`` is called once a tensor's bytes
     are all copied out of its source (the converter drops the source's memory-mapped pages there).
     ``out_dir`` should be fresh: same-named files are replaced, stale shards of another split are
-    not removed.
+    not removed. ``stem`` names the files (``model.safetensors``, ``model-00001-of-00002...``).
     """
     from tqdm.auto import tqdm
 
     if sys.byteorder != "little":
         raise OfaconvError("safetensors files are little-endian; this machine is not")
     shards = plan_shards(items, max_shard_size=max_shard_size, dtype=dtype)
-    names = shard_names(len(shards))
+    names = shard_names(len(shards), stem)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     total = sum(t.nbytes for shard in shards for t in shard)
@@ -259,11 +275,12 @@ def write_shards(
                 "weight_map": {t.name: name for name, shard in zip(names, shards) for t in shard},
             }
             data = (json.dumps(result.index, indent=2, sort_keys=True) + "\n").encode()
-            partial = out_dir / f".{INDEX_FILE}.partial"
+            index_name = f"{stem}.safetensors.index.json"
+            partial = out_dir / f".{index_name}.partial"
             partial.write_bytes(data)
-            partial.replace(out_dir / INDEX_FILE)
+            partial.replace(out_dir / index_name)
             partial = None
-            result.files[INDEX_FILE] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+            result.files[index_name] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
     except BaseException:
         for path in [partial, *(out_dir / name for name in result.files)]:
             if path is not None:
@@ -273,3 +290,349 @@ def write_shards(
         staging.close()
         torch.set_num_threads(threads)
     return result
+
+
+def write_safetensors(path, state: Mapping[str, torch.Tensor], *, check_finite: bool = True) -> dict:
+    """One safetensors file ``path`` (``*.safetensors``) from an in-memory state dict, through the
+    same streaming writer; returns its ``{"sha256", "size"}``, hashed as it was written."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"{path}: a safetensors file name must end in .safetensors")
+    items = [(name, tuple(t.shape), t.dtype, functools.partial(_identity, t)) for name, t in state.items()]
+    result = write_shards(path.parent, items, max_shard_size=sys.maxsize, check_finite=check_finite, stem=path.stem)
+    return result.files[path.name]
+
+
+def _identity(value):
+    return value
+
+
+# -- output folders ---------------------------------------------------------------------------------
+TEMP_TAG = "ofaconv"  # temp siblings: .OUT.ofaconv-<pid>-<random>.tmp (being filled) / .old (being replaced)
+
+
+def _sibling(out: Path, kind: str) -> Path:
+    return out.parent / f".{out.name}.{TEMP_TAG}-{os.getpid()}-{secrets.token_hex(4)}.{kind}"
+
+
+def _lock_path(out: Path) -> Path:
+    return out.parent / f".{out.name}.{TEMP_TAG}.lock"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_siblings(out) -> list[Path]:
+    """Remove the temp siblings of ``out`` left by ofaconv runs that were killed (their process is
+    gone); a live run's are kept. Returns what was removed."""
+    out = Path(os.path.abspath(out))
+    pattern = re.compile(rf"\.{re.escape(out.name)}\.{TEMP_TAG}-(\d+)-[0-9a-f]+\.(tmp|old)")
+    removed = []
+    try:
+        entries = list(os.scandir(out.parent))
+    except FileNotFoundError:
+        return removed
+    for entry in entries:
+        match = pattern.fullmatch(entry.name)
+        if match is None or entry.is_symlink() or not entry.is_dir() or _alive(int(match.group(1))):
+            continue
+        shutil.rmtree(entry.path, ignore_errors=True)
+        removed.append(Path(entry.path))
+    return removed
+
+
+def _resolved(path) -> Path:
+    return Path(os.path.realpath(path))
+
+
+def check_output(out, *, force: bool = False, protect: Iterable = ()) -> None:
+    """Refuse an output folder this run may not write; the rule of :class:`OutputFolder`.
+
+    ``protect``: the run's inputs (checkpoint file, source folder); ``None`` entries are ignored.
+    """
+    out = Path(os.path.abspath(out))
+    target = _resolved(out)
+    for source in protect:
+        if source is None:
+            continue
+        src = _resolved(source)
+        if target == src or target in src.parents or src in target.parents:
+            relation = "is" if target == src else ("contains" if target in src.parents else "lies inside")
+            raise OfaconvError(f"the output {relation} the input {source}; choose an output folder outside it",
+                               path=out)
+    if out.is_symlink():
+        raise OfaconvError("the output is a symbolic link; give the folder's own path", path=out)
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise OfaconvError("the output exists and is not a folder; remove it or choose another output", path=out)
+    if not any(out.iterdir()):
+        return  # an empty folder: nothing to lose
+    if not force:
+        raise OfaconvError("output exists (use --force to replace a folder ofaconv wrote)", path=out)
+    reason = _not_ofaconv_output(out)
+    if reason:
+        raise OfaconvError(f"--force replaces only a folder ofaconv wrote, and {reason}; "
+                           "move it away or choose another output", path=out)
+
+
+def _not_ofaconv_output(out: Path) -> str | None:
+    """Why ``out`` is not wholly an earlier ofaconv output, or None: it must hold an ofaconv report,
+    and every file in it (hidden ones included) must be that report or in its manifest; only empty
+    folders and Python bytecode caches may be added. Nothing in it may be a link."""
+    try:
+        report = load_report(out)
+    except OfaconvError:
+        return f"it has no readable {REPORT_NAME}"
+    files = report.get("files")
+    if report.get("schema") != SCHEMA or not isinstance(files, dict):
+        return f"its {REPORT_NAME} is not an ofaconv report"
+    allowed = set(files) | {REPORT_NAME}
+    for dirpath, dirnames, filenames in os.walk(out):
+        base = Path(dirpath)
+        if base.name == "__pycache__":
+            dirnames[:] = []
+            continue
+        for name in sorted(dirnames + filenames):
+            path = base / name
+            rel = path.relative_to(out).as_posix()
+            if path.is_symlink():
+                return f"{rel} is a symbolic link"
+            if name not in dirnames and rel not in allowed:
+                return f"{rel} is not in its manifest"
+    return None
+
+
+def _lock(out: Path) -> int:
+    """An exclusive, non-blocking lock on ``.OUT.ofaconv.lock`` beside ``out``; the open descriptor."""
+    path = _lock_path(out)
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as exc:
+            raise OfaconvError(f"cannot create the lock file {path.name} ({exc.strerror})", path=out) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise OutputBusyError("another ofaconv run is writing this output; wait for it to finish or choose "
+                                  "another output", path=out) from None
+        try:
+            if os.path.samestat(os.fstat(fd), os.stat(path)):
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # the holder removed the file as it released it: lock the file now at that path
+
+
+def _unlock(out: Path, fd: int) -> None:
+    try:
+        _lock_path(out).unlink(missing_ok=True)  # while still held, so no one locks a removed file
+    finally:
+        os.close(fd)
+
+
+class OutputBusyError(OfaconvError):
+    """Another ofaconv run holds the output's lock."""
+
+
+class OutputFolder:
+    """The one writer of ofaconv output folders.
+
+    ::
+
+        with OutputFolder(out, force=force, protect=[source]) as folder:
+            folder.write_json("config.json", config)       # also write_text / write_bytes / write_tensors
+            folder.add_entries(write_shards(folder.path, items).files)
+            with folder.recording():                        # files a library writes are hashed once
+                tokenizer.save_pretrained(folder.path)
+            folder.commit(report)
+
+    - The folder is filled in a temp sibling ``.OUT.ofaconv-<pid>-<random>.tmp`` and renamed into
+      place by ``commit``; leaving the block without ``commit`` (or by an exception) removes it.
+      Temp siblings of killed runs (process gone) are removed by the next run for the same OUT.
+    - ``commit`` writes the model card (the ``ofaconv.card`` entry point, when installed), then
+      ``conversion_report.json`` with ``files``: the manifest of every file written (sha256, size;
+      hashed from memory or while streaming, never by re-reading weights); a file in the folder that
+      was not recorded is an error, so the manifest is the folder.
+    - Only one run writes an OUT at a time (``.OUT.ofaconv.lock`` beside it, non-blocking).
+    - OUT may be written when absent or an empty folder; with ``force``, it may replace a folder
+      only if that is wholly an earlier ofaconv output (its report, plus nothing outside its
+      manifest, no links); never when OUT is, contains or lies inside a ``protect`` path. The state
+      of OUT is checked again under the lock just before the rename.
+    - Folders and files are created with the default modes (the umask applies).
+    """
+
+    def __init__(self, out, *, force: bool = False, protect: Iterable = ()):
+        self.out = Path(os.path.abspath(out))
+        self.force = force
+        self.protect = [p for p in protect if p is not None]
+        self.path: Path | None = None
+        self.files: dict[str, dict] = {}
+        self.committed = False
+        self._lock_fd: int | None = None
+
+    def __enter__(self) -> "OutputFolder":
+        check_output(self.out, force=self.force, protect=self.protect)
+        try:
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OfaconvError(f"cannot create the parent folder ({exc.strerror})", path=self.out) from None
+        self._lock_fd = _lock(self.out)
+        try:
+            remove_stale_siblings(self.out)
+            path = _sibling(self.out, "tmp")
+            path.mkdir()
+            self.path = path
+        except BaseException:
+            self._release()
+            raise
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if not self.committed and self.path is not None:
+                shutil.rmtree(self.path, ignore_errors=True)
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        if self._lock_fd is not None:
+            fd, self._lock_fd = self._lock_fd, None
+            _unlock(self.out, fd)
+
+    # -- writing ----------------------------------------------------------------------------------
+    def _target(self, name) -> Path:
+        name = PurePosixPath(name).as_posix()
+        parts = PurePosixPath(name).parts
+        if not parts or PurePosixPath(name).is_absolute() or any(p in (".", "..") for p in parts) \
+                or any(p.startswith(".") for p in parts) or name == REPORT_NAME:
+            raise ValueError(f"{name!r}: not a file name an output folder can hold")
+        if self.path is None or self.committed:
+            raise RuntimeError("OutputFolder is not open for writing")
+        path = self.path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def write_bytes(self, name: str, data: bytes) -> Path:
+        path = self._target(name)
+        path.write_bytes(data)
+        self.files[PurePosixPath(name).as_posix()] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+        return path
+
+    def write_text(self, name: str, text: str) -> Path:
+        return self.write_bytes(name, text.encode("utf-8"))
+
+    def write_json(self, name: str, data) -> Path:
+        return self.write_text(name, json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+
+    def write_tensors(self, name: str, state: Mapping[str, torch.Tensor]) -> Path:
+        """``state`` as one safetensors file ``name``, hashed while it is written."""
+        path = self._target(name)
+        self.files[PurePosixPath(name).as_posix()] = write_safetensors(path, state)
+        return path
+
+    def add_entries(self, entries: Mapping[str, dict], under: str = "") -> None:
+        """Files already written and hashed (``write_shards(...).files``), relative to ``under``."""
+        for name, entry in entries.items():
+            rel = f"{under.strip('/')}/{name}" if under.strip("/") else name
+            self._target(rel)  # validates the name
+            self.files[rel] = {"sha256": entry["sha256"], "size": entry["size"]}
+
+    def record(self, *names: str) -> None:
+        """Hash files something else wrote into ``path`` (small files: a library's config, tokenizer)."""
+        for name in names:
+            path = self._target(name)
+            if path.is_symlink() or not path.is_file():
+                raise RuntimeError(f"{path}: recorded, but not a regular file")
+            self.files[PurePosixPath(name).as_posix()] = {"sha256": file_sha256(path), "size": path.stat().st_size}
+
+    @contextlib.contextmanager
+    def recording(self):
+        """Record every file created or changed in ``path`` during the block (a library's writes)."""
+        before = self._snapshot()
+        yield self.path
+        after = self._snapshot()
+        self.record(*sorted(name for name, stamp in after.items() if before.get(name) != stamp))
+
+    def _snapshot(self) -> dict[str, tuple]:
+        stamps = {}
+        for name in self._present():
+            st = os.lstat(self.path / name)
+            stamps[name] = (st.st_ino, st.st_size, st.st_mtime_ns)
+        stamps.pop(REPORT_NAME, None)
+        return stamps
+
+    def _present(self) -> list[str]:
+        """Every non-directory entry under ``path``, hidden ones and links included."""
+        found = []
+        for dirpath, dirnames, filenames in os.walk(self.path):
+            base = Path(dirpath)
+            found += [(base / n).relative_to(self.path).as_posix() for n in filenames]
+            found += [(base / n).relative_to(self.path).as_posix() for n in dirnames if (base / n).is_symlink()]
+        return sorted(found)
+
+    # -- committing -------------------------------------------------------------------------------
+    def commit(self, report: dict, *, card: Mapping | None = None) -> dict:
+        """Write the card and the report (with the manifest) and rename the folder into place.
+
+        ``report`` needs ``schema``, ``kind`` and ``model_family``; ``card``: keyword arguments of
+        the card writer (``license``). Returns the report as written.
+        """
+        missing = [k for k in ("schema", "kind", "model_family") if not report.get(k)]
+        if missing:
+            raise ValueError(f"report lacks {', '.join(missing)}")
+        if self.path is None or self.committed:
+            raise RuntimeError("OutputFolder is not open for writing")
+        report = dict(report)
+        report_path = self.path / REPORT_NAME
+        write_card = registry.card_writer()
+        if write_card is not None:
+            # The card is built from the report: a provisional one (without the card's own entry).
+            report["files"] = dict(sorted(self.files.items()))
+            report_path.write_text(_report_text(report), encoding="utf-8")
+            with self.recording():
+                write_card(self.path, **dict(card or {}))
+        unrecorded = [n for n in self._present() if n != REPORT_NAME and n not in self.files]
+        if unrecorded:
+            raise RuntimeError(f"{self.path / unrecorded[0]}: written without being recorded in the manifest")
+        absent = [n for n in self.files if not (self.path / n).is_file()]
+        if absent:
+            raise RuntimeError(f"{self.path / absent[0]}: in the manifest but not written")
+        report["files"] = dict(sorted(self.files.items()))
+        report_path.write_text(_report_text(report), encoding="utf-8")
+        check_output(self.out, force=self.force, protect=self.protect)  # under the lock: OUT as it is now
+        self._place()
+        self.committed = True
+        self.path = self.out
+        return report
+
+    def _place(self) -> None:
+        if not os.path.lexists(self.out):
+            os.rename(self.path, self.out)
+            return
+        try:
+            os.rename(self.path, self.out)  # an empty folder is replaced in one step
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+        trash = _sibling(self.out, "old")
+        os.rename(self.out, trash)
+        try:
+            os.rename(self.path, self.out)
+        except BaseException:
+            os.rename(trash, self.out)
+            raise
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+def _report_text(report: dict) -> str:
+    return json.dumps(report, indent=2, sort_keys=True, ensure_ascii=False) + "\n"

@@ -5,16 +5,16 @@ Invariants:
   and EMA copy are never paged in;
 - every source key is accounted for by the key map before any tensor is read;
 - tensors are streamed one at a time into safetensors shards, cast per tensor;
-- the folder is assembled in a temporary sibling and renamed into place only when complete, so a
-  failure leaves nothing behind (a failed *verification* keeps the folder, with the report saying
-  which check failed, and exits non-zero).
+- the folder is written through ``ofaconv.core.writer.OutputFolder``: assembled in a temporary
+  sibling, every file in the report's manifest, renamed into place only when complete, so a failure
+  leaves nothing behind (a failed *verification* keeps the folder, with the report saying which
+  check failed, and exits non-zero); ``--force`` replaces only an earlier ofaconv output and never
+  the checkpoint or a folder holding it.
 """
 
 from __future__ import annotations
 
 import functools
-import json
-import shutil
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -25,6 +25,8 @@ from ofaconv import __version__
 from ofaconv.core.digest import BackgroundSha256
 from ofaconv.core.errors import CheckpointError, OfaconvError
 from ofaconv.core.keymap import KeyMap
+from ofaconv.core.report import SCHEMA, is_weight_file
+from ofaconv.core.writer import OutputFolder, check_output
 from .variants import family_info, get_variant
 
 # torch, transformers and the checkpoint reader are imported where used: the CLI starts hashing
@@ -242,12 +244,13 @@ class ConversionResult:
     lines: list[str] = field(default_factory=list)
 
 
-def _copy_remote_code(folder: Path) -> None:
+def copy_remote_code(folder: OutputFolder) -> None:
+    """The modeling files of this ofaconv, for ``trust_remote_code`` users."""
     package = resources.files("ofaconv.ofa.modeling")
     for name in REMOTE_CODE_FILES:
         source = package / name
         if source.is_file():
-            (folder / name).write_bytes(source.read_bytes())
+            folder.write_bytes(name, source.read_bytes())
 
 
 def _versions() -> dict:
@@ -262,13 +265,14 @@ def _versions() -> dict:
     }
 
 
-def _write_generation_config(folder: Path, family: str | None, variant: str | None, config) -> None:
+def _write_generation_config(folder: OutputFolder, family: str | None, variant: str | None, config) -> None:
     from .modeling.configuration_ofa import build_generation_config
 
     settings = dict(family_info(family)["generation"]) if family else {}
     if variant:
         settings.update(get_variant(variant).get("generation", {}))
-    build_generation_config(settings, config).save_pretrained(folder)
+    with folder.recording():
+        build_generation_config(settings, config).save_pretrained(folder.path)
 
 
 def convert_checkpoint(
@@ -285,7 +289,7 @@ def convert_checkpoint(
     ``source_sha256`` may be a ``BackgroundSha256`` of the file already running (the CLI starts
     it first thing); otherwise hashing starts here, before the checkpoint is opened.
     """
-    _check_output(out_dir, force)
+    check_output(out_dir, force=force, protect=[src])
     if source_sha256 is None and Path(src).is_file():
         source_sha256 = BackgroundSha256(src)
     try:
@@ -297,11 +301,6 @@ def convert_checkpoint(
             source_sha256.cancel()
         raise
     return convert_loaded(ckpt, out_dir, force=force, source_sha256=source_sha256, **options)
-
-
-def _check_output(out_dir, force: bool) -> None:
-    if Path(out_dir).exists() and not force:
-        raise OfaconvError("output exists (use --force to replace it)", path=out_dir)
 
 
 def convert_loaded(
@@ -319,10 +318,12 @@ def convert_loaded(
     progress: bool = False,
     kind: str = "conversion",
     source_sha256=None,
+    protect=(),
 ) -> ConversionResult:
     """Write the folder for an already opened checkpoint (fairseq names, ``FairseqCheckpoint``).
 
     ``source_sha256``: a ``BackgroundSha256`` of the source file if the caller started one.
+    ``protect``: inputs besides ``ckpt.path`` that the output must not replace (an upgraded folder).
     """
     if source_sha256 is None:
         # The source hash reads the whole file (optimizer state included, never unpickled), the
@@ -331,7 +332,7 @@ def convert_loaded(
     try:
         return _convert(ckpt, out_dir, source_sha256=source_sha256, force=force, dtype=dtype,
                         max_shard_size=max_shard_size, keymap=keymap, tokenizer=tokenizer, prompt=prompt,
-                        verify=verify, license=license, progress=progress, kind=kind)
+                        verify=verify, license=license, progress=progress, kind=kind, protect=protect)
     except BaseException:
         source_sha256.cancel()
         raise
@@ -352,6 +353,7 @@ def _convert(
     license: str,
     progress: bool,
     kind: str,
+    protect,
 ) -> ConversionResult:
     import torch
 
@@ -361,7 +363,6 @@ def _convert(
     src, out_dir = Path(ckpt.path), Path(out_dir)
     if dtype not in DTYPES:
         raise OfaconvError(f"unknown dtype {dtype!r} (choose from {', '.join(DTYPES)})")
-    _check_output(out_dir, force)
     ema = ckpt.from_ema
     state = ckpt.state_dict
     shape = infer_config(state)
@@ -374,19 +375,19 @@ def _convert(
         for key in [*plan.tied_sources, *plan.tied_sources.values(), *plan.derived.values()]:
             release_pages(state[key])
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
-    try:
+    with OutputFolder(out_dir, force=force, protect=[src, *protect]) as folder:
+        tmp = folder.path
         target_dtype = getattr(torch, DTYPES[dtype])
         # The small files first: their Python work (transformers imports, tokenizer) overlaps the
         # source hash instead of trailing after the weights on one core, and a bad --tokenizer
         # fails before any weight is written.
         config = build_config(shape, flags)
         config.dtype = target_dtype
-        config.save_pretrained(tmp)
-        _copy_remote_code(tmp)
-        _write_generation_config(tmp, family, variant, config)
-        processing_note = _save_processing(tmp, family, config.patch_image_size, tokenizer, prompt)
+        with folder.recording():
+            config.save_pretrained(tmp)
+        copy_remote_code(folder)
+        _write_generation_config(folder, family, variant, config)
+        processing_note = _save_processing(folder, family, config.patch_image_size, tokenizer, prompt)
 
         sources = dict(plan.entries)
         items = [
@@ -399,10 +400,12 @@ def _convert(
             source_path=src, progress=progress,
             written=(lambda name: release_pages(state[sources[name]])) if ckpt.mmapped else None,
         )
+        folder.add_entries(written.files)
 
         report = {
-            "schema": "ofaconv/report@1",
+            "schema": SCHEMA,
             "kind": kind,
+            "model_family": "ofa",
             "ofaconv_version": __version__,
             "source": {"file": src.name, "sha256": source_sha256.result(), "size": src.stat().st_size, "layout": ckpt.layout,
                        "ema": ema},
@@ -412,7 +415,6 @@ def _convert(
             "config": {k: shape[k] for k in sorted(shape)},
             "keymap": {"name": km.name, "file": Path(km.path).name, "sha256": km.sha256},
             "dtype": {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[dtype],
-            "files": written.files,
             "processing": processing_note,
             "derived_checked": [d["key"] for d in derived],
             "checks": [],
@@ -429,22 +431,11 @@ def _convert(
             from ofaconv.core.verify import format_checks
 
             lines = format_checks(checks)
-        (tmp / "conversion_report.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
-        _write_card(tmp, license)
-        if out_dir.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=out_dir.parent))
-            out_dir.rename(trash / out_dir.name)
-            tmp.rename(out_dir)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        report = folder.commit(report, card={"license": license})
     return ConversionResult(out_dir, report, report["passed"], lines)
 
 
-def _save_processing(folder: Path, family, image_size: int, tokenizer_source, prompt) -> dict:
+def _save_processing(folder: OutputFolder, family, image_size: int, tokenizer_source, prompt) -> dict:
     if family is None:
         return {"saved": False, "reason": "vocabulary matches no OFA family; no tokenizer or processor written"}
     from .tokenization import save_processing
@@ -453,20 +444,13 @@ def _save_processing(folder: Path, family, image_size: int, tokenizer_source, pr
     return {"saved": True, "family": family, "image_size": image_size, "prompt": prompt or family_info(family)["prompt"]}
 
 
-def _write_card(folder: Path, license: str) -> None:
-    try:
-        from ofaconv.hub.card import write_model_card
-    except ImportError:
-        return
-    write_model_card(folder, license=license)
-
-
 def add_parser(sub) -> None:
     p = sub.add_parser("convert", help="convert a fairseq OFA checkpoint to a Hugging Face folder")
     p.add_argument("checkpoint", help="fairseq OFA checkpoint (.pt), or synth:VARIANT for a built-in micro one")
     p.add_argument("out", help="output folder (created; refused if it exists unless --force)")
     p.add_argument("--verify", action="store_true", help="run the parity checker and fail on any mismatch")
-    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.add_argument("--force", action="store_true",
+                   help="replace an earlier ofaconv output folder (never a folder holding other files)")
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="weight dtype on disk (cast per tensor)")
     p.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard (default 2GB)")
     p.add_argument("--ema", action="store_true", help="convert the EMA weights stored in extra_state")
@@ -482,7 +466,7 @@ SYNTH_PREFIX = "synth:"
 
 def _run(args) -> int:
     source = args.checkpoint
-    _check_output(args.out, args.force)
+    check_output(args.out, force=args.force, protect=[None if source.startswith(SYNTH_PREFIX) else source])
     source_sha256 = None
     if not source.startswith(SYNTH_PREFIX) and Path(source).is_file():
         source_sha256 = BackgroundSha256(source)  # before torch is even imported
@@ -512,8 +496,9 @@ def _run(args) -> int:
         source_sha256=source_sha256,
     )
     report = result.report
+    weights = [name for name in report["files"] if is_weight_file(name)]
     print(f"wrote {result.out_dir} (variant {report['variant'] or 'unknown'}, {report['dtype']}, "
-          f"{len(report['files'])} weight file(s))")
+          f"{len(weights)} weight file(s))")
     for line in result.lines:
         print(line)
     if not result.passed:

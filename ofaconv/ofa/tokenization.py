@@ -16,6 +16,7 @@ folder loads with `AutoTokenizer.from_pretrained` from plain transformers, witho
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import re
@@ -470,32 +471,29 @@ def save_processing(folder, family: str, image_size: int, tokenizer_source=None,
     Also copies `image_processing_ofa.py`, `processing_ofa.py` and `tokenization_ofa.py` there and names them in
     `auto_map`, so `AutoProcessor.from_pretrained(folder, trust_remote_code=True)` works without
     ofaconv. `prompt` defaults to the family's fairseq caption prompt (mappings/variants.yaml).
-    Files are written to a temporary sibling folder first and moved in when all are complete.
+    `folder` is an ``OutputFolder`` (the files go into its manifest; it makes the whole folder
+    appear at once) or a plain directory.
     """
-    import os
-    import shutil
-    import tempfile
+    from ofaconv.core.writer import OutputFolder
 
     _check_family(family)
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     prompt = prompt if prompt is not None else _families()[family]["prompt"]
     tokenizer = build_tokenizer(family, tokenizer_source)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.processing-", dir=folder.parent))
+    output = folder if isinstance(folder, OutputFolder) else None
+    root = output.path if output is not None else Path(folder)
     try:
-        (staging / "preprocessor_config.json").write_text(_json_file(image_processor_dict(image_size)), encoding="utf-8")
-        (staging / "processor_config.json").write_text(_json_file(processor_dict(family, image_size, prompt)),
-                                                       encoding="utf-8")
-        save_tokenizer(tokenizer, staging, processor_class="OFAProcessor")
-        code = files("ofaconv.ofa.modeling")
-        for name in PROCESSING_CODE:
-            (staging / name).write_bytes(code.joinpath(name).read_bytes())
-        for path in sorted(staging.iterdir()):
-            os.replace(path, folder / path.name)
+        root.mkdir(parents=True, exist_ok=True)
+        with output.recording() if output is not None else contextlib.nullcontext():
+            (root / "preprocessor_config.json").write_text(_json_file(image_processor_dict(image_size)),
+                                                           encoding="utf-8")
+            (root / "processor_config.json").write_text(_json_file(processor_dict(family, image_size, prompt)),
+                                                        encoding="utf-8")
+            save_tokenizer(tokenizer, root, processor_class="OFAProcessor")
+            code = files("ofaconv.ofa.modeling")
+            for name in PROCESSING_CODE:
+                (root / name).write_bytes(code.joinpath(name).read_bytes())
     except OSError as exc:
-        raise OfaconvError(f"cannot write the processing files ({exc})", path=folder) from None
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        raise OfaconvError(f"cannot write the processing files ({exc})", path=root) from None
 
 
 __all__ = [

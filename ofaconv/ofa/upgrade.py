@@ -113,11 +113,13 @@ def open_port_folder(folder, *, image_size: int | None = None) -> FairseqCheckpo
 
 
 def upgrade_folder(old_folder, out_dir, *, image_size: int | None = None, **options):
-    from .convert import _check_output, convert_loaded
+    from ofaconv.core.writer import check_output
 
-    _check_output(out_dir, options.get("force", False))
+    from .convert import convert_loaded
+
+    check_output(out_dir, force=options.get("force", False), protect=[old_folder])
     ckpt = open_port_folder(old_folder, image_size=image_size)
-    return convert_loaded(ckpt, out_dir, kind="upgrade", **options)
+    return convert_loaded(ckpt, out_dir, kind="upgrade", protect=[old_folder], **options)
 
 
 def add_parser(sub) -> None:

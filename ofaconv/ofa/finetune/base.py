@@ -7,22 +7,22 @@ tokenizer, processor, generation settings), so that the rest of the run treats b
 
 from __future__ import annotations
 
+import functools
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ofaconv.core.errors import OfaconvError
-from ofaconv.core.report import REPORT_NAME, load_report
+from ofaconv.core.report import REPORT_NAME, SCHEMA, load_report
+from ofaconv.core.writer import OutputFolder, write_shards
 
-__all__ = ["BaseModel", "load_base", "init_random_folder", "config_from_init"]
+__all__ = ["BaseModel", "load_base", "init_random_folder", "config_from_init", "save_model"]
 
 # Files of a model folder that a finetune rewrites; everything else is carried over as is.
-_REWRITTEN = {"config.json", REPORT_NAME, "README.md", "training_log.jsonl"}
+_REWRITTEN = {"config.json", "generation_config.json", REPORT_NAME, "README.md", "training_log.jsonl"}
 
 
 @dataclass
@@ -120,6 +120,7 @@ def config_from_init(init) -> tuple[dict, str, str]:
 
 def init_random_folder(init, folder: str | os.PathLike) -> Path:
     """Write a randomly initialised model in the converted-folder format (idempotent per settings)."""
+    from ofaconv.ofa.convert import copy_remote_code
     from ofaconv.ofa.modeling import OFAConfig, OFAForConditionalGeneration
     from ofaconv.ofa.modeling.configuration_ofa import build_generation_config
     from ofaconv.ofa.tokenization import save_processing
@@ -127,13 +128,13 @@ def init_random_folder(init, folder: str | os.PathLike) -> Path:
 
     folder = Path(folder)
     kwargs, family, description = config_from_init(init)
-    stamp = json.dumps({"config": kwargs, "family": family, "seed": init.seed}, sort_keys=True)
-    marker = folder / ".init.json"
-    if marker.is_file() and marker.read_text() == stamp:
-        return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
+    stamp = json.loads(json.dumps({"config": kwargs, "family": family, "seed": init.seed}))  # as read back
     try:
+        if load_report(folder).get("init") == stamp:
+            return folder
+    except OfaconvError:
+        pass
+    with OutputFolder(folder, force=True) as out:
         config = OFAConfig(
             **kwargs,
             architectures=["OFAForConditionalGeneration"],
@@ -146,43 +147,44 @@ def init_random_folder(init, folder: str | os.PathLike) -> Path:
         with torch.random.fork_rng():
             torch.manual_seed(init.seed)
             model = OFAForConditionalGeneration(config)
-        model.save_pretrained(tmp)
-        build_generation_config(family_info(family)["generation"], config).save_pretrained(tmp)
-        save_processing(tmp, family, config.patch_image_size)
-        copy_modeling_code(tmp)
-        report = {
-            "schema": "ofaconv/report@1",
+        save_model(model, out)
+        with out.recording():
+            build_generation_config(family_info(family)["generation"], config).save_pretrained(out.path)
+        save_processing(out, family, config.patch_image_size)
+        copy_remote_code(out)
+        out.commit({
+            "schema": SCHEMA,
             "kind": "conversion",
+            "model_family": "ofa",
             "source": {"file": description},
             "variant": getattr(init, "variant", None),
             "family": family,
-            "files": {},
+            "init": stamp,
             "checks": [],
             "passed": False,
             "note": "randomly initialised; not converted from a checkpoint",
-        }
-        (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
-        (tmp / ".init.json").write_text(stamp)
-        if folder.exists():
-            shutil.rmtree(folder)
-        tmp.rename(folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        })
     return folder
 
 
-def copy_modeling_code(folder: Path) -> None:
-    """The modeling files of this ofaconv, for ``trust_remote_code`` users (as ``convert`` ships them)."""
-    from importlib import resources
+def save_model(model, folder: OutputFolder) -> None:
+    """What ``model.save_pretrained`` writes (config, generation settings, safetensors without the
+    tied copies), with the weights hashed as they are streamed out instead of read back."""
+    from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
-    from ofaconv.ofa.convert import REMOTE_CODE_FILES
+    model.config.dtype = str(model.dtype).removeprefix("torch.")
+    model.config.architectures = [type(model).__name__]
+    with folder.recording():
+        model.config.save_pretrained(folder.path)
+        if model.can_generate():
+            model.generation_config.save_pretrained(folder.path)
+    state = remove_tied_weights_from_state_dict(model.state_dict(), model)
+    items = [(name, tuple(t.shape), t.dtype, functools.partial(_detached, t)) for name, t in state.items()]
+    folder.add_entries(write_shards(folder.path, items).files)
 
-    package = resources.files("ofaconv.ofa.modeling")
-    for name in REMOTE_CODE_FILES:
-        source = package / name
-        if source.is_file():
-            (Path(folder) / name).write_bytes(source.read_bytes())
+
+def _detached(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.detach()
 
 
 def carried_files(folder: Path) -> list[str]:

@@ -14,17 +14,17 @@ issues, cache, evaluation) and checks that the folder is what was trained:
 from __future__ import annotations
 
 import json
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
 from ofaconv import __version__
 from ofaconv.core.errors import OfaconvError
-from ofaconv.core.report import REPORT_NAME, SCHEMA, load_report, weight_file_entries
-from .base import BaseModel, carried_files, copy_modeling_code
+from ofaconv.core.report import SCHEMA, load_report
+from ofaconv.core.writer import OutputFolder
+from ..convert import copy_remote_code
+from .base import BaseModel, carried_files, save_model
 
 __all__ = ["write_finetuned"]
 
@@ -124,27 +124,14 @@ def _finite_check(model: torch.nn.Module) -> dict:
     }
 
 
-def _set_prompt(folder: Path, prompt: str) -> None:
-    path = folder / "processor_config.json"
+def _set_prompt(folder: OutputFolder, prompt: str) -> None:
+    path = folder.path / "processor_config.json"
     if not path.is_file():
         return
     config = json.loads(path.read_text(encoding="utf-8"))
     if config.get("prompt") != prompt:
         config["prompt"] = prompt
-        path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-
-
-def _replace_folder(tmp: Path, out_dir: Path) -> None:
-    if out_dir.exists():
-        if not out_dir.is_dir() or (any(out_dir.iterdir()) and not (out_dir / REPORT_NAME).is_file()):
-            raise OfaconvError("output_dir exists and is not a model folder ofaconv wrote; refusing to replace it",
-                               path=out_dir)
-        trash = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=out_dir.parent))
-        out_dir.rename(trash / out_dir.name)
-        tmp.rename(out_dir)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        tmp.rename(out_dir)
+        folder.write_text(path.name, json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
 
 def write_finetuned(
@@ -158,23 +145,17 @@ def write_finetuned(
     log_history: list,
     license: str = "apache-2.0",
 ) -> dict:
-    """Write the folder (temp sibling, then rename) and return its report."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise OfaconvError("output_dir exists and is not a folder", path=out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
-    try:
+    """Write the folder (through ``OutputFolder``: it replaces only an earlier ofaconv output, never
+    the base model's folder) and return its report."""
+    with OutputFolder(out_dir, force=True, protect=[base.folder]) as folder:
         for name in carried_files(base.folder):
-            shutil.copy2(base.folder / name, tmp / name)
-        copy_modeling_code(tmp)
-        model.save_pretrained(tmp)
-        _set_prompt(tmp, prompt)
-        with open(tmp / "training_log.jsonl", "w", encoding="utf-8") as fh:
-            for entry in log_history:
-                fh.write(json.dumps(entry, sort_keys=True) + "\n")
+            folder.write_bytes(name, (base.folder / name).read_bytes())
+        copy_remote_code(folder)
+        save_model(model, folder)
+        _set_prompt(folder, prompt)
+        folder.write_text("training_log.jsonl", "".join(json.dumps(e, sort_keys=True) + "\n" for e in log_history))
 
-        checks = [_reload_check(model, tmp, probe), _frozen_check(model, base.folder), _finite_check(model)]
+        checks = [_reload_check(model, folder.path, probe), _frozen_check(model, base.folder), _finite_check(model)]
         base_report = base.report or {}
         try:
             source_report = load_report(base.folder)
@@ -189,41 +170,16 @@ def write_finetuned(
         report = {
             "schema": SCHEMA,
             "kind": "finetune",
+            "model_family": "ofa",
             "ofaconv_version": __version__,
             "source": source,
             "variant": base_report.get("variant"),
             "family": base.family,
             "flags": base_report.get("flags") or {},
             "dtype": "float32",
-            "files": weight_file_entries(tmp),
             "training": training,
             "checks": checks,
             "passed": all(c["passed"] for c in checks),
             "versions": _versions(),
         }
-        (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2, sort_keys=True, ensure_ascii=False) + "\n",
-                                       encoding="utf-8")
-        from ofaconv.hub.card import write_model_card
-
-        write_model_card(tmp, license=license)
-        _publishable_modes(tmp)
-        _replace_folder(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    # The card names the folder it describes; written again (atomically) under its final name.
-    write_model_card(out_dir, license=license)
-    _publishable_modes(out_dir)
-    return report
-
-
-def _publishable_modes(folder: Path) -> None:
-    """mkdtemp/mkstemp create owner-only entries; a model folder is as readable as the umask allows."""
-    import os
-
-    umask = os.umask(0)
-    os.umask(umask)
-    folder.chmod(0o777 & ~umask)
-    for path in folder.iterdir():
-        if path.is_file():
-            path.chmod(0o666 & ~umask)
+        return folder.commit(report, card={"license": license})
