@@ -68,6 +68,13 @@ def verify_folder(folder, against=None, *, ema=None):
     return checks, all(c["passed"] for c in checks)
 
 
+def export_onnx(folder, out, *, threads=None):
+    """``ofaconv export onnx``: vision.onnx + text.onnx and their parity rows (:mod:`ofaconv.clip.onnx`)."""
+    from .onnx import export_onnx as run
+
+    return run(folder, out, threads=threads)
+
+
 def _load(cls, folder: Path):
     """(model, None), or (None, why) when the folder does not load cleanly with ``cls``."""
     from .package import load_strict
@@ -105,10 +112,9 @@ def _package_checks(folder: Path, kind: str) -> list[dict]:
         return [_row("structure", False, detail="; ".join(problems))]
     checks = [_row("structure", True, detail=f"{_CLASSES[kind]}, vision_tower/ and text_tower/ load with stock "
                                              "classes, no missing, unexpected or mismatched keys")]
-    meta = _meta(folder)
-    towers = ClipTowers(models["root"], AutoImageProcessor.from_pretrained(folder),
-                        AutoTokenizer.from_pretrained(folder), kind=kind,
-                        max_length=int(meta.get("max_length") or 52), path=folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)  # saved with the package's training length
+    towers = ClipTowers(models["root"], AutoImageProcessor.from_pretrained(folder), tokenizer, kind=kind,
+                        max_length=tokenizer.model_max_length, path=folder)
     images, texts = _probe()
     pixels = towers.preprocess_images(images)
     batch = towers.tokenize(texts, padding="max_length")
