@@ -21,7 +21,7 @@ from ofaconv.cli import main as cli
 from ofaconv.core import registry
 from ofaconv.core.errors import OfaconvError
 from ofaconv.core.report import REPORT_NAME, SCHEMA, folder_files, validate_report
-from ofaconv.core.writer import OutputBusyError, OutputFolder, remove_stale_siblings, write_shards
+from ofaconv.core.writer import OutputBusyError, OutputFolder, check_output, remove_stale_siblings, write_shards
 
 REPORT = {"schema": SCHEMA, "kind": "conversion", "model_family": "ofa",
           "checks": [{"name": "probe", "passed": True, "metric": "max_abs_diff", "value": 0.0, "gate": 0.0}],
@@ -227,6 +227,8 @@ def test_a_second_run_into_the_same_output_fails_at_once(tmp_path, checkpoint, c
                               stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "holding"
+        with pytest.raises(OutputBusyError):  # what a command checks first, before loading anything
+            check_output(out)
         assert cli(["convert", str(checkpoint), str(out)]) == 2
         err = capsys.readouterr().err.strip()
         assert err.count("\n") == 0 and "another ofaconv run is writing" in err and str(out) in err

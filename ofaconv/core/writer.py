@@ -352,10 +352,12 @@ def _resolved(path) -> Path:
     return Path(os.path.realpath(path))
 
 
-def check_output(out, *, force: bool = False, protect: Iterable = ()) -> None:
+def check_output(out, *, force: bool = False, protect: Iterable = (), busy: bool = True) -> None:
     """Refuse an output folder this run may not write; the rule of :class:`OutputFolder`.
 
     ``protect``: the run's inputs (checkpoint file, source folder); ``None`` entries are ignored.
+    ``busy``: also refuse while another run holds OUT's lock (a command checks this first, so a
+    second run fails at once rather than after loading its input).
     """
     out = Path(os.path.abspath(out))
     target = _resolved(out)
@@ -367,6 +369,8 @@ def check_output(out, *, force: bool = False, protect: Iterable = ()) -> None:
             relation = "is" if target == src else ("contains" if target in src.parents else "lies inside")
             raise OfaconvError(f"the output {relation} the input {source}; choose an output folder outside it",
                                path=out)
+    if busy and out.parent.is_dir():
+        _unlock(out, _lock(out))
     if out.is_symlink():
         raise OfaconvError("the output is a symbolic link; give the folder's own path", path=out)
     if not out.exists():
@@ -480,7 +484,7 @@ class OutputFolder:
         self._lock_fd: int | None = None
 
     def __enter__(self) -> "OutputFolder":
-        check_output(self.out, force=self.force, protect=self.protect)
+        check_output(self.out, force=self.force, protect=self.protect, busy=False)
         try:
             self.out.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -608,7 +612,7 @@ class OutputFolder:
             raise RuntimeError(f"{self.path / absent[0]}: in the manifest but not written")
         report["files"] = dict(sorted(self.files.items()))
         report_path.write_text(_report_text(report), encoding="utf-8")
-        check_output(self.out, force=self.force, protect=self.protect)  # under the lock: OUT as it is now
+        check_output(self.out, force=self.force, protect=self.protect, busy=False)  # under the lock: OUT now
         self._place()
         self.committed = True
         self.path = self.out
