@@ -56,10 +56,12 @@ def old_port_folder(request, tmp_path_factory):
     return folder
 
 
-def test_verify_old_port_folder_as_is(old_port_folder, capsys):
-    assert cli(["verify", str(old_port_folder)]) == 0
+def test_verify_refuses_old_port_folder_as_is(old_port_folder, capsys):
+    # No manifest, so nothing proves its files are the converted ones: verify fails (exit 3) and
+    # says what to do; `ofaconv upgrade` is the way in.
+    assert cli(["verify", str(old_port_folder)]) == 3
     out = capsys.readouterr().out
-    assert "loads cleanly" in out
+    assert "manifest" in out and "FAIL" in out and "written by ofaconv" in out
 
 
 def test_upgrade_old_port_folder(old_port_folder, tmp_path):
