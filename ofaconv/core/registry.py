@@ -7,14 +7,18 @@ folder from its ``config.json`` / report and call the family's hooks module, whi
 only when a folder of that family is handled (the registry itself imports nothing heavy, so
 ``ofaconv --help`` stays fast).
 
-Hooks module (``Family.hooks``) protocol, every function optional unless marked:
+Hooks module (``Family.hooks``) protocol:
 
-``verify_folder(folder, *, against=None, report=None) -> list[dict]``  (required)
-    The family's checks of a converted folder (loading, probe forward; with ``against`` the full
-    parity check against the source), as report check rows (see :mod:`ofaconv.core.report`).
-``card(folder, config, report) -> dict``  (required)
-    What the model card says: ``{"pipeline_tag", "tags", "language", "title", "usage",
-    "description"}``; the publisher fills in the rest from the report.
+``verify_folder(folder, against=None, *, ema=None) -> (checks, passed)``
+    The family's checks of a folder whose manifest :mod:`ofaconv.core.verify` has already checked
+    (loading, probe forward; with ``against`` the full parity check against the source), as report
+    check rows ``{"name", "passed", "metric", "value", "gate", "detail"}``.
+``card(folder, config, report) -> dict``
+    The family's part of the model card (:mod:`ofaconv.hub.card` fills in the rest from the
+    report): ``pipeline_tag``, ``tags``, ``language``, ``library_name``, ``description``, ``usage``
+    (``{repo}`` stands for the repo id), and optionally ``title`` and ``details`` rows.
+``export_onnx(folder, out, **options)``
+    ``ofaconv export onnx`` for the family's folders.
 """
 
 from __future__ import annotations
