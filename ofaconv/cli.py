@@ -20,6 +20,7 @@ from .core.errors import OfaconvError
 # machinery, seconds of start-up that e.g. ``ofaconv convert`` never needs.
 CORE_COMMANDS = {
     "verify": "ofaconv.core.verify",
+    "export": "ofaconv.core.export",
     "push": "ofaconv.hub.push",
 }
 

@@ -18,6 +18,13 @@ def verify_folder(folder, against=None, *, ema=None):
     return run(folder, against, ema=ema)
 
 
+def export_onnx(folder, out, *, threads=None):
+    """``ofaconv export onnx``: encoder.onnx + decoder.onnx and their parity rows (:mod:`ofaconv.ofa.onnx`)."""
+    from .onnx import export_onnx as run
+
+    return run(folder, out, threads=threads)
+
+
 def card(folder, config: dict, report: dict | None) -> dict:
     """The OFA part of the model card: metadata, a description and both loading paths."""
     from ofaconv.core.errors import OfaconvError
