@@ -20,12 +20,10 @@ from typing import Callable
 from PIL import Image
 
 from ofaconv.core.errors import DataError, OfaconvError
-from ofaconv.core.images import ImageDecodeError, ImageTsv, open_image
+from ofaconv.core.images import IMAGE_SUFFIXES, ImageDecodeError, ImageTsv, open_image
 
 __all__ = ["Pair", "DataStats", "ImageStore", "read_pairs", "read_csv_pairs", "read_cnclip", "validate_image_bytes",
-           "read_cnclip_texts", "read_image_tsv", "list_image_folder", "IMAGE_SUFFIXES"]
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+           "read_cnclip_texts", "read_image_tsv", "list_image_folder"]
 
 
 @dataclass

@@ -7,25 +7,33 @@ naming the file (or ``file:line`` of a TSV row); callers that go on count it and
 
 ``ImageTsv`` reads ``image_id<TAB>base64[<TAB>...]`` files (MUGE, Chinese-CLIP; urlsafe or standard
 alphabet) by byte offset, never all in memory. A UTF-8 byte-order mark is not part of the first id.
+
+``expand_images`` turns command-line image arguments (files, directories, glob patterns) into
+``ImageInput`` items, one per image, each argument that names none becoming an item with an error,
+so batch commands (caption, clip similarity) report it and go on.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import glob
 import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator, Optional
 
 from PIL import Image
 
 from ofaconv.core.errors import DataError
 
-__all__ = ["ImageDecodeError", "open_image", "decode_base64", "TsvRow", "tsv_rows", "ImageTsv"]
+__all__ = ["ImageDecodeError", "open_image", "decode_base64", "TsvRow", "tsv_rows", "ImageTsv", "IMAGE_SUFFIXES",
+           "ImageInput", "expand_images"]
 
 _BOM = b"\xef\xbb\xbf"
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})
+_GLOB_CHARS = set("*?[")
 
 
 class ImageDecodeError(DataError):
@@ -187,3 +195,39 @@ class ImageTsv:
         state = self.__dict__.copy()
         state["_fh"] = None
         return state
+
+
+@dataclass
+class ImageInput:
+    """One input image: a display name and either a path, encoded bytes, or the reason it has none."""
+
+    name: str
+    path: Optional[str] = None
+    data: Optional[bytes] = None
+    error: Optional[str] = None
+
+
+def _directory_images(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def expand_images(arguments: Iterable[str]) -> Iterator[ImageInput]:
+    """Files as given, directories as their image files (sorted), globs as their matches (sorted)."""
+    for argument in arguments:
+        path = Path(argument)
+        if path.is_dir():
+            found = _directory_images(path)
+            if not found:
+                yield ImageInput(argument, error="directory holds no image files")
+            for p in found:
+                yield ImageInput(str(p), path=str(p))
+        elif path.exists():
+            yield ImageInput(argument, path=argument)
+        elif _GLOB_CHARS & set(argument):
+            matches = sorted(m for m in glob.glob(argument, recursive=True) if os.path.isfile(m))
+            if not matches:
+                yield ImageInput(argument, error="no files match this pattern")
+            for m in matches:
+                yield ImageInput(m, path=m)
+        else:
+            yield ImageInput(argument, error="no such file or directory")

@@ -13,33 +13,19 @@ Generation is the model's fairseq-faithful search with the folder's ``generation
 from __future__ import annotations
 
 import binascii
-import glob
 import json
 import os
 import sys
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
 import torch
 
 from ofaconv.core.errors import DataError, OfaconvError
-from ofaconv.core.images import ImageDecodeError, decode_base64, open_image, tsv_rows
+from ofaconv.core.images import ImageDecodeError, ImageInput, decode_base64, expand_images, open_image, tsv_rows
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-_GLOB_CHARS = set("*?[")
-
-
-@dataclass
-class Item:
-    """One input: a display name and either a path, encoded bytes, or the reason it has none."""
-
-    name: str
-    path: Optional[str] = None
-    data: Optional[bytes] = None
-    error: Optional[str] = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -47,33 +33,7 @@ class Item:
 # ---------------------------------------------------------------------------------------------
 
 
-def _directory_images(directory: Path) -> list[Path]:
-    return sorted(p for p in directory.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-
-
-def expand_images(arguments: Iterable[str]) -> Iterator[Item]:
-    """Files as given, directories as their image files (sorted), globs as their matches (sorted)."""
-    for argument in arguments:
-        path = Path(argument)
-        if path.is_dir():
-            found = _directory_images(path)
-            if not found:
-                yield Item(argument, error="directory holds no image files")
-            for p in found:
-                yield Item(str(p), path=str(p))
-        elif path.exists():
-            yield Item(argument, path=argument)
-        elif _GLOB_CHARS & set(argument):
-            matches = sorted(m for m in glob.glob(argument, recursive=True) if os.path.isfile(m))
-            if not matches:
-                yield Item(argument, error="no files match this pattern")
-            for m in matches:
-                yield Item(m, path=m)
-        else:
-            yield Item(argument, error="no such file or directory")
-
-
-def read_tsv(path: str) -> Iterator[Item]:
+def read_tsv(path: str) -> Iterator[ImageInput]:
     """Items of a MUGE-style image TSV, one per non-blank line (``image_id<TAB>base64``; extra columns ignored)."""
     try:
         handle = open(path, "rb")
@@ -82,15 +42,15 @@ def read_tsv(path: str) -> Iterator[Item]:
     with handle:
         for row in tsv_rows(path):
             if not row.ok:
-                yield Item(f"{path}:{row.lineno}", error="malformed TSV line (expected image_id<TAB>base64)")
+                yield ImageInput(f"{path}:{row.lineno}", error="malformed TSV line (expected image_id<TAB>base64)")
                 continue
             handle.seek(row.start)
             try:
                 data = decode_base64(handle.read(row.length))
             except (binascii.Error, ValueError) as exc:
-                yield Item(row.image_id, error=f"{path}:{row.lineno}: invalid base64 ({exc})")
+                yield ImageInput(row.image_id, error=f"{path}:{row.lineno}: invalid base64 ({exc})")
                 continue
-            yield Item(row.image_id, data=data)
+            yield ImageInput(row.image_id, data=data)
 
 
 def count_tsv_lines(path: str) -> int:
@@ -127,7 +87,7 @@ def load_captioner(folder, device: str = "cpu", dtype: str = "fp32"):
     return model.to(torch_device).eval(), processor
 
 
-def _preprocess(processor, item: Item):
+def _preprocess(processor, item: ImageInput):
     """Pixel tensor [3, S, S] of one item, or an error message."""
     if item.error is not None:
         return None, item.error
@@ -161,10 +121,10 @@ def caption_batch(model, processor, pixels: list[torch.Tensor], prompt: Optional
     return list(zip(captions, out.sequences_scores.float().tolist()))
 
 
-def caption_items(model, processor, items: Iterable[Item], *, batch_size: int = 8, prompt: Optional[str] = None,
+def caption_items(model, processor, items: Iterable[ImageInput], *, batch_size: int = 8, prompt: Optional[str] = None,
                   progress=None, **generate_kwargs) -> Iterator[dict]:
     """JSONL records for ``items`` in input order; unreadable inputs become error records."""
-    pending: list[tuple[Item, Optional[torch.Tensor], Optional[str]]] = []
+    pending: list[tuple[ImageInput, Optional[torch.Tensor], Optional[str]]] = []
 
     def flush():
         ready = [(item, pixels) for item, pixels, error in pending if error is None]
