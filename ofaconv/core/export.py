@@ -95,7 +95,9 @@ def export_onnx(folder, out, *, force: bool = False, threads: int | None = None)
     if not hasattr(hooks, "export_onnx"):
         raise OfaconvError(f"the {family.name} family has no ONNX export", path=folder)
     row, prefix = manifest_check(folder)
-    if not row["passed"] or prefix:
+    if prefix:
+        raise OfaconvError(f"a part of the folder {folder.parent}: export that folder", path=folder)
+    if not row["passed"]:
         raise OfaconvError(f"{row['detail']}; export only a folder ofaconv wrote, as it wrote it", path=folder)
     source = load_report(folder)
     with OutputFolder(out, force=force, protect=[folder]) as target:
