@@ -68,6 +68,9 @@ class EngineSetup:
 
 class CaptionTrainer(Trainer):
     def __init__(self, *args, setup: EngineSetup, **kwargs):
+        # evaluate() reads the held-out pairs from ``setup``; the Trainer is told of them too, since it
+        # refuses an eval_strategy other than "no" without an eval_dataset.
+        kwargs.setdefault("eval_dataset", setup.eval_dataset)
         super().__init__(*args, **kwargs)
         self.setup = setup
         # compute_loss normalises by the token count of the accumulated (and gathered) batch.

@@ -19,7 +19,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from transformers import TrainerCallback, TrainingArguments
 
-from ofaconv.core.errors import OfaconvError
+from ofaconv.core.errors import DataError, OfaconvError
 from ofaconv.core.images import ImageDecodeError
 from .base import BaseModel, init_random_folder, load_base
 from .batching import CaptionCollator, CaptionDataset, CaptionSampler, global_batch_size, tokenize_targets
@@ -312,6 +312,11 @@ def finetune(
         eval_collator = collator_for(eval_data)
         references = eval_data.references()
         caption_eval = _caption_evaluator(recipe, base, eval_data, cache, prompt_ids)
+    elif args.eval_strategy != "no":
+        raise DataError(
+            "no held-out image/caption pair is left to evaluate on (every held-out image was skipped, or "
+            "data.eval_fraction holds out none); fix the held-out data, or set data.eval: null to train without "
+            "evaluation", path=recipe.source, key="data.eval")
 
     setup = EngineSetup(
         sampler=sampler,
@@ -350,7 +355,13 @@ def finetune(
     train_output = trainer.train(resume_from_checkpoint=resume or None)
     metrics = dict(train_output.metrics)
     if eval_set is not None:
-        metrics.update(trainer.evaluate())
+        # An eval_strategy that already evaluated the final weights (epoch end = training end) is not
+        # repeated: at MUGE size one evaluation is minutes of beam search.
+        last = next((entry for entry in reversed(trainer.state.log_history) if "eval_loss" in entry), None)
+        if last is not None and last.get("step") == trainer.state.global_step:
+            metrics.update({k: v for k, v in last.items() if k.startswith("eval_")})
+        else:
+            metrics.update(trainer.evaluate())
 
     # -- data issues from every rank ------------------------------------------------------------
     all_issues = DataIssues()
