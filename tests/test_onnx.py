@@ -245,3 +245,20 @@ def test_a_graph_over_its_gate_writes_nothing(clip, tmp_path, monkeypatch, capsy
     assert main(["export", "onnx", str(clip[0]), str(tmp_path / "out"), "--threads", "1"]) == 3
     assert "differ from PyTorch" in _one_line_error(capsys)
     _no_output(tmp_path / "out")
+
+
+def test_exported_folders_verify_and_carry_an_onnx_card(ofa, clip, tmp_path, capsys):
+    from ofaconv.cli import main
+
+    for _, out, _ in (ofa, clip):
+        assert main(["verify", str(out)]) == 0
+        shown = capsys.readouterr().out
+        assert "graph" in shown and "export parity" in shown
+        card = (out / "README.md").read_text(encoding="utf-8")
+        assert "library_name: onnx" in card and "onnx" in card and "from_pretrained(repo, trust_remote_code" not in card
+    edited = tmp_path / "edited"
+    shutil.copytree(clip[1], edited)
+    graph = edited / "text.onnx"
+    graph.write_bytes(graph.read_bytes()[:-16])
+    assert main(["verify", str(edited)]) == 3
+    assert "manifest" in capsys.readouterr().out

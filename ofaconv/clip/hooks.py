@@ -216,6 +216,17 @@ def card(folder, config: dict, report: dict | None) -> dict:
         _config(folder)  # the one-line refusal naming config.json
     source = ((report or {}).get("source") or {}).get("file")
     origin = f", converted by ofaconv from `{source}`" if source else ""
+    if model_type in ROOT_TYPES and (report or {}).get("format") == "onnx":
+        return {
+            "pipeline_tag": "zero-shot-image-classification",
+            "tags": ["clip", "onnx", "ofaconv"],
+            "language": "zh",
+            "library_name": "onnx",
+            "description": ("A Chinese CLIP dual encoder exported by `ofaconv export onnx`: `vision.onnx` "
+                            "(`pixel_values` -> `image_embeds`) and `text.onnx` (`input_ids`, `attention_mask` -> "
+                            f"`text_embeds`), L2-normalised, equal to the PyTorch towers within 1e-4{origin}."),
+            "usage": _ONNX_USAGE,
+        }
     if model_type in ROOT_TYPES:
         kind = ROOT_TYPES[model_type]
         v, t = config.get("vision_config") or {}, config.get("text_config") or {}
@@ -298,4 +309,22 @@ from sentence_transformers import SentenceTransformer
 model = SentenceTransformer("{{repo}}")
 embeddings = model.encode({_LABELS})  # normalised CLIP text embeddings
 print(embeddings.shape)
+```"""
+
+
+_ONNX_USAGE = """\
+```python
+import json
+import numpy as np
+import onnxruntime as ort
+from huggingface_hub import snapshot_download
+
+folder = snapshot_download("{repo}")
+vision = ort.InferenceSession(f"{folder}/vision.onnx")
+text = ort.InferenceSession(f"{folder}/text.onnx")
+scale = np.exp(json.load(open(f"{folder}/onnx_clip.json"))["logit_scale"])
+# pixel_values from the folder's preprocessor_config.json, input_ids/attention_mask from its tokenizer:
+# image = vision.run(None, {"pixel_values": pixel_values})[0]
+# texts = text.run(None, {"input_ids": input_ids, "attention_mask": attention_mask})[0]
+# logits_per_image = scale * image @ texts.T
 ```"""

@@ -114,6 +114,29 @@ def export_onnx(folder, out, *, force: bool = False, threads: int | None = None)
         return target.commit(report)
 
 
+def verify_graphs(folder) -> list[dict]:
+    """``ofaconv verify`` of an exported folder (its manifest already checked): every graph the
+    report lists loads in onnxruntime, and the parity rows measured at export passed."""
+    folder = Path(folder)
+    _require_onnx()
+    report = load_report(folder)
+    rows = []
+    for name in sorted(report.get("graphs") or {}):
+        try:
+            inference_session(folder / name, threads=1)
+            rows.append({"name": f"graph {name}", "passed": True, "detail": "loads in onnxruntime"})
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types for a bad graph
+            rows.append({"name": f"graph {name}", "passed": False, "detail": " ".join(str(exc).split())[:200]})
+    if not rows:
+        rows.append({"name": "graphs", "passed": False, "detail": f"{REPORT_NAME} lists no graphs"})
+    recorded = report.get("checks") or []
+    failed = [c.get("name") for c in recorded if not c.get("passed")]
+    rows.append({"name": "export parity", "passed": bool(recorded) and not failed,
+                 "detail": f"failed at export: {', '.join(map(str, failed))}" if failed else
+                 f"{len(recorded)} rows measured against PyTorch at export"})
+    return rows
+
+
 def _require_onnx() -> None:
     try:
         import onnx  # noqa: F401

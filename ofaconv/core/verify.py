@@ -29,6 +29,11 @@ def verify(folder, against=None, *, ema: bool | None = None) -> tuple[list[dict]
     if not row["passed"]:
         return [row], False
     home = root.parent if prefix else root
+    if covering_report(root)[0].get("format") == "onnx":
+        from .export import verify_graphs
+
+        checks = verify_graphs(root)
+        return [row, *checks], all(c["passed"] for c in checks)
     checks, passed = registry.family_of_folder(home).load_hooks().verify_folder(root, against, ema=ema)
     return [row, *checks], passed
 

@@ -36,6 +36,17 @@ def card(folder, config: dict, report: dict | None) -> dict:
                            key="model_type")
     family = (report or {}).get("family") or family_from_vocab_size(config.get("vocab_size"))
     defaults = family_info(family) if family else None
+    if (report or {}).get("format") == "onnx":
+        return {
+            "pipeline_tag": "image-to-text",
+            "tags": [*TAGS, "onnx"],
+            "language": _LANGUAGE.get(family),
+            "library_name": "onnx",
+            "description": _description(report, config) + " Exported as ONNX graphs (`encoder.onnx`, "
+                           "`decoder.onnx` with past keys/values) by `ofaconv export onnx`; captions from "
+                           "onnxruntime alone equal the PyTorch model's token for token (checked at export).",
+            "usage": _ONNX_USAGE,
+        }
     return {
         # image-to-text until the pipeline-tag issue moves OFA to image-text-to-text
         "pipeline_tag": "image-to-text",
@@ -120,3 +131,14 @@ def _generate_args(folder: Path, defaults: dict | None) -> str:
     if gen.get("no_repeat_ngram_size"):
         args["no_repeat_ngram_size"] = gen["no_repeat_ngram_size"]
     return "".join(f", {k}={v}" for k, v in args.items())
+
+
+_ONNX_USAGE = """\
+```python
+from huggingface_hub import snapshot_download
+from ofaconv.ofa.onnx import OnnxCaptioner  # numpy + onnxruntime only; torch is not imported
+
+folder = snapshot_download("{repo}")
+ids = OnnxCaptioner(folder).caption_ids(["image.jpg"])  # the folder's fairseq search settings
+# ids -> text with the folder's tokenizer, e.g. transformers.AutoTokenizer.from_pretrained(folder)
+```"""
