@@ -36,7 +36,8 @@ _CLEAN = textwrap.dedent(
     from transformers import AutoModelForSeq2SeqLM, AutoProcessor
 
     folder, inputs_path, out_path, image_path = sys.argv[2:6]
-    model = AutoModelForSeq2SeqLM.from_pretrained(folder, trust_remote_code=True).eval()
+    # eager, as ofaconv's verify path loads it: bit-exact with the in-process model
+    model = AutoModelForSeq2SeqLM.from_pretrained(folder, trust_remote_code=True, attn_implementation="eager").eval()
     inputs = torch.load(inputs_path)
     with torch.no_grad():
         logits = model(inputs["input_ids"], inputs["patch_images"], inputs["patch_masks"],

@@ -14,6 +14,7 @@ Invariants:
 
 from __future__ import annotations
 
+import copy
 import functools
 import sys
 import tempfile
@@ -42,6 +43,7 @@ REMOTE_CODE_FILES = [
     "image_processing_ofa.py",
     "processing_ofa.py",
     "tokenization_ofa.py",
+    "pipeline_ofa.py",
 ]
 # fairseq flags the model does not implement: refuse rather than convert something that differs.
 # Every released checkpoint has the other value; the reference implements them, the model does not.
@@ -98,6 +100,7 @@ def check_supported(shape: dict, flags: dict, path=None) -> None:
 def build_config(shape: dict, flags: dict):
     """OFAConfig from inferred shapes plus the checkpoint's non-shape flags (``check_supported`` first)."""
     from .modeling import OFAConfig
+    from .modeling.configuration_ofa import AUTO_MAP, CUSTOM_PIPELINES
 
     return OFAConfig(
         vocab_size=shape["vocab_size"],
@@ -129,11 +132,8 @@ def build_config(shape: dict, flags: dict):
         patch_image_size=int(flags["patch_image_size"]),
         code_image_size=int(flags.get("code_image_size", 128)),
         architectures=["OFAForConditionalGeneration"],
-        auto_map={
-            "AutoConfig": "configuration_ofa.OFAConfig",
-            "AutoModel": "modeling_ofa.OFAModel",
-            "AutoModelForSeq2SeqLM": "modeling_ofa.OFAForConditionalGeneration",
-        },
+        auto_map=dict(AUTO_MAP),
+        custom_pipelines=copy.deepcopy(CUSTOM_PIPELINES),
     )
 
 

@@ -25,6 +25,20 @@ FAIRSEQ_DEFAULTS: dict[str, Any] = {
     "constraint_range": None,
 }
 
+# config.json: what trust_remote_code loads from a converted folder (transformers 5 builds the
+# "image-text-to-text" pipeline, and its "image-to-text" alias, through AutoModelForImageTextToText).
+AUTO_MAP = {
+    "AutoConfig": "configuration_ofa.OFAConfig",
+    "AutoModel": "modeling_ofa.OFAModel",
+    "AutoModelForSeq2SeqLM": "modeling_ofa.OFAForConditionalGeneration",
+    "AutoModelForImageTextToText": "modeling_ofa.OFAForConditionalGeneration",
+}
+# config.json: pipeline(task, model=folder, trust_remote_code=True) answers with the caption alone.
+CUSTOM_PIPELINES = {
+    task: {"impl": "pipeline_ofa.OFAImageTextToTextPipeline", "pt": ["AutoModelForImageTextToText"], "type": "multimodal"}
+    for task in ("image-text-to-text", "image-to-text")
+}
+
 RESNET_LAYERS = {
     # OFA names every trunk after torchvision but builds Bottleneck blocks for all of them,
     # and keeps only layer1..layer3.

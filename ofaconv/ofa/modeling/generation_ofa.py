@@ -1,4 +1,5 @@
-"""Generation for OFA as fairseq's SequenceGenerator runs it (OFA-Sys/OFA ``models/sequence_generator.py``).
+"""Generation for OFA as fairseq's SequenceGenerator runs it (OFA-Sys/OFA ``models/sequence_generator.py``),
+with transformers' ``generate`` arguments on top.
 
 Self-contained (imports only torch, transformers and ``configuration_ofa.py``, which builds
 ``generation_config.json``): ofaconv copies this file into every converted folder next to
@@ -10,11 +11,11 @@ of ``2 * beam`` candidates, stops a sentence once ``beam`` hypotheses are final,
 ``<pad>``, forces EOS after ``max_len_b`` tokens and divides the logits by a temperature before the
 log-softmax (the OFA-Huge recipe). transformers differs on several of these, so greedy and beam
 requests (``do_sample=False``) run :func:`fairseq_search` here, with a key/value cache; sampling
-requests are handed to transformers' ``generate`` without a cache.
+requests are handed to transformers' ``generate`` (without a cache).
 
 Settings live in ``generation_config.json``. Next to the usual fields (``num_beams``,
 ``no_repeat_ngram_size``, ``max_length`` = ``max_len_b + 2``, ...) it carries fairseq's own knobs
-as extra attributes, and those win over the HF fields they shadow:
+as extra attributes:
 
 =========================  =====================================================================
 ``max_len_a``/``max_len_b``  at most ``max_len_a * src_len + max_len_b`` tokens, then EOS is forced
@@ -26,75 +27,101 @@ as extra attributes, and those win over the HF fields they shadow:
 ``constraint_range``       ``"start,end"``: ban ids ``4..start-1`` and ``>= end`` (fairseq flag)
 ``text_token_range``       ``[first, last]`` text ids; ``text_only=True`` turns it into a constraint
 =========================  =====================================================================
+
+Which setting wins
+------------------
+1. What the call gives (``generate`` kwargs, and the fields a ``generation_config`` passed to
+   ``generate`` sets) wins over the folder's ``generation_config.json``.
+2. Within one source, fairseq's knob wins over the transformers argument it shadows: ``lenpen``
+   over ``length_penalty``, ``min_len`` over ``min_new_tokens`` over ``min_length``, ``max_len_b``
+   over ``max_length``, ``fairseq_temperature`` over ``temperature``; except ``max_new_tokens``,
+   which wins over ``max_len_b`` (ofaconv never saves it, so it was set on purpose).
+3. fairseq's stopping rule (a sentence ends once ``num_beams`` hypotheses are final) replaces
+   ``early_stopping``.
+4. fairseq's own constraints (no ``<pad>``, EOS banned before ``min_len``, EOS forced at
+   ``max_len``, ``no_repeat_ngram_size`` blocking with ``<s>`` counted, the constraint range) are
+   applied after every logits processor, so no processor can undo them.
+
+When a call's arguments conflict under rules 2 and 3, generate logs one warning line naming what
+was overridden.
+
+transformers' arguments on the fairseq search
+---------------------------------------------
+``logits_processor``, ``prefix_allowed_tokens_fn`` and the processors transformers builds from the
+config (``repetition_penalty``, ``bad_words_ids``, ``sequence_bias``, ``suppress_tokens``,
+``begin_suppress_tokens``, ``forced_bos_token_id``, ``encoder_repetition_penalty``,
+``encoder_no_repeat_ngram_size``, ``exponential_decay_length_penalty``, ``renormalize_logits``,
+``remove_invalid_values``, ``watermarking_config``) see the log-probabilities of every beam, as in
+transformers' beam search (also at ``num_beams=1``), laid out ``sentence * num_beams + beam`` for
+the whole batch at every step. ``stopping_criteria``, ``max_time`` and ``stop_strings`` (with
+``tokenizer=``) are asked about each candidate continuation: a candidate they stop is finalized
+like one ending in EOS (it keeps its last token). ``streamer`` works at ``num_beams=1`` (as in
+transformers). ``return_dict_in_generate`` gives ``sequences``, ``sequences_scores``,
+``token_scores`` (fairseq's per-token scores) and ``beam_indices``; with ``output_scores`` /
+``output_logits`` / ``output_attentions`` / ``output_hidden_states`` also the per-step tensors in
+transformers' layout (rows of sentences that already finished hold -inf scores and zeros), so
+``model.compute_transition_scores(out.sequences, out.scores, out.beam_indices)`` gives the
+per-token scores. Group beam search, contrastive search, assisted decoding and classifier-free
+guidance are other algorithms and are refused.
 """
 
 from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from transformers import GenerationConfig, GenerationMixin
+from transformers.generation import LogitsProcessorList, MaxTimeCriteria, StopStringCriteria, StoppingCriteriaList
 from transformers.generation.utils import GenerateBeamEncoderDecoderOutput
+from transformers.utils import logging
 
 from .configuration_ofa import BOS, EOS, FAIRSEQ_DEFAULTS, PAD, UNK, default_text_token_range
+
+logger = logging.get_logger(__name__)
 
 # transformers' length default when nothing else says how long to generate (max_length = 20).
 _HF_DEFAULT_MAX_LENGTH = 20
 
-# Generation-config fields that ask for something fairseq's search does not do, with the value
-# that means "off" (None is always off).
+# Generation-config fields that ask for another decoding algorithm, with the value that means
+# "off" (None is always off).
 _UNSUPPORTED_FIELDS = {
     "num_beam_groups": 1,
     "diversity_penalty": 0.0,
     "penalty_alpha": None,
-    "repetition_penalty": 1.0,
-    "encoder_repetition_penalty": 1.0,
-    "encoder_no_repeat_ngram_size": 0,
-    "bad_words_ids": None,
+    "guidance_scale": 1.0,
     "force_words_ids": None,
     "constraints": None,
-    "sequence_bias": None,
-    "guidance_scale": 1.0,
-    "forced_bos_token_id": None,
-    "exponential_decay_length_penalty": None,
-    "begin_suppress_tokens": None,
-    "output_scores": False,
-    "output_logits": False,
-    "output_attentions": False,
-    "output_hidden_states": False,
-    "stop_strings": None,
-    "max_time": None,
     "prompt_lookup_num_tokens": None,
-    "watermarking_config": None,
     "dola_layers": None,
+    "assistant_early_exit": None,
 }
-# generate() arguments of transformers that only make sense with its own decoding loop.
+# generate() arguments of transformers that only make sense with another decoding loop.
 _UNSUPPORTED_ARGS = (
-    "logits_processor",
-    "stopping_criteria",
-    "prefix_allowed_tokens_fn",
     "assistant_model",
-    "streamer",
+    "assistant_tokenizer",
     "negative_prompt_ids",
     "negative_prompt_attention_mask",
     "custom_generate",
-    "synced_gpus",
 )
 _MODEL_INPUTS = ("input_ids", "patch_images", "patch_masks", "attention_mask", "encoder_outputs")
+_FAIRSEQ_KNOBS = ("max_len_a", "max_len_b", "min_len", "lenpen", "normalize_scores", "unk_penalty",
+                  "fairseq_temperature", "constraint_range", "text_token_range")
 
 
 @dataclass
 class OFAGenerateOutput(GenerateBeamEncoderDecoderOutput):
     """transformers' beam output plus fairseq's per-token scores.
 
-    ``sequences`` start with the decoder start token (0) and end with EOS, right-padded with pad;
-    ``sequences_scores`` are fairseq's length-normalised hypothesis scores; ``token_scores`` are
-    fairseq's ``positional_scores`` (log-prob of each generated token, EOS included), aligned with
-    ``sequences[:, 1:]`` and padded with 0.
+    ``sequences`` start with the decoder start token (0) and end with EOS (or the token a stopping
+    criterion ended on), right-padded with pad; ``sequences_scores`` are fairseq's
+    length-normalised hypothesis scores; ``token_scores`` are fairseq's ``positional_scores``
+    (log-prob of each generated token, EOS included), aligned with ``sequences[:, 1:]`` and padded
+    with 0; ``beam_indices`` name, per generated token, the row (``sentence * num_beams + beam``) of
+    ``scores`` it was chosen from, -1 past the end.
     """
 
     token_scores: Optional[torch.FloatTensor] = None
@@ -114,7 +141,6 @@ class SearchSettings:
     unk_penalty: float = 0.0
     temperature: float = 1.0
     constraint_range: Optional[tuple[int, int]] = None
-    suppress_tokens: tuple[int, ...] = ()
     num_return_sequences: int = 1
     use_cache: bool = True
     return_dict_in_generate: bool = False
@@ -122,6 +148,26 @@ class SearchSettings:
     pad: int = PAD
     eos: int = EOS
     unk: int = UNK
+
+
+@dataclass
+class SearchHooks:
+    """transformers' generate arguments on top of :func:`fairseq_search` (all optional), and what
+    the search records for ``return_dict_in_generate``, per step in transformers' layout."""
+
+    logits_processor: Optional[LogitsProcessorList] = None
+    stopping_criteria: Optional[StoppingCriteriaList] = None
+    streamer: Optional[object] = None
+    track_beams: bool = False
+    output_scores: bool = False
+    output_logits: bool = False
+    output_attentions: bool = False
+    output_hidden_states: bool = False
+    scores: list = field(default_factory=list)
+    logits: list = field(default_factory=list)
+    decoder_attentions: list = field(default_factory=list)
+    cross_attentions: list = field(default_factory=list)
+    decoder_hidden_states: list = field(default_factory=list)
 
 
 def parse_constraint_range(value) -> Optional[tuple[int, int]]:
@@ -141,44 +187,49 @@ def _set(value) -> bool:
     return value is not None
 
 
-def resolve_settings(model, generation_config: Optional[GenerationConfig], kwargs: dict) -> tuple[SearchSettings, dict]:
-    """Merge the model's generation config, an explicit one and ``generate`` kwargs.
+def resolve_settings(model, generation_config: Optional[GenerationConfig], kwargs: dict):
+    """Merge the model's generation config, an explicit one and ``generate`` kwargs (module
+    docstring, "Which setting wins").
 
-    Returns the search settings and the remaining (model input) kwargs. Precedence: kwargs (and
-    the fields a config passed to ``generate`` sets), then the model's config; within one source
-    fairseq's knobs win over the HF fields they shadow (``max_len_b`` over ``max_length``, ``lenpen``
-    over ``length_penalty``), except ``max_new_tokens``, which ofaconv never saves and so was set
-    on purpose.
+    Returns ``(settings, config, model_kwargs, conflicts)``: the search settings, the merged
+    ``GenerationConfig`` (its transformers fields drive the logits processors), the remaining
+    (model input) kwargs, and one message per overridden argument of this call.
     """
     config = copy.deepcopy(generation_config if generation_config is not None else model.generation_config)
     kwargs = dict(kwargs)
-    for name in _UNSUPPORTED_ARGS:
-        value = kwargs.pop(name, None)
-        if value is not None and value is not False and not (isinstance(value, (list, tuple)) and not value):
-            raise ValueError(f"OFA's fairseq search does not support `{name}`")
+    conflicts: list[str] = []
 
-    fairseq_knobs = ("max_len_a", "max_len_b", "min_len", "lenpen", "normalize_scores", "unk_penalty",
-                     "fairseq_temperature", "constraint_range", "text_token_range")
-    explicit = {name: kwargs.pop(name) for name in fairseq_knobs if name in kwargs}
+    explicit = {name: kwargs.pop(name) for name in _FAIRSEQ_KNOBS if name in kwargs}
     explicit = {name: value for name, value in explicit.items() if value is not None}
     text_only = kwargs.pop("text_only", None)
 
+    def shadow(fairseq_name, value, hf_name, shown=None):
+        if fairseq_name in explicit:
+            if explicit[fairseq_name] != value:
+                conflicts.append(f"{fairseq_name}={explicit[fairseq_name]} wins over {hf_name}={shown if shown is not None else value}")
+        else:
+            explicit[fairseq_name] = value
+
     # HF names given as kwargs: map them onto fairseq's knobs (kwargs beat every config field).
-    # Length, within one source: max_new_tokens > max_len_b (fairseq) > max_length.
     length: dict[str, int] = {}
+    min_names = sorted(n for n in ("min_new_tokens", "min_length") if kwargs.get(n) is not None)
     for hf_name, value in list(kwargs.items()):
         if hf_name in _MODEL_INPUTS or value is None:
             continue
         if hf_name in ("max_new_tokens", "max_length"):
             length[hf_name] = int(value)
         elif hf_name == "min_new_tokens":
-            explicit.setdefault("min_len", int(value))
+            shadow("min_len", int(value), hf_name)
         elif hf_name == "min_length":
-            explicit.setdefault("min_len", max(int(value) - 1, 0))
+            if "min_new_tokens" not in min_names:
+                shadow("min_len", max(int(value) - 1, 0), hf_name, shown=value)
         elif hf_name == "length_penalty":
-            explicit.setdefault("lenpen", float(value))
+            shadow("lenpen", float(value), hf_name)
         elif hf_name == "temperature":
-            explicit.setdefault("fairseq_temperature", float(value))
+            shadow("fairseq_temperature", float(value), hf_name)
+        elif hf_name == "early_stopping":
+            if value is not True:
+                conflicts.append(f"fairseq's stopping rule wins over early_stopping={value!r}")
         elif hasattr(config, hf_name):
             setattr(config, hf_name, value)
         else:
@@ -186,9 +237,14 @@ def resolve_settings(model, generation_config: Optional[GenerationConfig], kwarg
         kwargs.pop(hf_name)
 
     if "max_new_tokens" in length:
+        if "max_len_b" in explicit and explicit["max_len_b"] != length["max_new_tokens"] - 1:
+            conflicts.append(f"max_new_tokens={length['max_new_tokens']} wins over max_len_b={explicit['max_len_b']}")
         explicit["max_len_a"], explicit["max_len_b"] = 0, length["max_new_tokens"] - 1
-    elif "max_length" in length and "max_len_b" not in explicit:
-        explicit["max_len_a"], explicit["max_len_b"] = 0, length["max_length"] - 2
+    elif "max_length" in length:
+        if "max_len_b" not in explicit:
+            explicit["max_len_a"], explicit["max_len_b"] = 0, length["max_length"] - 2
+        elif explicit["max_len_b"] != length["max_length"] - 2:
+            conflicts.append(f"max_len_b={explicit['max_len_b']} wins over max_length={length['max_length']}")
 
     unsupported = [
         name
@@ -196,7 +252,8 @@ def resolve_settings(model, generation_config: Optional[GenerationConfig], kwarg
         if getattr(config, name, None) is not None and getattr(config, name) != off and getattr(config, name) != []
     ]
     if unsupported:
-        raise ValueError(f"OFA's fairseq search does not support: {', '.join(unsupported)}")
+        raise ValueError(f"OFA's fairseq search does not support: {', '.join(unsupported)} "
+                         "(another decoding algorithm than beam search)")
     eos = config.eos_token_id if _set(config.eos_token_id) else EOS
     eos = int(eos[0] if isinstance(eos, (list, tuple)) else eos)
     if config.forced_eos_token_id is not None and config.forced_eos_token_id != eos:
@@ -250,7 +307,6 @@ def resolve_settings(model, generation_config: Optional[GenerationConfig], kwarg
         raise ValueError("temperature must be greater than 0")
     if max_len_b < 0:
         raise ValueError(f"max_len_b must be >= 0, got {max_len_b}")
-    suppress = tuple(int(t) for t in (config.suppress_tokens or ()))
 
     settings = SearchSettings(
         beam_size=num_beams,
@@ -263,7 +319,6 @@ def resolve_settings(model, generation_config: Optional[GenerationConfig], kwarg
         unk_penalty=float(knob("unk_penalty", 0.0)),
         temperature=temperature,
         constraint_range=constraint,
-        suppress_tokens=suppress,
         num_return_sequences=num_return,
         use_cache=config.use_cache is not False,
         return_dict_in_generate=bool(config.return_dict_in_generate),
@@ -271,7 +326,7 @@ def resolve_settings(model, generation_config: Optional[GenerationConfig], kwarg
         pad=int(config.pad_token_id if _set(config.pad_token_id) else PAD),
         eos=eos,
     )
-    return settings, kwargs
+    return settings, config, kwargs, conflicts
 
 
 # ---------------------------------------------------------------------------------------------
@@ -312,24 +367,31 @@ def _reorder_self_attention(cache, index: torch.Tensor, num_heads: int) -> None:
 
 
 class _Decoder:
-    """One decoding step of the model: cached (new token only) or full recompute."""
+    """One decoding step of the model: cached (new token only) or full recompute. ``last`` keeps
+    the step's raw logits (and attentions / hidden states when asked) for the output trace."""
 
-    def __init__(self, model, settings: SearchSettings):
+    def __init__(self, model, settings: SearchSettings, outputs: Optional[dict] = None):
         self.model = model
         self.settings = settings
         self.num_heads = model.config.decoder_attention_heads
+        self.outputs = outputs or {}
         self.cache = None
+        self.last = None
 
     def lprobs(self, tokens: torch.Tensor, step: int, encoder_outputs) -> torch.Tensor:
         if self.settings.use_cache:
             out = self.model(decoder_input_ids=tokens[:, step : step + 1], encoder_outputs=encoder_outputs,
-                             past_key_values=self.cache, use_cache=True)
-            self.cache = out.past_key_values
+                             cache=self.cache, use_cache=True, **self.outputs)
+            self.cache = out.cache
         else:
-            out = self.model(decoder_input_ids=tokens[:, : step + 1], encoder_outputs=encoder_outputs, use_cache=False)
+            out = self.model(decoder_input_ids=tokens[:, : step + 1], encoder_outputs=encoder_outputs, use_cache=False,
+                             **self.outputs)
+        if self.outputs or self.settings.return_dict_in_generate:
+            self.last = out
         # fairseq: logits of the last position divided by the temperature, the constraint range
         # masked on the logits, then log_softmax in fp32.
-        logits = out.logits[:, -1:, :].div_(self.settings.temperature)
+        logits = out.logits[:, -1:, :]
+        logits = logits / self.settings.temperature if self.last is not None else logits.div_(self.settings.temperature)
         if self.settings.constraint_range is not None:
             start, end = self.settings.constraint_range
             logits[:, :, 4:start] = -math.inf
@@ -345,15 +407,46 @@ class _Decoder:
             self.cache.reorder(index, self.num_heads)
 
 
+def _full(values: torch.Tensor, rows: torch.Tensor, total: int, fill) -> torch.Tensor:
+    """``values`` of the current rows placed at their rows of the whole batch (``total`` rows)."""
+    out = values.new_full((total,) + tuple(values.shape[1:]), fill)
+    out[rows] = values
+    return out
+
+
+def _trace_step(hooks: SearchHooks, decoder: _Decoder, lprobs, rows, total, expand) -> None:
+    """Record the step's processed scores, raw logits, attentions and hidden states."""
+    if hooks.output_scores:
+        hooks.scores.append(_full(lprobs, rows, total, -math.inf))
+    out = decoder.last
+    if out is None:
+        return
+
+    def place(t, fill=0.0):
+        return _full(t if expand is None else t.index_select(0, expand), rows, total, fill)
+
+    if hooks.output_logits:
+        hooks.logits.append(place(out.logits[:, -1, :].float()))
+    if hooks.output_attentions:
+        hooks.decoder_attentions.append(tuple(place(a) for a in out.decoder_attentions))
+        hooks.cross_attentions.append(tuple(place(a) for a in out.cross_attentions))
+    if hooks.output_hidden_states:
+        hooks.decoder_hidden_states.append(tuple(place(h) for h in out.decoder_hidden_states))
+
+
 @torch.no_grad()
-def fairseq_search(model, encoder_outputs, settings: SearchSettings, src_len: int) -> list[list[dict]]:
+def fairseq_search(model, encoder_outputs, settings: SearchSettings, src_len: int,
+                   hooks: Optional[SearchHooks] = None) -> list[list[dict]]:
     """fairseq ``SequenceGenerator._generate`` with ``search.BeamSearch`` (beam 1 = greedy).
 
     ``encoder_outputs`` holds one row per sentence. Returns, per sentence, its finalized
     hypotheses best first: dicts with ``tokens`` (ending with EOS, no ``<s>``), ``score`` (float,
-    normalised as fairseq does) and ``positional_scores``.
+    normalised as fairseq does), ``positional_scores`` and, when ``hooks.track_beams``,
+    ``beam_indices``. ``hooks`` adds transformers' processors, stopping criteria, streamer and
+    per-step outputs (module docstring); without it the search is fairseq's, step for step.
     """
     s = settings
+    hooks = hooks if hooks is not None else SearchHooks()
     bsz = encoder_outputs.last_hidden_state.shape[0]
     device = encoder_outputs.last_hidden_state.device
     vocab_size = model.config.vocab_size
@@ -363,23 +456,34 @@ def fairseq_search(model, encoder_outputs, settings: SearchSettings, src_len: in
         raise ValueError(f"min_len ({s.min_len}) cannot be larger than max_len ({max_len})")
     if max_len + 1 > model.config.max_position_embeddings:
         raise ValueError(f"max_len {max_len} exceeds the decoder's {model.config.max_position_embeddings} positions")
+    if hooks.streamer is not None and beam_size > 1:
+        raise ValueError("`streamer` cannot be used with beam search (as in transformers); use num_beams=1")
 
-    decoder = _Decoder(model, s)
+    outputs = {name: True for name in ("output_attentions", "output_hidden_states") if getattr(hooks, name)}
+    decoder = _Decoder(model, s, outputs)
     tokens = torch.full((bsz * beam_size, max_len + 2), s.pad, dtype=torch.long, device=device)
     tokens[:, 0] = s.bos
     scores = torch.zeros(bsz * beam_size, max_len + 1, dtype=torch.float32, device=device)
+    # per active row and step: the row of the whole batch (sentence * beam + beam) it was chosen from
+    history = torch.full_like(tokens[:, :-1], -1) if hooks.track_beams else None
     cands_to_ignore = torch.zeros(bsz, beam_size, dtype=torch.bool, device=device)
     finalized: list[list[dict]] = [[] for _ in range(bsz)]
     finished = [False] * bsz
     num_remaining = bsz
     sentence_of_row = list(range(bsz))  # current batch position -> original sentence
+    total_rows = bsz * beam_size
     cand_size = 2 * beam_size
     bbsz_offsets = (torch.arange(bsz, device=device) * beam_size).unsqueeze(1)
     cand_offsets = torch.arange(cand_size, device=device)
+    beam_offsets = torch.arange(beam_size, device=device)
+    full_rows = torch.arange(total_rows, device=device)  # current row -> row of the whole batch
+    if hooks.streamer is not None:
+        hooks.streamer.put(tokens[:, :1].cpu())
 
     reorder_state: Optional[torch.Tensor] = None
     batch_idxs: Optional[torch.Tensor] = None
     for step in range(max_len + 1):  # one extra step for the EOS marker
+        expand = None
         if step == 0:
             # All beams of a sentence start identical: decode one row per sentence, then copy
             # rows (encoder states, cross-attention keys/values) into the beams.
@@ -397,18 +501,20 @@ def fairseq_search(model, encoder_outputs, settings: SearchSettings, src_len: in
             decoder.reorder(reorder_state, within_sentences=batch_idxs is None)
             lprobs = decoder.lprobs(tokens, step, encoder_outputs)
 
+        if hooks.logits_processor:
+            ids = _full(tokens[:, : step + 1], full_rows, total_rows, s.pad)
+            lprobs = hooks.logits_processor(ids, _full(lprobs, full_rows, total_rows, -math.inf))[full_rows]
         if step < s.min_len:
             lprobs[:, s.eos] = -math.inf
         lprobs[lprobs != lprobs] = -math.inf
         lprobs[:, s.pad] = -math.inf
         lprobs[:, s.unk] -= s.unk_penalty
-        if s.suppress_tokens:
-            lprobs[:, list(s.suppress_tokens)] = -math.inf
         if step >= max_len:
             lprobs[:, : s.eos] = -math.inf
             lprobs[:, s.eos + 1 :] = -math.inf
         if s.no_repeat_ngram_size > 0:
             block_repeated_ngrams(tokens, lprobs, step, s.no_repeat_ngram_size)
+        _trace_step(hooks, decoder, lprobs, full_rows, total_rows, expand)
 
         # BeamSearch.step: the top 2 * beam of beam x V cumulative scores (beam 0 only at step 0)
         lp = lprobs.view(bsz, -1, vocab_size)
@@ -423,15 +529,31 @@ def fairseq_search(model, encoder_outputs, settings: SearchSettings, src_len: in
         cand_bbsz_idx = cand_beams + bbsz_offsets
 
         # finalize hypotheses ending in EOS, but only among the first beam_size candidates
-        eos_mask = cand_indices.eq(s.eos) & cand_scores.ne(-math.inf)
+        eos_mask = cand_indices.eq(s.eos)
+        if hooks.stopping_criteria:
+            # a candidate a stopping criterion ends is finalized like one ending in EOS
+            rows = cand_bbsz_idx.reshape(-1)
+            candidates = tokens.index_select(0, rows)[:, : step + 2]
+            candidates[:, step + 1] = cand_indices.reshape(-1)
+            eos_mask |= hooks.stopping_criteria(candidates, lprobs.index_select(0, rows)).view_as(eos_mask)
+        eos_mask &= cand_scores.ne(-math.inf)
         eos_mask[:, :beam_size][cands_to_ignore] = False
+        if hooks.streamer is not None:  # beam 1: the top candidate is this step's token
+            streamed = torch.full((len(finished),), s.pad, dtype=torch.long, device=device)
+            streamed[torch.tensor(sentence_of_row, device=device)] = cand_indices[:, 0]
+            hooks.streamer.put(streamed.cpu())
         top_eos = eos_mask[:, :beam_size]
         finalized_rows: list[int] = []
         if bool(top_eos.any()):
             eos_bbsz_idx = cand_bbsz_idx[:, :beam_size][top_eos]
             eos_scores = cand_scores[:, :beam_size][top_eos]
-            finalized_rows = _finalize(step, eos_bbsz_idx, eos_scores, tokens, scores, finalized, finished,
-                                       sentence_of_row, beam_size, max_len, s)
+            end_tokens = cand_indices[:, :beam_size][top_eos]
+            hypo_history = None
+            if history is not None:
+                hypo_history = torch.cat([history.index_select(0, eos_bbsz_idx)[:, :step],
+                                          full_rows[eos_bbsz_idx].unsqueeze(1)], dim=1)
+            finalized_rows = _finalize(step, eos_bbsz_idx, eos_scores, end_tokens, hypo_history, tokens, scores,
+                                       finalized, finished, sentence_of_row, beam_size, max_len, s)
             num_remaining -= len(finalized_rows)
         if num_remaining == 0:
             break
@@ -454,6 +576,9 @@ def fairseq_search(model, encoder_outputs, settings: SearchSettings, src_len: in
             cands_to_ignore = cands_to_ignore[batch_idxs]
             scores = scores.view(bsz, -1)[batch_idxs].view(new_bsz * beam_size, -1)
             tokens = tokens.view(bsz, -1)[batch_idxs].view(new_bsz * beam_size, -1)
+            if history is not None:
+                history = history.view(bsz, -1)[batch_idxs].view(new_bsz * beam_size, -1)
+            full_rows = (torch.tensor(sentence_of_row, device=device)[:, None] * beam_size + beam_offsets).view(-1)
             bsz = new_bsz
         else:
             batch_idxs = None
@@ -472,8 +597,13 @@ def fairseq_search(model, encoder_outputs, settings: SearchSettings, src_len: in
         if step > 0:
             scores[:, :step] = scores[:, :step].index_select(0, active_bbsz_idx)
         scores.view(bsz, beam_size, -1)[:, :, step] = torch.gather(cand_scores, 1, active_hypos)
+        if history is not None:
+            history[:, :step] = history[:, :step].index_select(0, active_bbsz_idx)
+            history[:, step] = full_rows[active_bbsz_idx]
         reorder_state = active_bbsz_idx
 
+    if hooks.streamer is not None:
+        hooks.streamer.end()
     results = []
     for hypos in finalized:
         order = torch.sort(torch.tensor([h["score"] for h in hypos]), descending=True)[1].tolist()
@@ -481,11 +611,12 @@ def fairseq_search(model, encoder_outputs, settings: SearchSettings, src_len: in
     return results
 
 
-def _finalize(step, bbsz_idx, eos_scores, tokens, scores, finalized, finished, sentence_of_row, beam_size, max_len,
-              s: SearchSettings) -> list[int]:
-    """Store hypotheses that just produced EOS; return the batch rows of sentences now finished."""
+def _finalize(step, bbsz_idx, eos_scores, end_tokens, hypo_history, tokens, scores, finalized, finished,
+              sentence_of_row, beam_size, max_len, s: SearchSettings) -> list[int]:
+    """Store hypotheses that just ended (EOS, or a stopping criterion on ``end_tokens``); return
+    the batch rows of sentences now finished."""
     hypo_tokens = tokens.index_select(0, bbsz_idx)[:, 1 : step + 2]  # drop <s>
-    hypo_tokens[:, step] = s.eos
+    hypo_tokens[:, step] = end_tokens
     pos_scores = scores.index_select(0, bbsz_idx)[:, : step + 1]
     pos_scores[:, step] = eos_scores
     pos_scores[:, 1:] = pos_scores[:, 1:] - pos_scores[:, :-1]  # cumulative -> per token
@@ -499,7 +630,10 @@ def _finalize(step, bbsz_idx, eos_scores, tokens, scores, finalized, finished, s
         sent = sentence_of_row[row]
         touched.setdefault(sent, row)
         if len(finalized[sent]) < beam_size:
-            finalized[sent].append({"tokens": hypo_tokens[i], "score": values[i], "positional_scores": pos_scores[i]})
+            hypo = {"tokens": hypo_tokens[i], "score": values[i], "positional_scores": pos_scores[i]}
+            if hypo_history is not None:
+                hypo["beam_indices"] = hypo_history[i]
+            finalized[sent].append(hypo)
     newly_finished = []
     for sent in sorted(touched):
         if not finished[sent] and (len(finalized[sent]) == beam_size or step == max_len):
@@ -515,18 +649,20 @@ def _finalize(step, bbsz_idx, eos_scores, tokens, scores, finalized, finished, s
 
 def pack_hypotheses(results: list[list[dict]], num_return: int, settings: SearchSettings, device):
     """HF-style tensors: sequences [B * num_return, T] (start token, ..., EOS, pad...), their
-    scores and per-token scores."""
-    rows, row_scores, row_token_scores = [], [], []
+    scores, per-token scores and beam indices (None unless the search tracked them)."""
+    rows, row_scores, row_token_scores, row_beams = [], [], [], []
     for hypos in results:
         for k in range(num_return):
             if k < len(hypos):
                 rows.append(hypos[k]["tokens"].tolist())
                 row_scores.append(hypos[k]["score"])
                 row_token_scores.append(hypos[k]["positional_scores"].tolist())
+                row_beams.append(hypos[k]["beam_indices"].tolist() if "beam_indices" in hypos[k] else None)
             else:  # fewer finished hypotheses than asked for (a sentence cut at max_len)
                 rows.append([settings.eos])
                 row_scores.append(-math.inf)
                 row_token_scores.append([0.0])
+                row_beams.append([-1])
     width = 1 + max(len(r) for r in rows)
     sequences = torch.full((len(rows), width), settings.pad, dtype=torch.long)
     token_scores = torch.zeros(len(rows), width - 1, dtype=torch.float32)
@@ -534,13 +670,61 @@ def pack_hypotheses(results: list[list[dict]], num_return: int, settings: Search
     for i, (row, ts) in enumerate(zip(rows, row_token_scores)):
         sequences[i, 1 : 1 + len(row)] = torch.tensor(row, dtype=torch.long)
         token_scores[i, : len(ts)] = torch.tensor(ts, dtype=torch.float32)
-    return sequences.to(device), torch.tensor(row_scores, dtype=torch.float32).to(device), token_scores.to(device)
+    beam_indices = None
+    if all(b is not None for b in row_beams):
+        beam_indices = torch.full((len(rows), width - 1), -1, dtype=torch.long)
+        for i, b in enumerate(row_beams):
+            beam_indices[i, : len(b)] = torch.tensor(b, dtype=torch.long)
+        beam_indices = beam_indices.to(device)
+    return (sequences.to(device), torch.tensor(row_scores, dtype=torch.float32).to(device), token_scores.to(device),
+            beam_indices)
+
+
+def _logits_processor(model, config: GenerationConfig, settings: SearchSettings, input_ids, model_kwargs,
+                      logits_processor, prefix_allowed_tokens_fn, device) -> LogitsProcessorList:
+    """transformers' processors for the config's fields (and the caller's), without the ones that
+    fairseq's search does itself (length limits, n-gram blocking, forced EOS)."""
+    config = copy.deepcopy(config)
+    config.no_repeat_ngram_size = None
+    config.min_length, config.min_new_tokens = 0, None
+    config.forced_eos_token_id = None
+    config.do_sample = False
+    config.num_beams = settings.beam_size
+    config._eos_token_tensor = torch.tensor([settings.eos], device=device)
+    encoder_ids = None if input_ids is None else input_ids.repeat_interleave(settings.beam_size, dim=0)
+    return model._get_logits_processor(
+        generation_config=config,
+        input_ids_seq_length=1,
+        encoder_input_ids=encoder_ids,
+        prefix_allowed_tokens_fn=prefix_allowed_tokens_fn,
+        logits_processor=LogitsProcessorList(logits_processor or []),
+        device=device,
+        model_kwargs=model_kwargs,
+    )
+
+
+def _stopping_criteria(config: GenerationConfig, stopping_criteria, tokenizer) -> StoppingCriteriaList:
+    """The caller's criteria plus ``max_time`` and ``stop_strings``; length and EOS are fairseq's."""
+    criteria = StoppingCriteriaList(stopping_criteria or [])
+    if config.max_time is not None:
+        criteria.append(MaxTimeCriteria(max_time=config.max_time))
+    if config.stop_strings is not None:
+        if tokenizer is None:
+            raise ValueError("`stop_strings` needs the tokenizer: pass `tokenizer=` to generate")
+        criteria.append(StopStringCriteria(tokenizer=tokenizer, stop_strings=config.stop_strings))
+    return criteria
 
 
 def ofa_generate(model, inputs: Optional[torch.Tensor] = None, generation_config: Optional[GenerationConfig] = None,
-             **kwargs):
+                 logits_processor=None, stopping_criteria=None, prefix_allowed_tokens_fn=None, synced_gpus=None,
+                 streamer=None, **kwargs):
     """``OFAForConditionalGeneration.generate``: fairseq search for greedy/beam, transformers'
-    sampling (uncached) for ``do_sample=True``."""
+    sampling (uncached) for ``do_sample=True``; transformers' arguments work on both (module docstring)."""
+    for name in _UNSUPPORTED_ARGS:
+        if kwargs.pop(name, None) is not None:
+            raise ValueError(f"OFA's fairseq search does not support `{name}`")
+    if synced_gpus:
+        raise ValueError("OFA's fairseq search does not support `synced_gpus`")
     if inputs is not None:
         if kwargs.get("input_ids") is not None:
             raise ValueError("pass the prompt as `inputs` or `input_ids`, not both")
@@ -555,10 +739,15 @@ def ofa_generate(model, inputs: Optional[torch.Tensor] = None, generation_config
     if sample_requested is None:
         config = generation_config if generation_config is not None else model.generation_config
         sample_requested = bool(getattr(config, "do_sample", False))
+    extras = dict(logits_processor=logits_processor, stopping_criteria=stopping_criteria,
+                  prefix_allowed_tokens_fn=prefix_allowed_tokens_fn, streamer=streamer)
     if sample_requested:
-        return _sample(model, generation_config, kwargs)
+        return _sample(model, generation_config, kwargs, extras)
 
-    settings, model_kwargs = resolve_settings(model, generation_config, kwargs)
+    tokenizer = kwargs.pop("tokenizer", None)
+    settings, config, model_kwargs, conflicts = resolve_settings(model, generation_config, kwargs)
+    if conflicts:
+        logger.warning("OFA generate: " + "; ".join(conflicts) + " (see generation_ofa.py, 'Which setting wins')")
     unknown = sorted(k for k in model_kwargs if k not in _MODEL_INPUTS and model_kwargs[k] is not None)
     if unknown:
         raise TypeError(f"OFA generate() got unexpected arguments: {', '.join(unknown)}")
@@ -566,32 +755,58 @@ def ofa_generate(model, inputs: Optional[torch.Tensor] = None, generation_config
     encoder_outputs = model_kwargs.get("encoder_outputs")
     if input_ids is None and (encoder_outputs is None or settings.max_len_a):
         raise ValueError("OFA generate() needs `input_ids` (the tokenized prompt)")
+    want_attentions, want_hidden = bool(config.output_attentions), bool(config.output_hidden_states)
     if encoder_outputs is None:
         encoder_outputs = model.get_encoder()(
             input_ids=input_ids,
             patch_images=model_kwargs.get("patch_images"),
             patch_masks=model_kwargs.get("patch_masks"),
             attention_mask=model_kwargs.get("attention_mask"),
+            output_attentions=want_attentions,
+            output_hidden_states=want_hidden,
         )
     elif isinstance(encoder_outputs, (tuple, list)):
         raise ValueError("encoder_outputs must be the encoder's OFAEncoderOutput")
 
-    src_len = input_ids.shape[1] if input_ids is not None else 0
-    results = fairseq_search(model, encoder_outputs, settings, src_len=src_len)
-    sequences, sequence_scores, token_scores = pack_hypotheses(
-        results, settings.num_return_sequences, settings, encoder_outputs.last_hidden_state.device
+    device = encoder_outputs.last_hidden_state.device
+    hooks = SearchHooks(
+        logits_processor=_logits_processor(model, config, settings, input_ids, model_kwargs, logits_processor,
+                                           prefix_allowed_tokens_fn, device),
+        stopping_criteria=_stopping_criteria(config, stopping_criteria, tokenizer),
+        streamer=streamer,
+        track_beams=settings.return_dict_in_generate,
+        output_scores=settings.return_dict_in_generate and bool(config.output_scores),
+        output_logits=settings.return_dict_in_generate and bool(config.output_logits),
+        output_attentions=settings.return_dict_in_generate and want_attentions,
+        output_hidden_states=settings.return_dict_in_generate and want_hidden,
     )
-    if settings.return_dict_in_generate:
-        return OFAGenerateOutput(sequences=sequences, sequences_scores=sequence_scores, token_scores=token_scores)
-    return sequences
+    src_len = input_ids.shape[1] if input_ids is not None else 0
+    results = fairseq_search(model, encoder_outputs, settings, src_len=src_len, hooks=hooks)
+    sequences, sequence_scores, token_scores, beam_indices = pack_hypotheses(
+        results, settings.num_return_sequences, settings, device
+    )
+    if not settings.return_dict_in_generate:
+        return sequences
+    return OFAGenerateOutput(
+        sequences=sequences,
+        sequences_scores=sequence_scores,
+        token_scores=token_scores,
+        beam_indices=beam_indices,
+        scores=tuple(hooks.scores) if hooks.output_scores else None,
+        logits=tuple(hooks.logits) if hooks.output_logits else None,
+        encoder_attentions=encoder_outputs.attentions if want_attentions else None,
+        encoder_hidden_states=encoder_outputs.hidden_states if want_hidden else None,
+        decoder_attentions=tuple(hooks.decoder_attentions) if hooks.output_attentions else None,
+        cross_attentions=tuple(hooks.cross_attentions) if hooks.output_attentions else None,
+        decoder_hidden_states=tuple(hooks.decoder_hidden_states) if hooks.output_hidden_states else None,
+    )
 
 
-def _sample(model, generation_config, kwargs):
+def _sample(model, generation_config, kwargs, extras):
     """Sampling: transformers' own loop, full recompute each step (the OFA cache is not a
     transformers ``Cache``). ``<pad>`` is suppressed as in fairseq."""
     config = copy.deepcopy(generation_config if generation_config is not None else model.generation_config)
-    for name in ("max_len_a", "max_len_b", "min_len", "lenpen", "normalize_scores", "unk_penalty",
-                 "fairseq_temperature", "constraint_range", "text_token_range", "text_only"):
+    for name in _FAIRSEQ_KNOBS + ("text_only",):
         if kwargs.pop(name, None) not in (None, False):
             raise ValueError(f"`{name}` applies to fairseq's beam search, not to sampling")
     explicit_beams = kwargs.get("num_beams") is not None
@@ -604,5 +819,12 @@ def _sample(model, generation_config, kwargs):
     if not explicit_beams:  # the saved num_beams is for beam search: sample plain sequences
         config.num_beams = 1
         config.length_penalty, config.early_stopping = 1.0, False
+    # new-token counts as lengths (the decoder prompt is the start token): transformers warns when
+    # max_new_tokens meets the saved max_length
+    if config.max_new_tokens is not None:
+        config.max_length, config.max_new_tokens = config.max_new_tokens + 1, None
+    if config.min_new_tokens is not None:
+        config.min_length, config.min_new_tokens = config.min_new_tokens + 1, None
     config.use_cache = False
-    return GenerationMixin.generate(model, generation_config=config, **model_kwargs)
+    extras = {k: v for k, v in extras.items() if v is not None}
+    return GenerationMixin.generate(model, generation_config=config, **extras, **model_kwargs)

@@ -185,10 +185,17 @@ class OFAResNet(nn.Module):
 
 class OFAAttention(nn.Module):
     """fairseq OFA multi-head attention: scaled by (head_dim * attn_scale_factor) ** -0.5, an
-    additive position bias, softmax in fp32, NormFormer head scales ``c_attn``."""
+    additive position bias, softmax in fp32, NormFormer head scales ``c_attn``.
 
-    def __init__(self, embed_dim, num_heads, dropout=0.0, scale_factor=2.0, scale_heads=True):
+    ``config._attn_implementation`` picks the kernel: ``"eager"`` is fairseq's arithmetic operation
+    by operation (bit-exact on CPU fp32, what ofaconv's parity checks use); ``"sdpa"`` hands the
+    same additive bias to ``scaled_dot_product_attention`` (equal within float rounding). A call
+    that asks for the attention weights runs eager, as sdpa cannot return them.
+    """
+
+    def __init__(self, embed_dim, num_heads, dropout=0.0, scale_factor=2.0, scale_heads=True, config=None):
         super().__init__()
+        self.config = config
         self.embed_dim = embed_dim
         self.num_heads = num_heads
         self.head_dim = embed_dim // num_heads
@@ -232,6 +239,10 @@ class OFAAttention(nn.Module):
                 v = torch.cat([past_key_value[1], v], dim=1)
         src_len = k.shape[1]
 
+        if not output_attentions and getattr(self.config, "_attn_implementation", "eager") == "sdpa":
+            attn = self._sdpa(q, k, v, attn_bias, attn_mask, key_padding_mask, bsz, tgt_len, src_len)
+            return self.out_proj(attn.reshape(bsz, tgt_len, embed_dim)), None, (k, v)
+
         attn_weights = torch.bmm(q, k.transpose(1, 2))
         if attn_bias is not None:
             attn_weights += attn_bias
@@ -250,6 +261,27 @@ class OFAAttention(nn.Module):
         attn = self.out_proj(attn.reshape(bsz, tgt_len, embed_dim))
         weights = attn_probs.view(bsz, self.num_heads, tgt_len, src_len) if output_attentions else None
         return attn, weights, (k, v)
+
+    def _sdpa(self, q, k, v, attn_bias, attn_mask, key_padding_mask, bsz, tgt_len, src_len):
+        """The eager arithmetic through ``scaled_dot_product_attention``: one additive float mask
+        (position bias + causal mask + -inf at padded keys); ``q`` is already scaled."""
+        shape = (bsz, self.num_heads, -1, self.head_dim)
+        if attn_bias is None:
+            mask = q.new_zeros(bsz, 1, tgt_len, src_len)
+        else:
+            mask = attn_bias.view(bsz, self.num_heads, tgt_len, src_len)
+        if attn_mask is not None:
+            mask = mask + attn_mask
+        if key_padding_mask is not None:
+            mask = mask.masked_fill(key_padding_mask[:, None, None, :].to(torch.bool), float("-inf"))
+        attn = F.scaled_dot_product_attention(
+            q.view(shape), k.view(shape), v.view(shape), attn_mask=mask,
+            dropout_p=self.dropout if self.training else 0.0, scale=1.0,
+        )
+        attn = attn.transpose(1, 2)
+        if self.c_attn is not None:
+            attn = attn * self.c_attn[:, None]
+        return attn
 
 
 def _layer_norm_or_none(enabled: bool, dim: int):
@@ -302,7 +334,8 @@ class OFAEncoderLayer(OFALayerBase):
         super().__init__()
         d = config.d_model
         self.self_attn = OFAAttention(
-            d, config.encoder_attention_heads, config.attention_dropout, config.attn_scale_factor, config.normformer
+            d, config.encoder_attention_heads, config.attention_dropout, config.attn_scale_factor, config.normformer,
+            config=config,
         )
         self.self_attn_layer_norm = nn.LayerNorm(d)
         self.self_attn_mid_layer_norm = _layer_norm_or_none(config.normformer, d)
@@ -321,10 +354,12 @@ class OFADecoderLayer(OFALayerBase):
         super().__init__()
         d = config.d_model
         heads = config.decoder_attention_heads
-        self.self_attn = OFAAttention(d, heads, config.attention_dropout, config.attn_scale_factor, config.normformer)
+        self.self_attn = OFAAttention(d, heads, config.attention_dropout, config.attn_scale_factor, config.normformer,
+                                      config=config)
         self.self_attn_layer_norm = nn.LayerNorm(d)
         self.self_attn_mid_layer_norm = _layer_norm_or_none(config.normformer, d)
-        self.cross_attn = OFAAttention(d, heads, config.attention_dropout, config.attn_scale_factor, config.normformer)
+        self.cross_attn = OFAAttention(d, heads, config.attention_dropout, config.attn_scale_factor, config.normformer,
+                                       config=config)
         self.cross_attn_layer_norm = nn.LayerNorm(d)
         self.cross_attn_mid_layer_norm = _layer_norm_or_none(config.normformer, d)
         self._init_feed_forward(config, config.decoder_ffn_dim, config.decoder_normalize_before, drop_path_rate)
@@ -380,6 +415,7 @@ class OFAPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     main_input_name = "input_ids"
     supports_gradient_checkpointing = False
+    _supports_sdpa = True
     _no_split_modules = ["OFAEncoderLayer", "OFADecoderLayer"]
     # Old ports stored derived tables and fairseq bookkeeping; we derive the tables instead.
     _keys_to_ignore_on_load_unexpected = [
@@ -542,6 +578,8 @@ class OFAEncoder(OFAStack):
         padding_mask = text_padding
         num_patches = 0
         if patch_images is not None:
+            # processors give fp32 pixels; a bf16/fp16 model casts them, as stock vision models do
+            patch_images = patch_images.to(self.embed_images.conv1.weight.dtype)
             image_embed, num_patches, image_position_ids, image_pos_embed = self._image_inputs(patch_images)
             image_padding = torch.zeros(bsz, num_patches, dtype=torch.bool, device=device)
             if patch_masks is not None:
@@ -792,20 +830,23 @@ class OFAModel(OFAPreTrainedModel):
         attention_mask: Optional[torch.Tensor] = None,
         decoder_attention_mask: Optional[torch.Tensor] = None,
         encoder_outputs=None,
-        past_key_values: Optional[OFADecoderCache] = None,
+        cache: Optional[OFADecoderCache] = None,
         use_cache: Optional[bool] = None,
         output_attentions: bool = False,
         output_hidden_states: bool = False,
         return_dict: bool = True,
         **kwargs,
     ) -> Seq2SeqModelOutput:
+        """``cache`` (transformers 5's name; ``past_key_values`` is accepted too) holds the decoder
+        keys/values of earlier steps; the output's ``cache`` is the updated one when ``use_cache``."""
+        cache = kwargs.pop("past_key_values", None) if cache is None else cache
         encoder_outputs, features, cache, dec_hidden, dec_self, dec_cross = self._encode_and_decode(
             input_ids, patch_images, patch_masks, decoder_input_ids, attention_mask, decoder_attention_mask,
-            encoder_outputs, past_key_values, bool(use_cache), output_attentions, output_hidden_states,
+            encoder_outputs, cache, bool(use_cache), output_attentions, output_hidden_states,
         )
         return Seq2SeqModelOutput(
             last_hidden_state=features,
-            past_key_values=cache,
+            cache=cache,
             decoder_hidden_states=dec_hidden,
             decoder_attentions=dec_self,
             cross_attentions=dec_cross,
@@ -834,7 +875,7 @@ class OFAForConditionalGeneration(OFAModel, GenerationMixin):
         attention_mask: Optional[torch.Tensor] = None,
         decoder_attention_mask: Optional[torch.Tensor] = None,
         encoder_outputs=None,
-        past_key_values: Optional[OFADecoderCache] = None,
+        cache: Optional[OFADecoderCache] = None,
         labels: Optional[torch.LongTensor] = None,
         use_cache: Optional[bool] = None,
         output_attentions: bool = False,
@@ -842,11 +883,12 @@ class OFAForConditionalGeneration(OFAModel, GenerationMixin):
         return_dict: bool = True,
         **kwargs,
     ) -> Seq2SeqLMOutput:
+        cache = kwargs.pop("past_key_values", None) if cache is None else cache
         if labels is not None and decoder_input_ids is None:
             decoder_input_ids = shift_tokens_right(labels, self.config.pad_token_id, self.config.decoder_start_token_id)
         encoder_outputs, features, cache, dec_hidden, dec_self, dec_cross = self._encode_and_decode(
             input_ids, patch_images, patch_masks, decoder_input_ids, attention_mask, decoder_attention_mask,
-            encoder_outputs, past_key_values, bool(use_cache), output_attentions, output_hidden_states,
+            encoder_outputs, cache, bool(use_cache), output_attentions, output_hidden_states,
         )
         logits = self.decoder.output_projection(features)
         loss = None
@@ -855,7 +897,7 @@ class OFAForConditionalGeneration(OFAModel, GenerationMixin):
         return Seq2SeqLMOutput(
             loss=loss,
             logits=logits,
-            past_key_values=cache,
+            cache=cache,
             decoder_hidden_states=dec_hidden,
             decoder_attentions=dec_self,
             cross_attentions=dec_cross,
@@ -870,11 +912,14 @@ class OFAForConditionalGeneration(OFAModel, GenerationMixin):
 
         Greedy and beam search (``do_sample=False``) run fairseq's beam search with the key/value
         cache and return token ids ``[batch * num_return_sequences, T]`` (``0 ... 2``, right-padded
-        with 1), or with ``return_dict_in_generate=True`` an output with ``sequences``,
-        ``sequences_scores`` (fairseq's normalised scores) and ``token_scores``. fairseq's knobs
+        with 1), or with ``return_dict_in_generate=True`` an ``OFAGenerateOutput`` (``sequences``,
+        ``sequences_scores`` = fairseq's normalised scores, ``token_scores``, ``beam_indices``, and
+        ``scores`` / ``logits`` / attentions / hidden states when asked). fairseq's knobs
         (``max_len_a``, ``max_len_b``, ``min_len``, ``lenpen``, ``fairseq_temperature``,
         ``constraint_range``, ``text_only``, ...) come from ``generation_config`` or kwargs; HF names
         map onto them (``max_new_tokens`` = ``max_len_b + 1``, ``length_penalty``, ``temperature``).
+        transformers' arguments (``logits_processor``, ``stopping_criteria``, ``repetition_penalty``,
+        ``bad_words_ids``, ``streamer`` at one beam, ...) apply on top of the search.
         ``do_sample=True`` runs transformers' sampling, recomputing the full prefix each step.
         """
         return ofa_generate(self, inputs, generation_config, **kwargs)

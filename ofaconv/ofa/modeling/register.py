@@ -26,6 +26,8 @@ def _models(auto) -> None:
 
     auto.AutoModel.register(OFAConfig, OFAModel, exist_ok=True)
     auto.AutoModelForSeq2SeqLM.register(OFAConfig, OFAForConditionalGeneration, exist_ok=True)
+    # transformers 5's "image-text-to-text" pipeline (and its "image-to-text" alias) loads through this
+    auto.AutoModelForImageTextToText.register(OFAConfig, OFAForConditionalGeneration, exist_ok=True)
 
 
 def _image_processor(auto) -> None:
@@ -112,6 +114,7 @@ def register_lazily() -> None:
 
 
 def register() -> None:
-    """Register OFA with AutoConfig, AutoModel, AutoModelForSeq2SeqLM, AutoImageProcessor and AutoProcessor."""
+    """Register OFA with AutoConfig, AutoModel, AutoModelForSeq2SeqLM, AutoModelForImageTextToText,
+    AutoImageProcessor and AutoProcessor."""
     for name, callback in HOOKS.items():
         callback(importlib.import_module(name))
