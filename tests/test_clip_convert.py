@@ -225,6 +225,29 @@ def test_legacy_bertclip_to_canonical_vtde(tmp_path, safetensors, position_ids):
     assert [m["type"].rsplit(".", 1)[1] for m in modules] == ["Transformer", "Pooling", "Dense", "Dense", "Normalize"]
 
 
+def test_a_text_position_table_shorter_than_100_sets_the_text_length(tmp_path):
+    # A BertCLIP trained with 16 text positions: converting used to run the reference at the default
+    # 100 tokens and die in its forward (RuntimeError). The package takes the table's length instead.
+    from safetensors.torch import save_file
+
+    src = synth.write_legacy_bertclip(tmp_path / "src", safetensors=True)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["text_config"]["max_position_embeddings"] = 16
+    (src / "config.json").write_text(json.dumps(cfg))
+    state = load_file(str(src / "model.safetensors"))
+    state["text_model.embeddings.position_embeddings.weight"] = state["text_model.embeddings.position_embeddings.weight"][:16]
+    state["text_model.embeddings.position_ids"] = state["text_model.embeddings.position_ids"][:, :16]
+    save_file(state, str(src / "model.safetensors"))
+    report = convert(src, tmp_path / "out")
+    assert max(_diffs(report).values()) <= 1e-5
+    assert json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())["model_max_length"] == 16
+    assert json.loads((tmp_path / "out" / "ofaconv_clip.json").read_text())["max_length"] == 16
+    # asking for more than the table holds is one line naming the key
+    with pytest.raises(CheckpointError, match="key 'text_config.max_position_embeddings'.*16 rows"):
+        convert(src, tmp_path / "out2", max_length=40)
+    assert not (tmp_path / "out2").exists()
+
+
 class _Collect(logging.Handler):
     def __init__(self):
         super().__init__(level=logging.WARNING)

@@ -123,3 +123,71 @@ def test_an_interrupted_run_leaves_its_manifest_and_csv(tmp_path, base_url, monk
     r = download_images(src, tmp_path / "img", workers=2, timeout=5, retries=0, failures=manifest, out_csv=out_csv)
     assert r["skipped_existing"] in (2, 3) and r["skipped_existing"] + r["downloaded"] == 5 and r["failed"] == 2
     assert _filenames(out_csv) == [f"{i}_ok.png" for i in (0, 2, 4, 5, 6)]
+
+
+def test_only_http_urls_are_fetched_and_failures_exit_2(tmp_path, base_url, capsys):
+    from ofaconv.cli import main
+
+    secret = tmp_path / "secret.png"
+    Image.new("RGB", (4, 4), "red").save(secret)
+    src = tmp_path / "urls.csv"
+    src.write_text("text,url,filename\n"
+                   f"a,{base_url}/ok.png,a.png\n"
+                   f"b,{secret.as_uri()},b.png\n"
+                   "c,ftp://127.0.0.1/x.png,c.png\n"
+                   "d,\"data:image/png;base64,iVBORw0KGgo=\",d.png\n")
+    img = tmp_path / "img"
+    assert main(["clip", "download", str(src), str(img), "--workers", "2", "--retries", "0"]) == 2
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["failed"] == 3
+    assert captured.err.splitlines() == [
+        f"ofaconv: error: 3 of 4 images failed (first: {src}:3: {secret.as_uri()}: not an http(s) URL; only http:// "
+        f"and https:// are fetched); every failure is listed in {img / 'download_failures.jsonl'}"]
+    failures = [json.loads(line) for line in (img / "download_failures.jsonl").read_text().splitlines()]
+    assert [(f["line"], f["filename"]) for f in failures] == [(3, "b.png"), (4, "c.png"), (5, "d.png")]
+    assert sorted(p.name for p in img.iterdir()) == ["a.png", "download_failures.jsonl"]
+
+
+def test_redirects_to_other_schemes_are_not_followed():
+    import urllib.error
+
+    from ofaconv.clip.download import _fetch
+
+    class Redirect(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+        def do_GET(self):
+            self.send_response(302)
+            self.send_header("Location", "ftp://127.0.0.1:9/x.png")  # urllib's default opener follows this
+            self.end_headers()
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Redirect)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(urllib.error.URLError, match="unknown url type: ftp"):
+            _fetch(f"http://127.0.0.1:{server.server_address[1]}/r.png", 5, 5, 0, 0.01, 1 << 20)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_images_are_checked_from_the_header_and_at_reduced_scale(monkeypatch):
+    from PIL import ImageFile
+
+    from ofaconv.clip.download import check_image
+
+    def jpeg(size):
+        buf = io.BytesIO()
+        Image.new("RGB", size, "red").save(buf, format="JPEG")
+        return buf.getvalue()
+
+    big = jpeg((1200, 1000))
+    decoded = []
+    real_load = ImageFile.ImageFile.load
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: (decoded.append(self.size), real_load(self))[1])
+    assert check_image(big, max_pixels=1_000_000) == "1200x1000 pixels, above the limit of 1000000 (--max-pixels)"
+    assert decoded == []  # refused from the header: no pixel decoded
+    assert check_image(big, max_pixels=2_000_000) is None
+    assert decoded == [(150, 125)]  # a 144-megapixel JPEG is held at 1/64 of its pixels, not as a full bitmap
+    assert check_image(big[: len(big) // 2], max_pixels=0).startswith("OSError: image file is truncated")

@@ -111,6 +111,31 @@ def test_search_index_is_built_once_and_grows(towers, image_dir, tmp_path):
     assert abs(cos - hits[0]["results"][0]["cosine"]) < 1e-5
 
 
+def test_search_never_replaces_an_index_silently(towers, image_dir, tmp_path):
+    first, second = tmp_path / "first", tmp_path / "second"
+    for folder, pngs in ((first, [0, 1]), (second, [2, 3])):
+        folder.mkdir()
+        for p in sorted(image_dir.glob("*.png"))[pngs[0] : pngs[1] + 1]:
+            (folder / p.name).write_bytes(p.read_bytes())
+    index = tmp_path / "index"
+    build_index(towers, first, index)
+    before = (index / "index.json").read_text()
+    with pytest.raises(OfaconvError, match="--force"):
+        build_index(towers, second, index)
+    assert (index / "index.json").read_text() == before
+    replaced = build_index(towers, second, index, force=True)
+    assert replaced["images"] == 2 and replaced["newly_embedded"] == 2
+    assert {r["image"] for r in query_index(towers, index, ["红色"], k=4)[0]["results"]} == {p.name for p in second.iterdir()}
+    # a folder ofaconv did not write is never an index, --force or not
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    for force in (False, True):
+        with pytest.raises(OfaconvError, match="not a search index"):
+            build_index(towers, first, mine, force=force)
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+
+
 def test_search_over_tsv(towers, tmp_path):
     tsv = tmp_path / "valid_imgs.tsv"
     rows, images = [], []
@@ -185,6 +210,9 @@ class _ClockTowers:
     def encode_images(self, images, batch_size=64):
         return torch.stack([self._at(load_image(im).width - 10) for im in images])
 
+    def encode_readable_images(self, items, load, batch_size=64):
+        return self.encode_images([load(i) for i in items]), list(range(len(items))), []
+
     def encode_texts(self, texts, batch_size=64, max_length=None):
         return torch.stack([self._at(float(t.removesuffix("点"))) for t in texts])
 
@@ -219,6 +247,52 @@ def test_retrieval_known_answer(tmp_path):
     assert i2t["mean_recall"] == pytest.approx(1500 / 21)
 
 
+def _clock_tsv(path, hours, ids):
+    lines = []
+    for hour, image_id in zip(hours, ids):
+        buf = io.BytesIO()
+        _image("gray", (10 + hour, 8)).save(buf, format="PNG")
+        lines.append(f"{image_id}\t{base64.b64encode(buf.getvalue()).decode()}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_retrieval_ties_rank_the_earlier_gallery_item_first(tmp_path):
+    # every image twice (ids 100+h, then 200+h: the same pixels), so each text at hour h ties its two
+    # copies for the top score. The protocol's stable sort ranks the earlier copy (100+h) first: the six
+    # texts whose ground truth is that copy hit at rank 1, the six pointing at the later copy at rank 2.
+    # torch.topk orders such ties its own way (here it puts the later copy first for 8 of 12 rows).
+    hours = [h for h in range(12) for _ in (0, 1)]
+    ids = [(100 if n % 2 == 0 else 200) + h for n, h in enumerate(hours)]
+    tsv = _clock_tsv(tmp_path / "test_imgs.tsv", hours, ids)
+    texts = tmp_path / "test_texts.jsonl"
+    texts.write_text("".join(json.dumps({"text_id": h, "text": f"{h}点", "image_ids": [(100 if h % 2 == 0 else 200) + h]})
+                             + "\n" for h in range(12)))
+    t2i = evaluate_retrieval(_ClockTowers(), texts, tsv, directions=("text_to_image",))["text_to_image"]
+    assert [t2i["r1"], t2i["r5"], t2i["r10"]] == [50.0, 100.0, 100.0]
+    # the same rule straight on recall_at_k: equal scores, ground truth on the earlier or later column
+    sim = torch.tensor([[0.5, 0.9, 0.5, 0.9, 0.1]] * 2)
+    assert recall_at_k(sim, [{1}, {3}], ks=(1,))["r1"] == 50.0
+    assert recall_at_k(sim, [{0}, {2}], ks=(3,))["r3"] == 50.0  # ranks 1, 3, 0 | 2
+
+
+def test_eval_skips_lines_that_are_not_utf8_json_or_too_long(tmp_path, monkeypatch):
+    from ofaconv.clip import data
+
+    monkeypatch.setattr(data, "MAX_LINE_BYTES", 64)
+    tsv = _clock_tsv(tmp_path / "test_imgs.tsv", [0, 3], [100, 103])
+    texts = tmp_path / "test_texts.jsonl"
+    good = [json.dumps({"text_id": h, "text": f"{h}点", "image_ids": [100 + h]}, ensure_ascii=False).encode() for h in (0, 3)]
+    texts.write_bytes(b"\n".join([good[0], b'{"text": "\xff\xfe", "image_ids": [100]}', b"[[[[[[" * 50, b"[1, 2]",
+                                  b'{"text": "x", "image_ids": 100}', good[1]]) + b"\n")
+    result = evaluate_retrieval(_ClockTowers(), texts, tsv)
+    assert result["n_texts"] == 2 and result["bad_rows"] == 4
+    reasons = {f["item"].rsplit(":", 1)[1]: f["error"] for f in result["failed"]}
+    assert reasons["2"].startswith("not UTF-8") and "longer than 64 bytes" in reasons["3"]
+    assert reasons["4"] == "not a JSON object" and "list 'image_ids'" in reasons["5"]
+    assert result["items"] == 6 + 2 and result["text_to_image"]["r1"] == 100.0
+
+
 def test_eval_cli_on_cnclip_files(package, towers, tmp_path, capsys):
     tsv = tmp_path / "test_imgs.tsv"
     lines = []
@@ -230,13 +304,36 @@ def test_eval_cli_on_cnclip_files(package, towers, tmp_path, capsys):
     texts = tmp_path / "test_texts.jsonl"
     recs = [{"text_id": 1, "text": "红色", "image_ids": [0]}, {"text_id": 2, "text": "“绿色”", "image_ids": [1, 2]}]
     texts.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in recs) + "\n{broken\n")
+    # the broken line is skipped and reported: the result is written, the run exits 2 naming file:line
     assert main(["clip", "eval", str(package), "--texts", str(texts), "--images", str(tsv), "--output",
-                 str(tmp_path / "r.json")]) == 0
+                 str(tmp_path / "r.json")]) == 2
+    assert capsys.readouterr().err.strip().startswith(f"ofaconv: error: 1 of 6 items failed (first: {texts}:3: invalid JSON")
     result = json.loads((tmp_path / "r.json").read_text())
     assert result["protocol"]["context_length"] == 52 and result["bad_rows"] == 1
+    assert result["failed"][0]["item"] == f"{texts}:3"
     direct = evaluate_retrieval(towers, texts, tsv)
     for direction in ("text_to_image", "image_to_text"):
         assert result[direction] == pytest.approx(direct[direction]), direction
+
+
+def test_similarity_takes_folders_and_globs_and_skips_unreadable_images(package, image_dir, tmp_path, capsys):
+    folder, extra = tmp_path / "folder", tmp_path / "extra"
+    folder.mkdir()
+    extra.mkdir()
+    pngs = sorted(image_dir.glob("*.png"))
+    for p in pngs[:2]:
+        (folder / p.name).write_bytes(p.read_bytes())
+    (folder / "9_broken.png").write_bytes(b"not a png")
+    (extra / pngs[2].name).write_bytes(pngs[2].read_bytes())
+    assert main(["clip", "similarity", str(package), "--mode", "image-text", "--images", str(folder),
+                 str(extra / "*.png"), str(tmp_path / "missing.png"), "--texts", "红色", "绿色", "--json"]) == 2
+    captured = capsys.readouterr()
+    out = json.loads(captured.out)
+    assert [r["query"] for r in out["results"]] == [str(folder / pngs[0].name), str(folder / pngs[1].name),
+                                                    str(extra / pngs[2].name)]
+    assert [f["image"] for f in out["failed"]] == [str(folder / "9_broken.png"), str(tmp_path / "missing.png")]
+    assert captured.err.splitlines() == [captured.err.strip()]
+    assert captured.err.startswith(f"ofaconv: error: 2 of 5 images failed (first: {folder / '9_broken.png'}: ")
 
 
 def test_init_keeps_clip_vision_projection_and_temperature(tmp_path):

@@ -19,7 +19,7 @@ from ofaconv.core.writer import OutputFolder
 from .convert import _clip_processor_from_dict, _load_tokenizer, vtde_config
 from .architectures import apply_map, clip_tables
 from .convert import source_entry, source_weights
-from .package import ClipPackage, check_package, clip_report, reload_check, write_package
+from .package import ClipPackage, check_package, clip_report, reload_check, text_length, write_package
 
 __all__ = ["init_bertclip"]
 
@@ -67,7 +67,8 @@ def init_bertclip(vision: str | os.PathLike, text: str | os.PathLike, out: str |
     pkg = ClipPackage(kind="vtde", config=config, state=state,
                       image_processor=_clip_processor_from_dict(pp, config.vision_config.image_size),
                       tokenizer=_load_tokenizer(text, config.text_config.vocab_size),
-                      max_length=max_length or clip_tables()["bertclip_max_length"],
+                      max_length=text_length(config, max_length, clip_tables()["bertclip_max_length"],
+                                             text / "config.json"),
                       extra={"source_format": "init", "vision_source": str(vision), "text_source": str(text),
                              "notes": notes})
     with OutputFolder(out, force=force, protect=[vision, text]) as folder:

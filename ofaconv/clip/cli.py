@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -12,6 +13,16 @@ __all__ = ["add_parser"]
 
 def _print(obj, as_json: bool = True) -> None:
     print(json.dumps(obj, indent=2, ensure_ascii=False, default=str))
+
+
+def _at_least(low, **flags) -> None:
+    """One-line refusal of a numeric option below ``low`` (``--batch-size 0`` and the like)."""
+    from ofaconv.core.errors import OfaconvError
+
+    for name, value in flags.items():
+        if value is not None and value < low:
+            flag = f"-{name}" if len(name) == 1 else f"--{name.replace('_', '-')}"
+            raise OfaconvError(f"{flag} must be at least {low}, got {value}")
 
 
 def _convert(args) -> int:
@@ -51,45 +62,59 @@ def _towers(args):
 
 
 def _similarity(args) -> int:
-    from ofaconv.core.errors import OfaconvError
+    from ofaconv.core.errors import DataError, OfaconvError
+    from ofaconv.core.images import expand_images
+    from .data import failure_summary
     from .similarity import similarity
 
-    towers = _towers(args)
     kinds = args.mode.split("-")
-    sets = {"image": args.images, "text": args.texts}
+    sets = {"image": list(expand_images(args.images)), "text": args.texts}
     if kinds[0] == kinds[1]:
-        queries, candidates = sets[kinds[0]], (args.candidates or None)
+        extra = args.candidates or None
+        queries = sets[kinds[0]]
+        candidates = list(expand_images(extra)) if extra and kinds[0] == "image" else extra
     else:
         queries, candidates = sets[kinds[0]], sets[kinds[1]]
     if not queries:
         raise OfaconvError(f"mode {args.mode} needs --{kinds[0]}s")
+    towers = _towers(args)
     result = similarity(towers, args.mode, queries, candidates)
     if args.json:
         _print(result.to_dict())
-        return 0
-    note = " (self excluded)" if result.self_excluded else ""
-    print(f"# {args.mode}: softmax over candidates of exp({result.logit_scale:.4f}) * cosine{note}; probabilities are "
-          "relative to this candidate set")
-    for i, q in enumerate(result.queries):
-        print(q)
-        for j, prob, cos in result.ranked(i)[: args.top]:
-            print(f"  {prob:8.4f}  cos {cos:+.4f}  {result.candidates[j]}")
+    else:
+        note = " (self excluded)" if result.self_excluded else ""
+        print(f"# {args.mode}: softmax over candidates of exp({result.logit_scale:.4f}) * cosine{note}; probabilities "
+              "are relative to this candidate set")
+        for where, reason in result.failed:
+            print(f"# skipped {where}: {reason}")
+        for i, q in enumerate(result.queries):
+            print(q)
+            for j, prob, cos in result.ranked(i)[: args.top]:
+                print(f"  {prob:8.4f}  cos {cos:+.4f}  {result.candidates[j]}")
+    if result.failed:
+        raise DataError(f"{failure_summary(result.failed, result.n_images, 'images')}; the others were compared")
     return 0
 
 
 def _search(args) -> int:
-    from ofaconv.core.errors import OfaconvError
+    from ofaconv.core.errors import DataError, OfaconvError
+    from .data import failure_summary
     from .search import build_index, query_index
 
+    if not args.images and not args.query:
+        raise OfaconvError("nothing to do: pass --images to (re)build the index and/or --query")
+    _at_least(1, k=args.k, batch_size=args.batch_size)
     towers = _towers(args)
     out = {}
     if args.images:
-        out["index"] = build_index(towers, args.images, args.index, batch_size=args.batch_size)
+        out["index"] = build_index(towers, args.images, args.index, batch_size=args.batch_size, force=args.force)
     if args.query:
         out["queries"] = query_index(towers, args.index, args.query, k=args.k)
-    if not out:
-        raise OfaconvError("nothing to do: pass --images to (re)build the index and/or --query")
     _print(out)
+    failed = out.get("index", {}).get("failed")
+    if failed:
+        raise DataError(f"{failure_summary([(f['image'], f['error']) for f in failed], out['index']['total'], 'images')}"
+                        "; not indexed, the others are (see 'failed')")
     return 0
 
 
@@ -102,42 +127,113 @@ def _export_bert(args) -> int:
 
 
 def _eval(args) -> int:
+    from ofaconv.core.errors import DataError
+    from .data import failure_summary
     from .evaluate import evaluate_retrieval
 
+    _at_least(1, batch_size=args.batch_size)
+    _at_least(2, context_length=args.context_length)
+    output = Path(args.output) if args.output else None
+    if output is not None and not output.parent.resolve().is_dir():
+        raise DataError("no such folder for --output", path=output.parent)
     towers = _towers(args)
     directions = ("text_to_image",) if args.text_to_image_only else ("text_to_image", "image_to_text")
     result = evaluate_retrieval(towers, Path(args.texts), Path(args.images), context_length=args.context_length,
                                 batch_size=args.batch_size, directions=directions)
     result["model"] = str(args.model)
-    if args.output:
-        Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+    if output is not None:
+        tmp = output.with_name(f".{output.name}.ofaconv-{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        os.replace(tmp, output)
     _print(result)
+    if result["failed"]:
+        failed = [(f["item"], f["error"]) for f in result["failed"]]
+        raise DataError(f"{failure_summary(failed, result['items'])}, skipped; the recall above is over the "
+                        "rest, not comparable with the protocol's numbers (see 'failed')")
     return 0
 
 
 def _download(args) -> int:
+    from ofaconv.core.errors import DataError
+    from .data import failure_summary
     from .download import download_images
 
-    _print(download_images(args.csv, args.image_root, workers=args.workers, timeout=args.timeout, retries=args.retries,
-                           deadline=args.deadline, failures=args.failures, out_csv=args.out_csv))
+    _at_least(1, workers=args.workers)
+    _at_least(0, retries=args.retries, max_pixels=args.max_pixels)
+    if not (args.timeout > 0 and args.deadline > 0):
+        raise DataError("--timeout and --deadline must be positive numbers of seconds")
+    result = download_images(args.csv, args.image_root, workers=args.workers, timeout=args.timeout,
+                             retries=args.retries, deadline=args.deadline, max_pixels=args.max_pixels,
+                             failures=args.failures, out_csv=args.out_csv)
+    _print(result)
+    first = result["first_failure"]
+    if first:
+        first = (f"{args.csv}:{first['line']}", f"{first['url']}: {first['error']}")
+        raise DataError(f"{failure_summary([first], result['total'], 'images', count=result['failed'])}; every "
+                        f"failure is listed in {result['failures']}")
     return 0
 
 
 def _synth(args) -> int:
+    from ofaconv.core.errors import DataError
     from . import synth
+    from .architectures import clip_tables
 
     out = Path(args.out)
-    if args.kind == "legacy-bertclip":
-        path = synth.write_legacy_bertclip(out, size=args.size, seed=args.seed)
-    elif args.kind == "openai-clip":
-        path = synth.write_openai_clip(out, size=args.size, seed=args.seed)
-    elif args.kind == "bert":
-        path = synth.write_bert(out, size=args.size, seed=args.seed)
+    micro = args.size == "micro"
+    if args.kind == "cnclip-pt":
+        arches = clip_tables()["cnclip_architectures"]
+        arch = args.arch or "ViT-B-16"
+        if arch not in arches:
+            raise DataError(f"unknown Chinese-CLIP architecture {arch!r}; choose one of {', '.join(arches)}")
+        target = out / arches[arch]["file_name"] if out.is_dir() or not out.suffix else out
+        write = {target.name: lambda p: synth.write_cnclip_pt(p, arch, micro=micro, seed=args.seed)}
+        if micro:  # the micro towers' vocab, beside the checkpoint
+            write["vocab.txt"] = synth.write_vocab
     else:
-        path = synth.write_cnclip_pt(out, args.arch or "ViT-B-16", micro=args.size == "micro", seed=args.seed)
-        synth.write_vocab(path.parent / "vocab.txt") if args.size == "micro" else None
-    print(path)
+        if args.size == "full":
+            raise DataError(f"--size full is for cnclip-pt; {args.kind} comes in micro or base")
+        writer = {"legacy-bertclip": synth.write_legacy_bertclip, "openai-clip": synth.write_openai_clip,
+                  "bert": synth.write_bert}[args.kind]
+        target = out
+        write = {out.name: lambda p: writer(p, size=args.size, seed=args.seed)}
+    _new_paths(target.parent, write)
+    print(target)
     return 0
+
+
+def _new_paths(parent: Path, write: dict) -> None:
+    """Run each ``write[name](path)`` in a temp folder in ``parent``, then move the results to
+    ``parent/name``: synth never writes over a file or into a non-empty folder (a file identical to
+    the new one, such as a shared vocab, is kept), and a failed run leaves nothing."""
+    import filecmp
+    import shutil
+    import tempfile
+
+    from ofaconv.core.errors import DataError
+
+    if parent.exists() and not parent.is_dir():
+        raise DataError("is not a folder", path=parent)
+    for name in write:
+        if (parent / name).is_dir() and any((parent / name).iterdir()):
+            raise DataError("is a folder that is not empty; synth writes only new files and folders", path=parent / name)
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{next(iter(write))}.ofaconv-", suffix=".tmp", dir=parent))
+    try:
+        for name, fn in write.items():
+            fn(tmp / name)
+        kept = set()
+        for name in write:
+            dest, new = parent / name, tmp / name
+            if dest.exists() and not dest.is_dir():
+                if not (new.is_file() and filecmp.cmp(dest, new, shallow=False)):
+                    raise DataError("exists with other content; synth writes only new files", path=dest)
+                kept.add(name)
+        for name in write:
+            if name not in kept:
+                os.replace(tmp / name, parent / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def add_parser(subparsers) -> None:
@@ -182,7 +278,7 @@ def add_parser(subparsers) -> None:
     p = sub.add_parser("similarity", help="image-text / text-text / image-image similarity over given sets")
     model_args(p)
     p.add_argument("--mode", required=True, choices=["image-text", "text-image", "text-text", "image-image"])
-    p.add_argument("--images", nargs="*", default=[])
+    p.add_argument("--images", nargs="*", default=[], help="image files, folders or glob patterns")
     p.add_argument("--texts", nargs="*", default=[])
     p.add_argument("--candidates", nargs="*", help="same-set modes: compare against this set instead of itself")
     p.add_argument("--top", type=int, default=10)
@@ -196,6 +292,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--query", action="append", default=[])
     p.add_argument("-k", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--force", action="store_true",
+                   help="replace an index ofaconv built from other images or with another model")
     p.set_defaults(func=_search)
 
     p = sub.add_parser("export-bert", help="write the text tower as a BertModel folder (+ sentence-transformers)")
@@ -222,6 +320,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--timeout", type=float, default=10.0, help="seconds per socket operation")
     p.add_argument("--deadline", type=float, default=120.0, help="seconds per file, all attempts included")
     p.add_argument("--retries", type=int, default=2)
+    p.add_argument("--max-pixels", type=int, default=None,
+                   help="refuse images with more pixels than this (default: PIL.Image.MAX_IMAGE_PIXELS, "
+                        "89478485, the limit ofaconv's image readers apply; 0: no limit)")
     p.add_argument("--failures", help="failure manifest (default IMAGE_ROOT/download_failures.jsonl)")
     p.add_argument("--out-csv", help="write the rows whose image is present and valid")
     p.set_defaults(func=_download)

@@ -38,7 +38,7 @@ from ofaconv.core.digest import BackgroundSha256
 from ofaconv.core.writer import OutputFolder
 from .source import load_cnclip_pt
 from .architectures import apply_map, clip_tables
-from .package import TEXT_TOWER_META, ClipPackage, check_package, clip_report, write_package
+from .package import TEXT_TOWER_META, ClipPackage, check_package, clip_report, text_length, write_package
 
 __all__ = [
     "detect_source",
@@ -174,7 +174,8 @@ def _legacy_bertclip_package(src: Path, *, max_length: int | None) -> ClipPackag
     image_processor = _clip_processor_from_dict(pp, config.vision_config.image_size)
     tokenizer = _load_tokenizer(src, config.text_config.vocab_size)
     return ClipPackage(kind="vtde", config=config, state=state, image_processor=image_processor, tokenizer=tokenizer,
-                       max_length=max_length or clip_tables()["bertclip_max_length"],
+                       max_length=text_length(config, max_length, clip_tables()["bertclip_max_length"],
+                                              src / "config.json"),
                        extra={"source": str(src), "source_format": "legacy_bertclip"}), source_state
 
 
@@ -330,7 +331,7 @@ def _cnclip_package(src: Path, *, arch: str | None, vocab: str | None, max_lengt
     vocab_path = Path(vocab) if vocab else default_vocab_path()
     if vocab_path is None or not vocab_path.is_file():
         raise CheckpointError("Chinese-CLIP checkpoints carry no vocab; pass --vocab PATH/vocab.txt", path=src)
-    length = max_length or clip_tables()["cnclip_context_length"]
+    length = text_length(config, max_length, clip_tables()["cnclip_context_length"], src)
     tokenizer = _tokenizer_from_vocab(vocab_path, config.text_config.vocab_size, length, src)
     pkg = ClipPackage(kind="chinese_clip", config=config, state=hf_state,
                       image_processor=squash_processor(config.vision_config.image_size), tokenizer=tokenizer,
@@ -382,14 +383,16 @@ def _hf_folder_package(src: Path, kind: str, *, max_length: int | None) -> ClipP
                              cfg.get("logit_scale_init_value", 2.6592), where=src / "config.json")
         state = apply_map(("clip/vtde_file", "clip/vtde_module_to_file"), state, path=src)
         image_processor = _clip_processor_from_dict(pp, config.vision_config.image_size)
-        length = max_length or meta.get("max_length") or clip_tables()["bertclip_max_length"]
+        length = text_length(config, max_length, meta.get("max_length") or clip_tables()["bertclip_max_length"],
+                             src / "config.json")
     else:
         config = ChineseCLIPConfig.from_pretrained(str(src))
         state = {k: v for k, v in state.items() if not k.endswith("position_ids")}
         size = pp.get("size", {}).get("height", config.vision_config.image_size) if isinstance(pp.get("size"), dict) \
             else config.vision_config.image_size
         image_processor = squash_processor(size)
-        length = max_length or meta.get("max_length") or clip_tables()["cnclip_context_length"]
+        length = text_length(config, max_length, meta.get("max_length") or clip_tables()["cnclip_context_length"],
+                             src / "config.json")
     tokenizer = _load_tokenizer(src, config.text_config.vocab_size)
     pooler = _package_text_pooler(src, config.text_config.hidden_size) if kind == "chinese_clip" else None
     return ClipPackage(kind=kind, config=config, state=state, image_processor=image_processor, tokenizer=tokenizer,

@@ -10,6 +10,7 @@ skipped; a schema problem (wrong CSV header) is an error naming the file.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -22,7 +23,7 @@ from PIL import Image
 from ofaconv.core.errors import DataError, OfaconvError
 from ofaconv.core.images import IMAGE_SUFFIXES, ImageDecodeError, ImageTsv, open_image
 
-__all__ = ["Pair", "DataStats", "ImageStore", "read_pairs", "read_csv_pairs", "read_cnclip", "validate_image_bytes",
+__all__ = ["Pair", "DataStats", "failure_summary", "read_csv", "ImageStore", "read_pairs", "read_csv_pairs", "read_cnclip", "validate_image_bytes",
            "read_cnclip_texts", "read_image_tsv", "list_image_folder"]
 
 
@@ -58,6 +59,14 @@ class DataStats:
 
     def to_dict(self) -> dict:
         return {k: getattr(self, k) for k in (*_COUNTS, "examples")}
+
+
+def failure_summary(failed: list[tuple[str, str]], total: int, noun: str = "items", count: int | None = None) -> str:
+    """One line for a batch whose items ``failed`` as (where, reason): how many (``count``, default
+    ``len(failed)``) of ``total``, and the first."""
+    where, reason = failed[0]
+    count = len(failed) if count is None else count
+    return f"{count} of {total} {noun} failed (first: {where}: {' '.join(str(reason).split())})"
 
 
 def validate_image_bytes(data: bytes) -> str | None:
@@ -109,14 +118,13 @@ def list_image_folder(root: Path) -> list[Path]:
 def read_csv_pairs(csv_path: Path, image_root: Path | None, stats: DataStats) -> tuple[list[Pair], ImageStore]:
     csv_path = Path(csv_path)
     root = Path(image_root) if image_root else csv_path.parent
-    with open(csv_path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        header = reader.fieldnames or []
+    pairs = []
+    with read_csv(csv_path) as (reader, header):
         if "text" not in header or "filename" not in header:
             raise DataError(f"CSV header must contain 'text' and 'filename' (BertCLIP's text,url,filename), got {header}",
                             path=csv_path)
-        pairs = []
-        for lineno, row in enumerate(reader, start=2):
+        for row in reader:
+            lineno = reader.line_num
             stats.rows += 1
             text, name = (row.get("text") or "").strip(), (row.get("filename") or "").strip()
             if not text or not name:
@@ -129,26 +137,97 @@ def read_csv_pairs(csv_path: Path, image_root: Path | None, stats: DataStats) ->
     return pairs, ImageStore(root=root)
 
 
-def read_cnclip_texts(jsonl: Path, stats: DataStats) -> list[dict]:
+@contextlib.contextmanager
+def read_csv(path: Path):
+    """(``csv.DictReader``, header) over a UTF-8 CSV (a byte-order mark allowed); text that is not
+    UTF-8 or a malformed row is a ``DataError`` naming ``file:line``."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError("no such CSV file", path=path)
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        try:
+            header = reader.fieldnames or []
+            yield reader, header
+        except UnicodeDecodeError:
+            raise _not_utf8(path) from None
+        except csv.Error as exc:
+            raise DataError(f"malformed CSV row ({exc})", path=f"{path}:{reader.line_num}") from None
+
+
+def _not_utf8(path: Path) -> DataError:
+    with open(path, "rb") as f:
+        for lineno, line in enumerate(f, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                return DataError(f"not UTF-8 text (byte {exc.start} of the line); save the file as UTF-8",
+                                 path=f"{path}:{lineno}")
+    return DataError("not UTF-8 text; save the file as UTF-8", path=path)
+
+
+MAX_LINE_BYTES = 1 << 20  # a caption line longer than this is refused unread (one text, not a file)
+
+
+def read_cnclip_texts(jsonl: Path, stats: DataStats, failed: list | None = None) -> list[dict]:
+    """The usable records of a ``*_texts.jsonl``; each bad line (not UTF-8, not JSON, wrong fields,
+    longer than ``MAX_LINE_BYTES``) is counted in ``stats.bad_rows`` and, when given, appended to
+    ``failed`` as ("file:line", reason). Records carry their ``where`` ("file:line")."""
     jsonl = Path(jsonl)
     if not jsonl.is_file():
         raise DataError("no such texts JSONL", path=jsonl)
     out = []
-    with open(jsonl, encoding="utf-8-sig") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
+    with open(jsonl, "rb") as f:
+        for lineno, raw in enumerate(_lines(f), start=1):
+            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
+            if not raw.strip():
                 continue
             stats.rows += 1
+            where = f"{jsonl}:{lineno}"
             try:
-                obj = json.loads(line)
-                text, ids = obj["text"], obj["image_ids"]
-                if not isinstance(text, str) or not isinstance(ids, list) or not text.strip():
-                    raise TypeError("text must be a non-empty string and image_ids a list")
-            except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                stats.bad("bad_rows", f"{jsonl}:{lineno} ({type(exc).__name__})")
+                if raw is _TOO_LONG:
+                    raise ValueError(f"line longer than {MAX_LINE_BYTES} bytes")
+                obj = json.loads(raw.decode("utf-8"))
+                if not isinstance(obj, dict):
+                    raise ValueError("not a JSON object")
+                text, ids = obj.get("text"), obj.get("image_ids")
+                if not isinstance(text, str) or not text.strip() or not isinstance(ids, list):
+                    raise ValueError("needs a non-empty string 'text' and a list 'image_ids'")
+            except UnicodeDecodeError as exc:
+                reason = f"not UTF-8 text (byte {exc.start})"
+            except json.JSONDecodeError as exc:
+                reason = f"invalid JSON ({exc.msg} at column {exc.colno})"
+            except RecursionError:
+                reason = "JSON nested too deeply"
+            except ValueError as exc:
+                reason = str(exc)
+            else:
+                out.append({"text_id": str(obj.get("text_id", lineno)), "text": text, "image_ids": [str(i) for i in ids],
+                            "where": where})
                 continue
-            out.append({"text_id": str(obj.get("text_id", lineno)), "text": text, "image_ids": [str(i) for i in ids]})
+            stats.bad("bad_rows", f"{where} ({reason})")
+            if failed is not None:
+                failed.append((where, reason))
     return out
+
+
+_TOO_LONG = b"\0too-long"
+
+
+def _lines(f):
+    """The lines of a binary file, each at most ``MAX_LINE_BYTES`` in memory: a longer one is read
+    past and given as ``_TOO_LONG``."""
+    while True:
+        line = f.readline(MAX_LINE_BYTES + 1)
+        if not line:
+            return
+        if len(line) > MAX_LINE_BYTES and not line.endswith(b"\n"):
+            while line and not line.endswith(b"\n"):
+                line = f.readline(MAX_LINE_BYTES)
+            yield _TOO_LONG
+            continue
+        yield line
 
 
 def read_image_tsv(tsv: Path) -> ImageStore:

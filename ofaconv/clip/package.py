@@ -39,7 +39,7 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from ofaconv import __version__
-from ofaconv.core.errors import VerificationError
+from ofaconv.core.errors import CheckpointError, VerificationError
 from ofaconv.core.report import SCHEMA
 from ofaconv.core.writer import OutputFolder
 from .architectures import apply_map
@@ -54,6 +54,7 @@ __all__ = [
     "text_tower_state",
     "clip_report",
     "reload_check",
+    "text_length",
 ]
 
 TEXT_TOWER_META = "text_tower.json"
@@ -92,6 +93,20 @@ class ClipPackage:
                 f"state does not fit {cls.__name__}: {len(missing)} missing, {len(result.unexpected_keys)} unexpected",
                 key=key)
         return model.eval()
+
+
+def text_length(config, requested: int | None, default: int, where) -> int:
+    """The package's text length: ``requested`` (``--max-length``, a recipe's ``max_length``), else
+    ``default`` cut to the text position table, so a text tower trained with fewer positions than
+    the family default (BertCLIP 100) is used at its table's length instead of failing on it."""
+    table = config.text_config.max_position_embeddings
+    if requested is None:
+        return min(default, table)
+    if not 2 <= requested <= table:
+        raise CheckpointError(f"text length {requested} must be between 2 ([CLS] + [SEP]) and the text position "
+                              f"table's {table} rows; pass a --max-length in that range", path=where,
+                              key="text_config.max_position_embeddings")
+    return requested
 
 
 def _is_nested(model) -> bool:

@@ -19,9 +19,9 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from ofaconv.core.errors import OfaconvError
+from ofaconv.core.errors import DataError, OfaconvError
 from ofaconv.core.featcache import fingerprint
-from ofaconv.core.images import open_image
+from ofaconv.core.images import ImageInput, open_image
 
 __all__ = ["ClipTowers", "load_image", "sentence_transformers_encode"]
 
@@ -29,8 +29,9 @@ logger = logging.getLogger("ofaconv.clip")
 
 
 def load_image(item) -> Image.Image:
-    """A PIL RGB image from a PIL image, a path or raw bytes; ``ImageDecodeError`` names the file."""
-    return open_image(item)
+    """A PIL RGB image from a PIL image, a path, raw bytes or an ``ImageInput``; ``ImageDecodeError``
+    names the file."""
+    return item.open() if isinstance(item, ImageInput) else open_image(item)
 
 
 def _unwrap(out):
@@ -146,6 +147,28 @@ class ClipTowers:
         if len(out) == 1:
             return out[0]
         return torch.cat(out) if out else torch.empty(0, self.model.config.projection_dim)
+
+    def encode_readable_images(self, items: Sequence, *, load=load_image, batch_size: int = 64,
+                               normalize: bool = True) -> tuple[torch.Tensor, list[int], list[tuple[str, str]]]:
+        """Embed the items that ``load`` can decode, a batch at a time; an unreadable one is skipped.
+
+        Returns (features of the readable items, their indices in ``items``, (where, reason) of each
+        skipped one): batch commands report those and go on.
+        """
+        out, kept, failed = [], [], []
+        for start in range(0, len(items), batch_size):
+            images = []
+            for i in range(start, min(start + batch_size, len(items))):
+                try:
+                    images.append(load(items[i]))
+                except DataError as exc:  # ImageDecodeError: one image; DataError: a TSV row
+                    failed.append((str(exc.path if exc.path is not None else items[i]), exc.detail))
+                    continue
+                kept.append(i)
+            if images:
+                out.append(self.encode_pixels(self.preprocess_images(images), normalize=normalize).float().cpu())
+        feats = torch.cat(out) if out else torch.empty(0, self.model.config.projection_dim)
+        return feats, kept, failed
 
     def encode_texts(self, texts: Sequence[str], *, batch_size: int = 64, normalize: bool = True,
                      max_length: int | None = None) -> torch.Tensor:

@@ -285,6 +285,7 @@ def train(recipe: ClipRecipe, *, resume: str | bool | None = None, callbacks: li
     from transformers import Trainer, set_seed
 
     lit = recipe.lit
+    pairs, store, stats = read_pairs(dataclasses.asdict(recipe.data.train))  # bad data fails before any set-up
     set_seed(int(recipe.training.get("seed", 42)))
     output_dir = Path(recipe.output_dir)
     args = _build_trainer_args(recipe, output_dir)
@@ -297,7 +298,6 @@ def train(recipe: ClipRecipe, *, resume: str | bool | None = None, callbacks: li
     towers = ClipTowers(clip_model, pkg.image_processor, pkg.tokenizer, kind=pkg.kind, max_length=pkg.max_length)
     max_length = int(recipe.max_length or pkg.max_length)
 
-    pairs, store, stats = read_pairs(dataclasses.asdict(recipe.data.train))
     cache = None
     if lit.cache_image_features:
         cache = open_image_cache(towers, Path(lit.cache_dir or output_dir / "feature_cache"), lit.cache_dtype)

@@ -206,6 +206,12 @@ class ImageInput:
     data: Optional[bytes] = None
     error: Optional[str] = None
 
+    def open(self) -> Image.Image:
+        """The RGB image; ``ImageDecodeError`` naming this input when it has none or does not decode."""
+        if self.error is not None:
+            raise ImageDecodeError(self.error, path=self.name)
+        return open_image(self.data if self.data is not None else self.path, self.name)
+
 
 def _directory_images(directory: Path) -> list[Path]:
     return sorted(p for p in directory.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
