@@ -282,6 +282,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # two torchrun processes
 def test_two_processes_report_bad_images_of_every_rank(tmp_path, init_model):
     import os
     import subprocess

@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+pytestmark = pytest.mark.slow  # two torchrun processes: the slow tier, which .ci/run runs
+
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -7,10 +7,13 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+import pytest
 import torch
 
 from ofaconv.ofa.finetune import finetune
 from ofaconv.ofa.finetune.synthetic import COLORS, SHAPES, draw_shape
+
+pytestmark = pytest.mark.slow  # minutes of training: the slow tier, which .ci/run runs
 
 REPO = Path(__file__).resolve().parents[1]
 
