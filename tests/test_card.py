@@ -23,7 +23,7 @@ def test_metadata(tmp_path, family, language):
     path = write_model_card(folder)
     meta = metadata_load(path)
     assert meta["language"] == language
-    assert meta["pipeline_tag"] == "image-to-text"
+    assert meta["pipeline_tag"] == "image-text-to-text"
     assert meta["library_name"] == "transformers"
     assert meta["license"] == "apache-2.0"
     assert {"ofa", "ofaconv"} <= set(meta["tags"])

@@ -196,7 +196,7 @@ def test_dry_run(folder, capsys):
     assert any(line.strip().startswith("README.md") and "card built for YeungNLP/ofa-cn-base-muge" in line
                for line in lines)
     assert "report: conversion_report.json passed; every file matches its manifest" in lines
-    assert "  language: zh" in lines and "  pipeline_tag: image-to-text" in lines and "  - ofaconv" in lines
+    assert "  language: zh" in lines and "  pipeline_tag: image-text-to-text" in lines and "  - ofaconv" in lines
     assert lines[-1] == "nothing was uploaded (dry run)"
 
 

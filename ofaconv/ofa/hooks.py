@@ -48,8 +48,8 @@ def card(folder, config: dict, report: dict | None) -> dict:
             "usage": _ONNX_USAGE,
         }
     return {
-        # image-to-text until the pipeline-tag issue moves OFA to image-text-to-text
-        "pipeline_tag": "image-to-text",
+        # transformers 5 runs image captioning as "image-text-to-text" ("image-to-text" is its alias)
+        "pipeline_tag": "image-text-to-text",
         "tags": list(TAGS),
         "language": _LANGUAGE.get(family),
         "library_name": "transformers",
@@ -90,7 +90,13 @@ image = Image.open("image.jpg").convert("RGB")
 inputs = processor(images=image, return_tensors="pt")  # text defaults to the prompt {prompt}
 with torch.no_grad():
     output = model.generate(**inputs{_generate_args(folder, defaults)})
-print(processor.batch_decode(output, skip_special_tokens=True)[0])"""
+print(processor.batch_decode(output, skip_special_tokens=True)[0])
+
+# or, the same caption through a pipeline:
+from transformers import pipeline
+
+captioner = pipeline("image-text-to-text", model=repo, trust_remote_code=True)
+print(captioner(image))"""
         native = """\
 import ofaconv  # registers model_type "ofa" with the transformers Auto classes
 from transformers import AutoModelForSeq2SeqLM, AutoProcessor

@@ -7,6 +7,7 @@ tokenizer, processor, generation settings), so that the rest of the run treats b
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import os
@@ -122,6 +123,7 @@ def init_random_folder(init, folder: str | os.PathLike) -> Path:
     """Write a randomly initialised model in the converted-folder format (idempotent per settings)."""
     from ofaconv.ofa.convert import copy_remote_code
     from ofaconv.ofa.modeling import OFAConfig, OFAForConditionalGeneration
+    from ofaconv.ofa.modeling.configuration_ofa import AUTO_MAP, CUSTOM_PIPELINES
     from ofaconv.ofa.modeling.configuration_ofa import build_generation_config
     from ofaconv.ofa.tokenization import save_processing
     from ofaconv.ofa.variants import family_info
@@ -138,11 +140,8 @@ def init_random_folder(init, folder: str | os.PathLike) -> Path:
         config = OFAConfig(
             **kwargs,
             architectures=["OFAForConditionalGeneration"],
-            auto_map={
-                "AutoConfig": "configuration_ofa.OFAConfig",
-                "AutoModel": "modeling_ofa.OFAModel",
-                "AutoModelForSeq2SeqLM": "modeling_ofa.OFAForConditionalGeneration",
-            },
+            auto_map=dict(AUTO_MAP),
+            custom_pipelines=copy.deepcopy(CUSTOM_PIPELINES),
         )
         with torch.random.fork_rng():
             torch.manual_seed(init.seed)
