@@ -245,6 +245,9 @@ CASES = [
          lambda i: f"{i.texts_unknown}:1", lambda i: i.out),
     Case("eval-missing-texts", lambda i: ["clip", "eval", str(i.pkg), "--texts", str(i.missing / "t.jsonl"),
                                           "--images", str(i.tsv)], lambda i: str(i.missing / "t.jsonl")),
+    Case("eval-output-is-an-input", lambda i: ["clip", "eval", str(i.pkg), "--texts", str(i.texts_partial),
+                                               "--images", str(i.tsv), "--output", str(i.texts_partial)],
+         lambda i: str(i.texts_partial), lambda i: i.texts_partial),
     Case("eval-output-folder-missing", lambda i: ["clip", "eval", str(i.pkg), "--texts", str(i.texts_partial),
                                                   "--images", str(i.tsv), "--output", str(i.missing / "r.json")],
          lambda i: str(i.missing), lambda i: i.missing),
@@ -257,6 +260,9 @@ CASES = [
          lambda i: f"{i.csv_latin1}:2", lambda i: i.out),
     Case("download-image-root-is-a-file", lambda i: ["clip", "download", str(i.csv_file_url), str(i.good)],
          lambda i: str(i.good), lambda i: i.good),
+    Case("download-out-csv-is-the-input", lambda i: ["clip", "download", str(i.csv_file_url), str(i.out),
+                                                     "--out-csv", str(i.csv_file_url)],
+         lambda i: str(i.csv_file_url), lambda i: i.csv_file_url),
     Case("download-file-url", lambda i: ["clip", "download", str(i.csv_file_url), str(i.root / "dl"), "--retries", "0"],
          lambda i: f"{i.csv_file_url}:2", partial=True, subprocess=True),
     # -- synth
@@ -313,12 +319,15 @@ def test_bad_input(case: Case, inputs, capfd):
     assert not inputs.marker.exists()
 
 
-def test_the_table_covers_every_clip_subcommand():
-    from ofaconv.clip.cli import add_parser
+def test_the_table_covers_every_clip_subcommand(inputs):
     import argparse
 
-    sub = argparse.ArgumentParser().add_subparsers()
-    add_parser(sub)
-    commands = set(sub.choices["clip"]._subparsers._group_actions[0].choices)
-    covered = {c.id.split("-")[0] if not c.id.startswith("export-bert") else "export-bert" for c in CASES}
-    assert commands <= covered and len(CASES) >= 25
+    from ofaconv.clip.cli import add_parser
+
+    def subcommands(parser) -> dict:
+        return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers())
+    assert set(subcommands(subcommands(parser)["clip"])) == {c.argv(inputs)[1] for c in CASES}
+    assert len(CASES) >= 25

@@ -136,6 +136,8 @@ def _eval(args) -> int:
     output = Path(args.output) if args.output else None
     if output is not None and not output.parent.resolve().is_dir():
         raise DataError("no such folder for --output", path=output.parent)
+    if output is not None and output.resolve() in (Path(args.texts).resolve(), Path(args.images).resolve()):
+        raise DataError("--output names an input file; choose another file", path=output)
     towers = _towers(args)
     directions = ("text_to_image",) if args.text_to_image_only else ("text_to_image", "image_to_text")
     result = evaluate_retrieval(towers, Path(args.texts), Path(args.images), context_length=args.context_length,

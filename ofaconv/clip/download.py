@@ -134,6 +134,9 @@ def download_images(csv_path: str | os.PathLike, image_root: str | os.PathLike, 
     ``PIL.Image.MAX_IMAGE_PIXELS``, 0 for no limit. The result's ``first_failure`` is the first
     failed row of the CSV (its ``line``, ``url`` and ``error``), or None."""
     csv_path, image_root = Path(csv_path), Path(image_root)
+    for flag, path in (("--failures", failures), ("--out-csv", out_csv)):
+        if path and Path(path).resolve() == csv_path.resolve():
+            raise DataError(f"{flag} names the input CSV; choose another file", path=path)
     max_pixels = Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
     with read_csv(csv_path) as (reader, header):
         if not {"url", "filename"} <= set(header):
