@@ -64,7 +64,7 @@ def _towers(args):
 def _similarity(args) -> int:
     from ofaconv.core.errors import DataError, OfaconvError
     from ofaconv.core.images import expand_images
-    from .data import failure_summary
+    from ofaconv.core.batch import failure_summary
     from .similarity import similarity
 
     kinds = args.mode.split("-")
@@ -98,7 +98,7 @@ def _similarity(args) -> int:
 
 def _search(args) -> int:
     from ofaconv.core.errors import DataError, OfaconvError
-    from .data import failure_summary
+    from ofaconv.core.batch import failure_summary
     from .search import build_index, query_index
 
     if not args.images and not args.query:
@@ -128,7 +128,7 @@ def _export_bert(args) -> int:
 
 def _eval(args) -> int:
     from ofaconv.core.errors import DataError
-    from .data import failure_summary
+    from ofaconv.core.batch import failure_summary
     from .evaluate import evaluate_retrieval
 
     _at_least(1, batch_size=args.batch_size)
@@ -157,7 +157,7 @@ def _eval(args) -> int:
 
 def _download(args) -> int:
     from ofaconv.core.errors import DataError
-    from .data import failure_summary
+    from ofaconv.core.batch import failure_summary
     from .download import download_images
 
     _at_least(1, workers=args.workers)

@@ -14,7 +14,7 @@ import contextlib
 import csv
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -22,8 +22,9 @@ from PIL import Image
 
 from ofaconv.core.errors import DataError, OfaconvError
 from ofaconv.core.images import IMAGE_SUFFIXES, ImageDecodeError, ImageTsv, open_image
+from ofaconv.core.batch import Tally
 
-__all__ = ["Pair", "DataStats", "failure_summary", "read_csv", "ImageStore", "read_pairs", "read_csv_pairs", "read_cnclip", "validate_image_bytes",
+__all__ = ["Pair", "DataStats", "read_csv", "ImageStore", "read_pairs", "read_csv_pairs", "read_cnclip", "validate_image_bytes",
            "read_cnclip_texts", "read_image_tsv", "list_image_folder"]
 
 
@@ -33,40 +34,10 @@ class Pair:
     image_id: str
 
 
-_COUNTS = ("rows", "pairs", "bad_rows", "missing_images", "bad_images")
+class DataStats(Tally):
+    """Rows read, pairs kept, and what was skipped (by kind, with the first examples)."""
 
-
-@dataclass
-class DataStats:
-    rows: int = 0
-    pairs: int = 0
-    bad_rows: int = 0
-    missing_images: int = 0
-    bad_images: int = 0
-    examples: list = field(default_factory=list)
-
-    def bad(self, kind: str, where: str) -> None:
-        setattr(self, kind, getattr(self, kind) + 1)
-        if len(self.examples) < 10:
-            self.examples.append(f"{kind}: {where}")
-
-    def merge(self, other: DataStats | dict) -> None:
-        """Add ``other``'s counts (e.g. another rank's) to these; examples stay capped at 10."""
-        other = other.to_dict() if isinstance(other, DataStats) else other
-        for key in _COUNTS:
-            setattr(self, key, getattr(self, key) + int(other.get(key, 0)))
-        self.examples.extend(other.get("examples", [])[: max(0, 10 - len(self.examples))])
-
-    def to_dict(self) -> dict:
-        return {k: getattr(self, k) for k in (*_COUNTS, "examples")}
-
-
-def failure_summary(failed: list[tuple[str, str]], total: int, noun: str = "items", count: int | None = None) -> str:
-    """One line for a batch whose items ``failed`` as (where, reason): how many (``count``, default
-    ``len(failed)``) of ``total``, and the first."""
-    where, reason = failed[0]
-    count = len(failed) if count is None else count
-    return f"{count} of {total} {noun} failed (first: {where}: {' '.join(str(reason).split())})"
+    FIELDS = ("rows", "pairs", "bad_rows", "missing_images", "bad_images")
 
 
 def validate_image_bytes(data: bytes) -> str | None:

@@ -28,12 +28,12 @@ import urllib.request
 import uuid
 import warnings
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
-from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image
 
 from ofaconv.core.errors import DataError
+from ofaconv.core.batch import Tally
 from .data import read_csv
 
 __all__ = ["download_images", "DownloadResult"]
@@ -49,15 +49,8 @@ for _handler in (urllib.request.ProxyHandler(), urllib.request.UnknownHandler(),
     _OPENER.add_handler(_handler)
 
 
-@dataclass
-class DownloadResult:
-    total: int = 0
-    downloaded: int = 0
-    skipped_existing: int = 0
-    failed: int = 0
-
-    def to_dict(self):
-        return dict(self.__dict__)
+class DownloadResult(Tally):
+    FIELDS = ("total", "downloaded", "skipped_existing", "failed")
 
 
 def _read_body(resp, end: float, deadline: float, max_bytes: int) -> bytes:

@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 
 from ofaconv.core.errors import DataError
-from .data import DataStats, failure_summary, read_cnclip_texts, read_image_tsv
+from ofaconv.core.batch import failure_summary
+from .data import DataStats, read_cnclip_texts, read_image_tsv
 from .towers import ClipTowers
 
 __all__ = ["top_k", "recall_at_k", "evaluate_retrieval", "preprocess_text", "PROTOCOL"]

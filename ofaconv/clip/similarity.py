@@ -14,7 +14,7 @@ import torch
 
 from ofaconv.core.errors import DataError, OfaconvError
 from ofaconv.core.images import ImageInput
-from .data import failure_summary
+from ofaconv.core.batch import failure_summary
 from .towers import ClipTowers
 
 __all__ = ["SimilarityResult", "similarity", "similarity_from_features", "MODES"]
