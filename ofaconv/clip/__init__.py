@@ -11,20 +11,14 @@ not pay for torch or transformers.
 from ofaconv.core.lazy import lazy_exports
 
 _EXPORTS = {
-    "ClipTowers": "towers",
-    "load_image": "towers",
-    "convert": "convert",
-    "detect_source": "convert",
-    "load_package": "convert",
-    "similarity": "similarity",
-    "SimilarityResult": "similarity",
-    "MODES": "similarity",
-    "export_bert": "export",
-    "evaluate_retrieval": "evaluate",
-    "recall_at_k": "evaluate",
+    "towers": ["ClipTowers", "load_image"],
+    "convert": ["convert", "detect_source", "load_package"],
+    "similarity": ["similarity", "SimilarityResult", "MODES"],
+    "export": ["export_bert"],
+    "evaluate": ["evaluate_retrieval", "recall_at_k"],
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = sorted(name for names in _EXPORTS.values() for name in names)
 
 
 __getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -8,11 +8,13 @@ import importlib
 from typing import Callable
 
 
-def lazy_exports(package: str, exports: dict[str, str]) -> Callable[[str], object]:
-    """A module ``__getattr__`` resolving ``exports`` (name -> submodule of ``package``) on demand."""
+def lazy_exports(package: str, exports: dict[str, list[str]]) -> Callable[[str], object]:
+    """A module ``__getattr__`` resolving the names of ``exports`` (submodule of ``package`` -> the
+    names it defines) on demand."""
+    where = {name: module for module, names in exports.items() for name in names}
 
     def __getattr__(name: str):
-        module = exports.get(name)
+        module = where.get(name)
         if module is None:
             raise AttributeError(f"module {package!r} has no attribute {name!r}")
         return getattr(importlib.import_module(f".{module}", package), name)

@@ -8,16 +8,13 @@ importing the transformers model machinery (seconds), which the converter never 
 from ofaconv.core.lazy import lazy_exports
 
 _EXPORTS = {
-    "OFAConfig": "configuration_ofa",
-    "OFADecoderCache": "modeling_ofa",
-    "OFAEncoderOutput": "modeling_ofa",
-    "OFAForConditionalGeneration": "modeling_ofa",
-    "OFAModel": "modeling_ofa",
-    "OFAPreTrainedModel": "modeling_ofa",
-    "register": "register",
+    "configuration_ofa": ["OFAConfig"],
+    "modeling_ofa": ["OFADecoderCache", "OFAEncoderOutput", "OFAForConditionalGeneration", "OFAModel",
+                     "OFAPreTrainedModel"],
+    "register": ["register"],
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = sorted(name for names in _EXPORTS.values() for name in names)
 
 
 __getattr__ = lazy_exports(__name__, _EXPORTS)
