@@ -63,8 +63,9 @@ def test_convert_verify_every_variant(variant, converted):
     assert result.passed, [c for c in result.report["checks"] if not c["passed"]]
     for name in ("structure", "tensors", "encoder_states", "decoder_logits", "greedy", "beam5", "beam8"):
         assert checks[name]["passed"], checks[name]
-    # A faithful fp32 port is bit-exact on CPU; the gate is 1e-5.
-    assert checks["decoder_logits"]["value"] <= 1e-5
+    # A faithful fp32 port is bit-exact on CPU, and the gate says so.
+    for name in ("encoder_states", "decoder_logits"):
+        assert checks[name]["value"] == 0.0 and checks[name]["gate"] == 0.0, checks[name]
     out = result.out_dir
     for name in ("config.json", "model.safetensors", "generation_config.json", "README.md",
                  "conversion_report.json", "modeling_ofa.py", "configuration_ofa.py",
@@ -318,6 +319,44 @@ def test_wrong_config_flag_fails_verification(flag, value, micro_checkpoint, tmp
     assert not result.passed, f"ignoring {flag} went unnoticed"
 
 
+def _after_init(cls, edit):
+    original = cls.__init__
+
+    def init(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        edit(self)
+
+    return cls, "__init__", init
+
+
+def _subtle_model_mutations():
+    from ofaconv.ofa.modeling import modeling_ofa as m
+
+    return {
+        # fairseq's LayerNorm eps is 1e-5; a port with 1e-6 is wrong, but only by ~1e-6
+        "encoder_final_layer_norm_eps_1e-6": ("encoder_states", _after_init(
+            m.OFAEncoder, lambda enc: setattr(enc.layer_norm, "eps", 1e-6))),
+        "decoder_final_layer_norm_eps_1e-6": ("decoder_logits", _after_init(
+            m.OFADecoder, lambda dec: setattr(dec.layer_norm, "eps", 1e-6))),
+        "attention_logits_scaled_by_1.00001": ("encoder_states", _after_init(
+            m.OFAAttention, lambda attn: setattr(attn, "scaling", attn.scaling * 1.00001))),
+    }
+
+
+@pytest.mark.parametrize("mutation", ["encoder_final_layer_norm_eps_1e-6", "decoder_final_layer_norm_eps_1e-6",
+                                      "attention_logits_scaled_by_1.00001"])
+def test_subtly_wrong_model_code_fails_verification(mutation, micro_checkpoint, tmp_path, monkeypatch):
+    """Porting mistakes that move the outputs by less than 1e-5 (a tolerance would pass them)
+    fail the exact gate: in fp32 on one CPU a faithful port reproduces the reference bit for bit."""
+    check, patch = _subtle_model_mutations()[mutation]
+    monkeypatch.setattr(*patch)
+    result = convert_checkpoint(micro_checkpoint("ofa-large"), tmp_path / "out", verify=True)
+    rows = {c["name"]: c for c in result.report["checks"]}
+    assert not result.passed and not rows[check]["passed"], f"{mutation} went unnoticed"
+    assert 0 < rows[check]["value"] < 1e-5 and rows[check]["gate"] == 0.0
+    assert rows[check]["gate_reason"] == "same dtype (float32) and device (cpu): bit-exact expected"
+
+
 @pytest.mark.parametrize("flags,message", [
     ({"encoder_prompt": True}, "encoder_prompt=True is not supported"),
     ({"cross_self_attention": True}, "cross_self_attention=True is not supported"),
@@ -357,7 +396,9 @@ def test_convert_and_verify_end_to_end(case, tmp_path):
     header = _safetensors_header(tmp_path / "out" / "model.safetensors")
     assert {v["dtype"] for k, v in header.items() if k != "__metadata__" and "num_batches" not in k} == {written}
     report = json.loads((tmp_path / "out" / "conversion_report.json").read_text())
-    assert report["source"]["sha256"] == hashlib.sha256(src.read_bytes()).hexdigest()
+    assert report["source"]["fingerprint"]["scheme"] == "ofaconv/state-sha256@1"
+    assert "sha256" not in report["source"]  # the whole file (optimizer state too) only when asked
+    assert report["source"]["fingerprint"]["sha256"] in (tmp_path / "out" / "README.md").read_text()
     assert report["source"]["ema"] is bool(convert_options.get("ema"))
     assert report["keymap"]["name"] == "ofa/fairseq" and report["versions"]["transformers"]
 
@@ -381,6 +422,17 @@ def test_verify_against_reads_the_report_and_rewrites_it(tmp_path, capsys):
     report = json.loads((out / "conversion_report.json").read_text())
     failed = {c["name"] for c in report["checks"] if not c["passed"]}
     assert not report["passed"] and {"source", "tensors"} <= failed
+
+
+def test_source_sha256_records_the_whole_file_and_verify_checks_both(micro_checkpoint, tmp_path, capsys):
+    src = micro_checkpoint("ofa-cn-base")
+    out = tmp_path / "out"
+    assert cli(["convert", str(src), str(out), "--source-sha256"]) == 0
+    report = json.loads((out / "conversion_report.json").read_text())
+    assert report["source"]["sha256"] == hashlib.sha256(src.read_bytes()).hexdigest()
+    assert cli(["verify", str(out), "--against", str(src)]) == 0
+    row = json.loads((out / "conversion_report.json").read_text())["checks"][0]
+    assert row["name"] == "source" and row["passed"] and "fingerprint and sha256 match" in row["detail"]
 
 
 def test_failed_verification_exits_3_and_keeps_the_folder_with_its_report(micro_checkpoint, tmp_path, monkeypatch,

@@ -279,6 +279,9 @@ def _source_rows(report: dict | None) -> list[tuple[str, str]]:
         rows.append(("Checkpoint", f"`{source['file']}`"))
     if source.get("sha256"):
         rows.append(("sha256", f"`{source['sha256']}`"))
+    fingerprint = source.get("fingerprint") or {}
+    if fingerprint.get("sha256"):  # of the bytes converted (ofaconv.core.digest.state_fingerprint)
+        rows.append(("Fingerprint", f"`{fingerprint['sha256']}` ({fingerprint.get('scheme', '?')})"))
     if source.get("size") is not None:
         rows.append(("Size", human_size(source["size"])))
     if source.get("layout"):

@@ -384,7 +384,9 @@ def _description(report: dict) -> str:
     passed = sum(c.get("passed") is True for c in checks)
     lines = []
     if source.get("file"):
-        lines.append(f"Source: {source['file']} (sha256 {source.get('sha256', '?')})")
+        digest = source.get("sha256") or (source.get("fingerprint") or {}).get("sha256", "?")
+        kind = "sha256" if source.get("sha256") else "fingerprint"
+        lines.append(f"Source: {source['file']} ({kind} {digest})")
     lines.append(f"Checks: {passed}/{len(checks)} passed, see {REPORT_NAME}.")
     return "\n".join(lines)
 

@@ -14,6 +14,7 @@ Invariants:
 
 from __future__ import annotations
 
+import argparse
 import copy
 import functools
 import sys
@@ -23,7 +24,7 @@ from importlib import resources
 from pathlib import Path
 
 from ofaconv import __version__
-from ofaconv.core.digest import BackgroundSha256
+from ofaconv.core.digest import BackgroundFingerprint, BackgroundSha256
 from ofaconv.core.errors import CheckpointError, OfaconvError
 from ofaconv.core.keymap import KeyMap
 from ofaconv.core.report import SCHEMA, is_weight_file
@@ -281,23 +282,23 @@ def convert_checkpoint(
     *,
     force: bool = False,
     ema: bool = False,
-    source_sha256=None,
+    source_sha256=False,
     **options,
 ) -> ConversionResult:
     """Convert the fairseq checkpoint ``src`` into the folder ``out_dir`` (see ``convert_loaded``).
 
-    ``source_sha256`` may be a ``BackgroundSha256`` of the file already running (the CLI starts
-    it first thing); otherwise hashing starts here, before the checkpoint is opened.
+    ``source_sha256``: also record the sha256 of the whole file (for comparing with a published
+    checksum): True, or a ``BackgroundSha256`` of it already running (the CLI starts it first thing).
     """
     check_output(out_dir, force=force, protect=[src])
-    if source_sha256 is None and Path(src).is_file():
+    if source_sha256 is True:
         source_sha256 = BackgroundSha256(src)
     try:
         from .checkpoint import load_checkpoint
 
         ckpt = load_checkpoint(src, ema=ema)
     except BaseException:
-        if source_sha256 is not None:
+        if source_sha256:
             source_sha256.cancel()
         raise
     return convert_loaded(ckpt, out_dir, force=force, source_sha256=source_sha256, **options)
@@ -317,24 +318,30 @@ def convert_loaded(
     license: str = "apache-2.0",
     progress: bool = False,
     kind: str = "conversion",
-    source_sha256=None,
+    source_sha256=False,
     protect=(),
 ) -> ConversionResult:
     """Write the folder for an already opened checkpoint (fairseq names, ``FairseqCheckpoint``).
 
-    ``source_sha256``: a ``BackgroundSha256`` of the source file if the caller started one.
+    ``source_sha256``: also record the whole source file's sha256: True, or a ``BackgroundSha256``
+    of it the caller started. The report always records the source's fingerprint.
     ``protect``: inputs besides ``ckpt.path`` that the output must not replace (an upgraded folder).
     """
-    if source_sha256 is None:
-        # The source hash reads the whole file (optimizer state included, never unpickled), the
-        # longest single job of a conversion: it runs on a worker thread beside everything else.
+    from .checkpoint import release_pages
+
+    if source_sha256 is True:
         source_sha256 = BackgroundSha256(ckpt.path)
+    # The fingerprint hashes exactly the bytes converted (never the optimizer state), on a worker
+    # thread beside everything else.
+    fingerprint = BackgroundFingerprint(ckpt.path, ckpt.state_dict, release=release_pages if ckpt.mmapped else None)
     try:
-        return _convert(ckpt, out_dir, source_sha256=source_sha256, force=force, dtype=dtype,
+        return _convert(ckpt, out_dir, source_sha256=source_sha256, fingerprint=fingerprint, force=force, dtype=dtype,
                         max_shard_size=max_shard_size, keymap=keymap, tokenizer=tokenizer, prompt=prompt,
                         verify=verify, license=license, progress=progress, kind=kind, protect=protect)
     except BaseException:
-        source_sha256.cancel()
+        fingerprint.cancel()
+        if source_sha256:
+            source_sha256.cancel()
         raise
 
 
@@ -343,6 +350,7 @@ def _convert(
     out_dir,
     *,
     source_sha256,
+    fingerprint,
     force: bool,
     dtype: str,
     max_shard_size,
@@ -407,8 +415,8 @@ def _convert(
             "kind": kind,
             "model_family": "ofa",
             "ofaconv_version": __version__,
-            "source": {"file": src.name, "sha256": source_sha256.result(), "size": src.stat().st_size, "layout": ckpt.layout,
-                       "ema": ema},
+            "source": {"file": src.name, "fingerprint": fingerprint.result(), "size": src.stat().st_size,
+                       "layout": ckpt.layout, "ema": ema, **({"sha256": source_sha256.result()} if source_sha256 else {})},
             "variant": variant,
             "family": family,
             "flags": flags,
@@ -458,6 +466,9 @@ def add_parser(sub) -> None:
     p.add_argument("--tokenizer", help="folder or Hub id with the English vocabulary files (default: shipped)")
     p.add_argument("--prompt", help="caption prompt saved in the processor (default: fairseq's)")
     p.add_argument("--license", default="apache-2.0", help="license in the model card")
+    p.add_argument("--source-sha256", action=argparse.BooleanOptionalAction, default=False,
+                   help="also record the sha256 of the whole source file, to compare with a published checksum "
+                        "(reads the optimizer state too; the report always fingerprints the bytes converted)")
     p.set_defaults(func=_run)
 
 
@@ -467,8 +478,8 @@ SYNTH_PREFIX = "synth:"
 def _run(args) -> int:
     source = args.checkpoint
     check_output(args.out, force=args.force, protect=[None if source.startswith(SYNTH_PREFIX) else source])
-    source_sha256 = None
-    if not source.startswith(SYNTH_PREFIX) and Path(source).is_file():
+    source_sha256 = args.source_sha256
+    if source_sha256 and not source.startswith(SYNTH_PREFIX) and Path(source).is_file():
         source_sha256 = BackgroundSha256(source)  # before torch is even imported
     if source.startswith(SYNTH_PREFIX):
         # The embedded default: a micro synthetic checkpoint of a released variant, in the exact

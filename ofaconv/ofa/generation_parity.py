@@ -39,9 +39,10 @@ def hypothesis_tokens(row: list[int], bos: int = 0, eos: int = 2, pad: int = 1) 
     return [t for t in row if t != pad]
 
 
-def _model_generate(model, inputs: dict, beam: int, settings: dict, use_cache: bool):
+def _model_generate(model, inputs: dict, beam: int, settings: dict, use_cache: bool, encoder_outputs=None):
     out = model.generate(
         input_ids=inputs["input_ids"],
+        encoder_outputs=encoder_outputs,  # None: generate encodes the inputs itself
         patch_images=inputs.get("patch_images"),
         patch_masks=inputs.get("patch_masks"),
         attention_mask=inputs.get("attention_mask"),
@@ -66,7 +67,7 @@ def _model_generate(model, inputs: dict, beam: int, settings: dict, use_cache: b
 
 @torch.no_grad()
 def compare_generation(model, reference, inputs: dict, settings: dict | None = None, modes: dict | None = None,
-                       check_cache: bool = True) -> dict:
+                       check_cache=True, *, encoder_outputs=None, reference_encoder_out=None) -> dict:
     """Top hypotheses of ``model.generate`` vs the reference generator, per mode.
 
     Args:
@@ -76,7 +77,11 @@ def compare_generation(model, reference, inputs: dict, settings: dict | None = N
             — the reference reads padding from the pad id, as fairseq does).
         settings: fairseq knobs overriding :data:`DEFAULT_SETTINGS` (``beam_size`` comes from the mode).
         modes: ``{name: beam_size}``, default greedy / beam5 / beam8.
-        check_cache: also decode without the key/value cache and require the same tokens.
+        check_cache: also decode without the key/value cache and require the same tokens: True for
+            every mode, or the names of the modes to do it for.
+        encoder_outputs, reference_encoder_out: each side's encoding of ``inputs`` if the caller
+            already has it (``model.get_encoder()(...)``, ``reference._encode(...)``); every mode
+            reuses it instead of encoding again.
 
     Returns a dict: ``identical`` (every mode, every sample, cached and uncached), ``mismatches``
     (``{"mode", "index", "model", "reference", "cache": False}`` rows, and
@@ -100,10 +105,11 @@ def compare_generation(model, reference, inputs: dict, settings: dict | None = N
             unk_penalty=knobs["unk_penalty"],
             constraint_range=knobs["constraint_range"],
         )
-        ref = generator.generate(inputs["input_ids"], inputs.get("patch_images"), inputs.get("patch_masks"))
+        ref = generator.generate(inputs["input_ids"], inputs.get("patch_images"), inputs.get("patch_masks"),
+                                 encoder_out=reference_encoder_out)
         ref_rows = [hypos[0]["tokens"].tolist() for hypos in ref]
         ref_scores = [hypos[0]["score"] for hypos in ref]
-        rows, scores = _model_generate(model, inputs, beam, knobs, use_cache=True)
+        rows, scores = _model_generate(model, inputs, beam, knobs, True, encoder_outputs)
         same = 0
         score_diff = 0.0
         for i, (ours, theirs) in enumerate(zip(rows, ref_rows)):
@@ -113,8 +119,8 @@ def compare_generation(model, reference, inputs: dict, settings: dict | None = N
             else:
                 report["mismatches"].append({"mode": mode, "index": i, "model": ours, "reference": theirs, "cache": False})
         entry = {"identical": same, "total": len(ref_rows), "max_score_diff": score_diff}
-        if check_cache:
-            uncached, _ = _model_generate(model, inputs, beam, knobs, use_cache=False)
+        if check_cache is True or (check_cache and mode in check_cache):
+            uncached, _ = _model_generate(model, inputs, beam, knobs, False, encoder_outputs)
             cache_same = 0
             for i, (a, b) in enumerate(zip(rows, uncached)):
                 if a == b:

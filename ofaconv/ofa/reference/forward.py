@@ -305,17 +305,35 @@ class FairseqReference:
 
     def _attention(self, prefix: str, query: Tensor, key: Tensor, *, attn_bias: Tensor,
                    key_padding_mask: Tensor | None = None,
-                   attn_mask: Tensor | None = None) -> Tensor:
+                   attn_mask: Tensor | None = None,
+                   incremental_state: dict[str, Tensor] | None = None,
+                   static_kv: bool = False) -> Tensor:
+        """With ``incremental_state`` (fairseq's saved ``prev_key``/``prev_value``, B x H x S x
+        hd, under ``prefix``): self-attention appends this step's keys and values to the saved
+        ones; encoder attention (``static_kv``) projects the encoder output once and reuses it."""
         tgt_len, bsz, embed_dim = query.shape
         heads, head_dim = self.num_heads, self.head_dim
+        saved_key, saved_value = prefix + ".prev_key", prefix + ".prev_value"
+        reuse = incremental_state is not None and static_kv and saved_key in incremental_state
         q = self._linear(query, prefix + ".q_proj")
-        k = self._linear(key, prefix + ".k_proj")
-        v = self._linear(key, prefix + ".v_proj")
+        k = v = None
+        if not reuse:
+            k = self._linear(key, prefix + ".k_proj")
+            v = self._linear(key, prefix + ".v_proj")
         q *= self.scaling
 
         q = q.contiguous().view(tgt_len, bsz * heads, head_dim).transpose(0, 1)
-        k = k.contiguous().view(-1, bsz * heads, head_dim).transpose(0, 1)
-        v = v.contiguous().view(-1, bsz * heads, head_dim).transpose(0, 1)
+        if not reuse:
+            k = k.contiguous().view(-1, bsz * heads, head_dim).transpose(0, 1)
+            v = v.contiguous().view(-1, bsz * heads, head_dim).transpose(0, 1)
+        if incremental_state is not None:
+            if saved_key in incremental_state:
+                prev_k = incremental_state[saved_key].view(bsz * heads, -1, head_dim)
+                prev_v = incremental_state[saved_value].view(bsz * heads, -1, head_dim)
+                k, v = (prev_k, prev_v) if static_kv else (torch.cat([prev_k, k], dim=1),
+                                                           torch.cat([prev_v, v], dim=1))
+            incremental_state[saved_key] = k.view(bsz, heads, -1, head_dim)
+            incremental_state[saved_value] = v.view(bsz, heads, -1, head_dim)
         src_len = k.size(1)
 
         attn_weights = torch.bmm(q, k.transpose(1, 2))
@@ -492,7 +510,7 @@ class FairseqReference:
         return {"encoder_out": x, "padding_mask": padding_mask, "position_embeddings": pos_embed}
 
     # ----------------------------------------------------------------------------------------
-    # decoder (TransformerDecoder.extract_features_scriptable, full-prefix, no code masks)
+    # decoder (TransformerDecoder.extract_features_scriptable, no code masks)
 
     def _decoder_pos_bias(self, tgt_pos_embed: Tensor, src_pos_embed: Tensor | None) -> Tensor:
         bsz, tgt_len = tgt_pos_embed.shape[:2]
@@ -507,15 +525,17 @@ class FairseqReference:
         return torch.matmul(pos_q, pos_k.transpose(2, 3))
 
     def _decoder_layer(self, x: Tensor, idx: int, enc: Tensor, enc_padding_mask: Tensor,
-                       self_attn_mask: Tensor, self_padding_mask: Tensor | None,
-                       self_attn_bias: Tensor, cross_attn_bias: Tensor) -> Tensor:
+                       self_attn_mask: Tensor | None, self_padding_mask: Tensor | None,
+                       self_attn_bias: Tensor, cross_attn_bias: Tensor,
+                       incremental_state: dict[str, Tensor] | None) -> Tensor:
         prefix = f"decoder.layers.{idx}"
         pre = self.decoder_normalize_before
         residual = x
         if pre:
             x = self._layer_norm(x, prefix + ".self_attn_layer_norm")
         x = self._attention(prefix + ".self_attn", x, x, attn_bias=self_attn_bias,
-                            key_padding_mask=self_padding_mask, attn_mask=self_attn_mask)
+                            key_padding_mask=self_padding_mask, attn_mask=self_attn_mask,
+                            incremental_state=incremental_state)
         if prefix + ".self_attn_ln.weight" in self.sd:
             x = self._layer_norm(x, prefix + ".self_attn_ln")
         x = residual + x
@@ -526,7 +546,8 @@ class FairseqReference:
         if pre:
             x = self._layer_norm(x, prefix + ".encoder_attn_layer_norm")
         x = self._attention(prefix + ".encoder_attn", x, enc, attn_bias=cross_attn_bias,
-                            key_padding_mask=enc_padding_mask)
+                            key_padding_mask=enc_padding_mask, incremental_state=incremental_state,
+                            static_kv=True)
         if prefix + ".cross_attn_ln.weight" in self.sd:
             x = self._layer_norm(x, prefix + ".cross_attn_ln")
         x = residual + x
@@ -541,8 +562,16 @@ class FairseqReference:
             x = self._layer_norm(x, prefix + ".final_layer_norm")
         return x
 
-    def _decode(self, prev_output_tokens: Tensor, encoder_out: Mapping[str, Tensor]) -> Tensor:
-        """Logits [B, T, V] from the fairseq-layout encoder output of :meth:`_encode`."""
+    def _decode(self, prev_output_tokens: Tensor, encoder_out: Mapping[str, Tensor],
+                incremental_state: dict[str, Tensor] | None = None) -> Tensor:
+        """Logits [B, T, V] from the fairseq-layout encoder output of :meth:`_encode`.
+
+        With ``incremental_state`` (a dict the caller keeps across steps and reorders with the
+        beams, every entry batch-first) this is fairseq's incremental decoding: positions and
+        position biases still come from the whole prefix ``prev_output_tokens``, but only its
+        last token is embedded and run through the layers, against the keys and values saved by
+        the earlier steps; the logits are [B, 1, V].
+        """
         enc = encoder_out["encoder_out"]
         enc_padding_mask = encoder_out["padding_mask"]
         bsz, tgt_len = prev_output_tokens.shape
@@ -557,25 +586,38 @@ class FairseqReference:
                                                     encoder_out["position_embeddings"])
         cross_abs_pos_bias = cross_abs_pos_bias.reshape(-1, *cross_abs_pos_bias.size()[-2:])
 
-        x = self.embed_scale * self._embedding(prev_output_tokens, "decoder.embed_tokens")
+        incremental = incremental_state is not None
+        new_tokens = prev_output_tokens
+        if incremental:
+            new_tokens = prev_output_tokens[:, -1:]
+            cross_abs_pos_bias = cross_abs_pos_bias[:, -1:, :]
+            tgt_pos_embed = tgt_pos_embed[:, -1:, :]
+        x = self.embed_scale * self._embedding(new_tokens, "decoder.embed_tokens")
         if self.decoder_entangle:
             x += tgt_pos_embed
         if "decoder.layernorm_embedding.weight" in self.sd:
             x = self._layer_norm(x, "decoder.layernorm_embedding")
         x = x.transpose(0, 1)
 
+        # Incrementally, fairseq keeps the padding mask of the earlier steps' keys in its saved
+        # state and appends the newest token's: every <pad> of the whole prefix is masked.
         self_padding_mask = None
         if prev_output_tokens.eq(PAD).any():
             self_padding_mask = prev_output_tokens.eq(PAD)
 
         for idx in range(self.decoder_layers):
-            future_mask = torch.triu(torch.full([tgt_len, tgt_len], float("-inf")), 1).to(x)
+            future_mask = None
+            if not incremental:
+                future_mask = torch.triu(torch.full([tgt_len, tgt_len], float("-inf")), 1).to(x)
             self_attn_bias = self_abs_pos_bias.clone()
             self_attn_bias += self._token_rel_pos_bias("decoder", tgt_len, idx).contiguous() \
                 .unsqueeze(0)
             self_attn_bias = self_attn_bias.reshape(-1, *self_attn_bias.size()[-2:])
+            if incremental:
+                self_attn_bias = self_attn_bias[:, -1:, :]
             x = self._decoder_layer(x, idx, enc, enc_padding_mask, future_mask,
-                                    self_padding_mask, self_attn_bias, cross_abs_pos_bias)
+                                    self_padding_mask, self_attn_bias, cross_abs_pos_bias,
+                                    incremental_state)
 
         if "decoder.layer_norm.weight" in self.sd:
             x = self._layer_norm(x, "decoder.layer_norm")
@@ -584,6 +626,16 @@ class FairseqReference:
                    if "decoder.output_projection.weight" in self.sd
                    else "decoder.embed_tokens.weight")
         return F.linear(x, self._p(out_key))
+
+    @staticmethod
+    def reorder_incremental_state(state: dict[str, Tensor], new_order: Tensor) -> None:
+        """fairseq ``reorder_incremental_state``: the saved self-attention keys and values follow
+        their hypotheses; the encoder attention's, the same for every beam of a sentence, move
+        only when finished sentences leave the batch."""
+        for name, saved in state.items():
+            if ".encoder_attn." in name and saved.size(0) == new_order.size(0):
+                continue
+            state[name] = saved.index_select(0, new_order)
 
     # ----------------------------------------------------------------------------------------
     # public API (batch-first)

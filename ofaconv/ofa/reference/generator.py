@@ -9,9 +9,10 @@ the top ``2 * beam`` of ``beam x V`` cumulative scores (only beam 0 at step 0), 
 finalized only within the first ``beam`` ranks, scores divided by ``(step + 1) ** lenpen``, and
 finished sentences dropped from the batch.
 
-Unlike fairseq it keeps no key/value cache: every step re-runs the full decoder on the whole
-prefix. It is the slow, obviously faithful baseline; prefix tokens, lexical constraints, LM fusion
-and image-code generation are out of scope (captioning uses none of them).
+Decoding is incremental, as fairseq's: each step runs only the newest token through the decoder
+against the keys and values saved by the earlier steps (reordered with the beams), while the
+positions and position biases come from the whole prefix. Prefix tokens, lexical constraints,
+LM fusion and image-code generation are out of scope (captioning uses none of them).
 """
 
 from __future__ import annotations
@@ -104,9 +105,10 @@ class SequenceGenerator:
 
     # ----------------------------------------------------------------------------------------
 
-    def _step_lprobs(self, tokens: Tensor, encoder_out: dict[str, Tensor]) -> Tensor:
-        """EnsembleModel.forward_decoder for one model, without an incremental state."""
-        logits = self.model._decode(tokens, encoder_out)
+    def _step_lprobs(self, tokens: Tensor, encoder_out: dict[str, Tensor],
+                     incremental_state: dict[str, Tensor]) -> Tensor:
+        """EnsembleModel.forward_decoder for one model."""
+        logits = self.model._decode(tokens, encoder_out, incremental_state)
         logits = logits[:, -1:, :].div_(self.temperature)
         if self.constraint is not None:
             start, end = self.constraint
@@ -125,9 +127,13 @@ class SequenceGenerator:
 
     @torch.no_grad()
     def generate(self, src_tokens: Tensor, patch_images: Tensor | None,
-                 patch_masks: Tensor | None = None) -> list[list[dict[str, Any]]]:
+                 patch_masks: Tensor | None = None, *,
+                 encoder_out: dict[str, Tensor] | None = None) -> list[list[dict[str, Any]]]:
         """Hypotheses per sentence, best first: dicts with ``tokens`` (LongTensor ending with
-        EOS, no BOS), ``score`` (float, length-normalised) and ``positional_scores``."""
+        EOS, no BOS), ``score`` (float, length-normalised) and ``positional_scores``.
+
+        ``encoder_out``: the reference's fairseq-layout encoder output for these inputs, if the
+        caller already computed it (``FairseqReference._encode``); it is not modified."""
         bsz, src_len = src_tokens.size()[:2]
         beam_size = self.beam_size
         vocab_size = self.vocab_size
@@ -137,7 +143,9 @@ class SequenceGenerator:
         if max_len + 1 > self.model.token_rp_bucket["decoder"].size(0):
             raise OfaconvError(f"max_len {max_len} exceeds the decoder's positions")
 
-        encoder_out = self.model._encode(src_tokens, patch_images, patch_masks)
+        if encoder_out is None:
+            encoder_out = self.model._encode(src_tokens, patch_images, patch_masks)
+        incremental_state: dict[str, Tensor] = {}
         new_order = torch.arange(bsz).view(-1, 1).repeat(1, beam_size).view(-1)
         new_order = new_order.to(src_tokens.device).long()
         encoder_out = self._reorder_encoder_out(encoder_out, new_order)
@@ -161,9 +169,10 @@ class SequenceGenerator:
                     # account for sentences removed from the batch
                     corr = batch_idxs - torch.arange(batch_idxs.numel()).type_as(batch_idxs)
                     reorder_state.view(-1, beam_size).add_(corr.unsqueeze(-1) * beam_size)
+                self.model.reorder_incremental_state(incremental_state, reorder_state)
                 encoder_out = self._reorder_encoder_out(encoder_out, reorder_state)
 
-            lprobs = self._step_lprobs(tokens[:, :step + 1], encoder_out)
+            lprobs = self._step_lprobs(tokens[:, :step + 1], encoder_out, incremental_state)
             if step < self.min_len:
                 lprobs[:, EOS] = -math.inf
             lprobs[lprobs != lprobs] = torch.tensor(-math.inf).to(lprobs)
