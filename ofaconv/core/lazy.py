@@ -10,13 +10,17 @@ from typing import Callable
 
 def lazy_exports(package: str, exports: dict[str, list[str]]) -> Callable[[str], object]:
     """A module ``__getattr__`` resolving the names of ``exports`` (submodule of ``package`` -> the
-    names it defines) on demand."""
-    where = {name: module for module, names in exports.items() for name in names}
+    names it defines; ``"public:defined"`` exports a name under another one) on demand."""
+    where = {}
+    for module, names in exports.items():
+        for name in names:
+            public, _, defined = name.partition(":")
+            where[public] = (module, defined or public)
 
     def __getattr__(name: str):
-        module = where.get(name)
-        if module is None:
+        if name not in where:
             raise AttributeError(f"module {package!r} has no attribute {name!r}")
-        return getattr(importlib.import_module(f".{module}", package), name)
+        module, defined = where[name]
+        return getattr(importlib.import_module(f".{module}", package), defined)
 
     return __getattr__
