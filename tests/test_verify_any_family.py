@@ -50,7 +50,7 @@ def test_verified_folder_is_accepted(family, converted, capsys):
     assert code == 0, err
     assert "report: conversion_report.json passed; every file matches its manifest" in out
     assert out.rstrip().endswith("nothing was uploaded (dry run)")
-    tag = "image-to-text" if family == "ofa" else "zero-shot-image-classification"
+    tag = "image-text-to-text" if family == "ofa" else "zero-shot-image-classification"
     assert f"  pipeline_tag: {tag}" in out.splitlines()
 
 
