@@ -42,8 +42,35 @@ def _command(argv: list[str]) -> str | None:
     return None
 
 
+class CommandParser(argparse.ArgumentParser):
+    """ofaconv's parsers. A command-line mistake is one ``ofaconv: error:`` line. Options may come
+    before, between or after positionals (``ofaconv synth VARIANT --full OUT.pt``, ``ofaconv caption
+    FOLDER --out x.jsonl a.jpg b.jpg``): plain argparse hands an optional positional (``nargs="?"`` or
+    ``"*"``) an empty match at the first option and then refuses what follows; intermixed parsing
+    does not. A parser with commands of its own (``ofaconv clip``) parses as usual; its commands'
+    parsers are of this class too."""
+
+    _intermixing = False
+
+    def error(self, message: str):
+        """A command-line mistake is one line in the error contract's form (argparse prints the usage too)."""
+        command = self.prog.partition(" ")[2]
+        where = f"{command}: " if command else ""
+        self.exit(2, f"ofaconv: error: {where}{' '.join(message.split())} (see `{self.prog} --help`)\n")
+
+    def parse_known_args(self, args=None, namespace=None):
+        nested = any(a.nargs in (argparse.PARSER, argparse.REMAINDER) for a in self._get_positional_actions())
+        if self._intermixing or nested:
+            return super().parse_known_args(args, namespace)
+        self._intermixing = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._intermixing = False
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="ofaconv",
         description="Convert fairseq OFA checkpoints to Hugging Face transformers and prove parity.",
     )

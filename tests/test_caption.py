@@ -77,7 +77,7 @@ def test_directory_glob_missing_and_corrupt(folders, image_dir, tmp_path, capsys
     out = tmp_path / "captions.jsonl"
     rc = main(["caption", str(folder), str(image_dir), str(image_dir / "b*.png"), str(tmp_path / "missing.jpg"),
                str(tmp_path / "nomatch*.png"), "--out", str(out), "--batch-size", "2", "--max-len", "4"])
-    assert rc == 1
+    assert rc == 2
     records = _records(out)
     names = [Path(r["image"]).name for r in records]
     assert names == ["a.jpg", "b.png", "c_gray.png", "d_alpha.png", "e_corrupt.jpg", "b.png", "missing.jpg",
@@ -91,7 +91,8 @@ def test_directory_glob_missing_and_corrupt(folders, image_dir, tmp_path, capsys
     assert records[7]["error"] == "no files match this pattern"
     assert records[1]["caption"] == records[5]["caption"]  # same file, batched differently
     assert abs(records[1]["score"] - records[5]["score"]) < 1e-4
-    assert "3 of 8 images could not be captioned" in capsys.readouterr().err
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("ofaconv: error: 3 of 8 images failed (first: ") and "e_corrupt.jpg" in err
 
 
 def test_all_good_exits_zero_and_matches_generate(folders, image_dir, tmp_path):
@@ -130,7 +131,7 @@ def test_tsv_urlsafe_standard_and_bad_lines(folders, tmp_path):
         encoding="utf-8",
     )
     out = tmp_path / "tsv.jsonl"
-    assert main(["caption", str(folder), "--tsv", str(tsv), "--out", str(out), "--max-len", "3", "--no-progress"]) == 1
+    assert main(["caption", str(folder), "--tsv", str(tsv), "--out", str(out), "--max-len", "3", "--no-progress"]) == 2
     records = _records(out)
     assert [r["image"] for r in records] == ["img-url", "img-std", "img-corrupt", "img-b64", f"{tsv}:5"]
     assert records[0]["caption"] == records[1]["caption"] and records[0]["score"] == records[1]["score"]
@@ -222,3 +223,16 @@ def test_caption_items_keeps_order_with_errors_inside_batches(folders, image_dir
                                 str(image_dir / "b.png")]))
     records = list(caption_items(model, processor, items, batch_size=1, max_len_b=3))
     assert ["error" in r for r in records] == [True, False, True, False]
+
+
+def test_out_replaces_an_earlier_caption_output_only(folders, image_dir, tmp_path, capsys):
+    out = tmp_path / "c.jsonl"
+    args = ["caption", str(folders("ofa-tiny")), str(image_dir / "a.jpg"), "--out", str(out), "--max-len", "2",
+            "--no-progress"]
+    assert main(args) == 0
+    first = out.read_bytes()
+    assert main(args) == 0 and out.read_bytes() == first  # the earlier output is replaced (same captions)
+    out.write_text("my notes\n")
+    assert main(args) == 2 and out.read_text() == "my notes\n"
+    assert "not an earlier `ofaconv caption` output" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.jsonl", "images"]

@@ -652,3 +652,16 @@ def test_undecodable_images_are_counted_and_skipped(tmp_path, small_config, cach
     assert report["training"]["encoder"] == ("cache" if cache else "frozen")
     assert report["training"]["data"]["train_pairs"] == (6 if cache else 8)
     assert report["passed"] and report["training"]["global_steps"] == 4
+
+
+def test_eval_strategy_without_held_out_data_does_not_apply(tmp_path):
+    """A recipe whose eval_strategy asks for evaluation but which has no held-out data (data.eval:
+    null, as when the shipped recipe is run without MUGE's valid split) trains without evaluating
+    and says so; with held-out data the Trainer gets the eval set (engine.CaptionTrainer)."""
+    from ofaconv.ofa.finetune.run import training_arguments
+
+    recipe = load_recipe({"model": "m", "output_dir": str(tmp_path / "o"),
+                          "data": {"train": {"captions": "c.jsonl", "images": "i.tsv"}},
+                          "training": {"eval_strategy": "epoch"}})
+    args, notes = training_arguments(recipe)
+    assert args.eval_strategy == "no" and any("eval_strategy 'epoch' does not apply" in n for n in notes)

@@ -355,6 +355,8 @@ class KeyMap:
             data = yaml.safe_load(raw)
         except yaml.YAMLError as exc:
             raise KeyMapError(f"not valid YAML: {' '.join(str(exc).split())}", path=path) from None
+        except RecursionError:
+            raise KeyMapError("YAML nested too deeply to be a key map", path=path) from None
         return cls(data, path=str(path), sha256=hashlib.sha256(raw).hexdigest(), name=name)
 
     # -- validation ------------------------------------------------------------------------------

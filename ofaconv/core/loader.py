@@ -114,7 +114,7 @@ def load_torch(path) -> tuple[object, bool]:
             wanted = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
         except Exception as exc:  # noqa: BLE001 - torch raises RuntimeError/ValueError/zip errors alike
             raise CheckpointError(_zip_error(exc), path=path) from None
-        refused = sorted(set(wanted) - ALLOWED_GLOBAL_NAMES)
+        refused = sorted({_python3_name(name) for name in set(wanted) - ALLOWED_GLOBAL_NAMES})
         if refused:
             raise CheckpointError(
                 f"refusing to unpickle: the file needs globals outside the allow-list: {', '.join(refused)} "
@@ -165,6 +165,17 @@ def _file_kind(path: Path) -> str:
     )
 
 
+def _python3_name(dotted: str) -> str:
+    """A global as Python 3 names it: torch pickles at protocol 2, which writes Python 2's names
+    (``subprocess.Popen`` is stored as ``commands.Popen``)."""
+    import _compat_pickle
+
+    module, _, name = dotted.rpartition(".")
+    python3 = (_compat_pickle.IMPORT_MAPPING.get(module, module), name)
+    module, name = _compat_pickle.NAME_MAPPING.get((module, name), python3)
+    return f"{module}.{name}" if module else name
+
+
 def _zip_error(exc: Exception) -> str:
     msg = str(exc)
     if "central directory" in msg or "failed reading zip archive" in msg:
@@ -181,7 +192,7 @@ def _load_error(exc: Exception, kind: str) -> str:
     if isinstance(exc, pickle.UnpicklingError):
         # torch's wording ends in hints to load unsafely; only the refused global's name is kept.
         wanted = re.findall(r"GLOBAL ([\w.]+)", str(exc)) or re.findall(r"Unsupported global: ([\w.]+)", str(exc))
-        which = f" ({', '.join(dict.fromkeys(wanted))})" if wanted else ""
+        which = f" ({', '.join(dict.fromkeys(map(_python3_name, wanted)))})" if wanted else ""
         return f"refusing to unpickle: the file needs a global outside the allow-list{which} " + _REFUSE_HINT
     if kind == "zip" or isinstance(exc, RuntimeError):
         return _zip_error(exc)
@@ -274,9 +285,10 @@ def read_config(folder: str | os.PathLike) -> dict:
     if not cfg_path.is_file():
         raise CheckpointError("no config.json", path=folder)
     try:
-        cfg = json.loads(cfg_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"malformed JSON: {exc}", path=cfg_path) from None
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        detail = "nested too deeply" if isinstance(exc, RecursionError) else exc
+        raise CheckpointError(f"malformed JSON: {detail}", path=cfg_path) from None
     if not isinstance(cfg, dict):
         raise CheckpointError("config is not a JSON object", path=cfg_path)
     return cfg

@@ -237,6 +237,8 @@ def _read_file(path: Path) -> dict:
         where = f" at line {mark.line + 1}" if mark is not None else ""
         problem = str(getattr(exc, "problem", None) or exc).replace("\n", " ")
         raise RecipeError(f"not valid YAML{where}: {problem}", path=path) from None
+    except RecursionError:
+        raise RecipeError("YAML nested too deeply to be a recipe", path=path) from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -253,7 +255,7 @@ def _parse_override(item: str) -> tuple[str, Any]:
         raise RecipeError(f"override {item!r} has an empty key")
     try:
         value = read_yaml(raw) if raw.strip() else None
-    except yaml.YAMLError:
+    except (yaml.YAMLError, RecursionError):
         value = raw  # not YAML (e.g. an unbalanced bracket): the text as given
     return key, value
 

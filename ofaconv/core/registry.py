@@ -132,5 +132,6 @@ def _read_json(path: Path):
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         return None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise OfaconvError(f"unreadable JSON ({exc}); restore the file or convert again", path=path) from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        detail = "nested too deeply" if isinstance(exc, RecursionError) else exc
+        raise OfaconvError(f"unreadable JSON ({detail}); restore the file or convert again", path=path) from None

@@ -111,10 +111,14 @@ def load_report(folder: str | os.PathLike) -> dict:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise OfaconvError("missing: the folder has no conversion report", path=path) from None
+    except UnicodeDecodeError:
+        raise OfaconvError("not UTF-8 text, so not a report ofaconv wrote; convert again", path=path) from None
     try:
         report = json.loads(text)
     except json.JSONDecodeError as exc:
         raise OfaconvError(f"not valid JSON ({exc})", path=path) from None
+    except RecursionError:
+        raise OfaconvError("JSON nested too deeply, so not a report ofaconv wrote; convert again", path=path) from None
     if not isinstance(report, dict):
         raise OfaconvError(f"expected a JSON object, found {type(report).__name__}", path=path)
     return report

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from . import registry
@@ -86,4 +87,10 @@ def _run(args) -> int:
     else:
         for line in format_checks(checks):
             print(line)
-    return 0 if passed else 3
+    if passed:
+        return 0
+    failed = [c for c in checks if not c["passed"]]
+    detail = " ".join(str(failed[0].get("detail", "")).split())
+    print(f"ofaconv: error: {args.folder}: verification failed ({', '.join(c['name'] for c in failed)}: "
+          f"{detail[:300]})", file=sys.stderr)
+    return 3

@@ -4,7 +4,12 @@ Images come as files, directories (their image files, sorted), glob patterns, or
 files (``--tsv``: ``image_id<TAB>base64`` per line, urlsafe or standard base64). Each input gives
 one JSONL record, in input order: ``{"image", "caption", "score"}`` (``score``: fairseq's
 length-normalised log-probability of the caption) or ``{"image", "error"}`` for an input that
-cannot be read; the run goes on, and the exit code is 1 if any input failed, 0 otherwise.
+cannot be read; the run goes on, and ends with one ``ofaconv: error: N of M images failed (first:
+...)`` line and exit code 2 if any input failed (0 otherwise).
+
+The output is written to a hidden sibling and renamed over ``--out`` at the end, so a failed run
+leaves nothing half-written; an existing ``--out`` is replaced only when it is an earlier caption
+output (its first line a caption record), never a file or device ofaconv did not write.
 
 Generation is the model's fairseq-faithful search with the folder's ``generation_config.json``
 (English caption: beam 5, max_len_b 16; MUGE: beam 8, max_len_b 128), overridable here.
@@ -13,6 +18,7 @@ Generation is the model's fairseq-faithful search with the folder's ``generation
 from __future__ import annotations
 
 import binascii
+import contextlib
 import json
 import os
 import sys
@@ -22,6 +28,7 @@ from typing import Iterable, Iterator, Optional
 
 import torch
 
+from ofaconv.core.batch import failure_summary
 from ofaconv.core.errors import DataError, OfaconvError
 from ofaconv.core.images import ImageDecodeError, ImageInput, decode_base64, expand_images, open_image, tsv_rows
 
@@ -66,25 +73,84 @@ def count_tsv_lines(path: str) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
+def torch_device(name: str) -> torch.device:
+    """``--device`` as a torch device that exists on this machine, else a one-line error."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise OfaconvError(f"--device {name!r} is not a device name; use cpu, cuda, cuda:N or mps") from None
+    if device.type == "cpu":
+        return device
+    backend = getattr(torch, device.type, None)  # torch.cuda, torch.mps, torch.xpu, ...
+    available = backend is not None and hasattr(backend, "is_available") and backend.is_available()
+    if not available:
+        raise OfaconvError(f"--device {name}: no {device.type} device is available on this machine; use --device cpu")
+    count = backend.device_count() if hasattr(backend, "device_count") else 1
+    if device.index is not None and device.index >= count:
+        raise OfaconvError(f"--device {name}: this machine has {count} {device.type} device(s), "
+                           f"numbered from 0 to {count - 1}")
+    return device
+
+
+def _json_object(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise OfaconvError("missing; convert the checkpoint again (ofaconv convert writes it)", path=path) from None
+    except (OSError, ValueError, RecursionError) as exc:  # unreadable, not UTF-8 / JSON, nested too deeply
+        detail = getattr(exc, "strerror", None) or ("nested too deeply" if isinstance(exc, RecursionError) else exc)
+        raise OfaconvError(f"unreadable JSON ({detail}); restore the file or convert again", path=path) from None
+    if not isinstance(data, dict):
+        raise OfaconvError(f"expected a JSON object, found {type(data).__name__}", path=path)
+    return data
+
+
+def check_ofa_folder(folder, command: str) -> Path:
+    """``folder`` is a converted (or finetuned) OFA folder whose images OFA can encode; otherwise one
+    line naming what it is and, for another family's folder, the command that takes it."""
+    from ofaconv.core import registry
+
+    from .checkpoint import check_image_size
+    from .family import FAMILY
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise OfaconvError("no such model folder" if not folder.exists() else "not a folder; give a converted "
+                           "OFA model folder", path=folder)
+    family = registry.family_of_folder(folder)
+    if family.name != FAMILY.name:
+        commands = " / ".join(f"ofaconv {c}" for c in family.commands)
+        raise OfaconvError(f"a {family.name} model folder ({family.description}); `ofaconv {command}` needs a "
+                           f"converted OFA folder (this one is for {commands})", path=folder / "config.json",
+                           key="model_type")
+    bucket = _json_object(folder / "config.json").get("image_bucket_size", 42)
+    processor_config = folder / "preprocessor_config.json"
+    size = _json_object(processor_config).get("size")
+    sides = list(size.values()) if isinstance(size, dict) else [size]
+    for side in sides or [None]:
+        check_image_size(side, image_bucket_size=bucket if isinstance(bucket, int) and bucket > 0 else 42,
+                         path=processor_config, key="size")
+    return folder
+
+
 def load_captioner(folder, device: str = "cpu", dtype: str = "fp32"):
     """Model (eval, on ``device`` in ``dtype``) and processor of a converted folder."""
     from transformers import AutoModelForSeq2SeqLM, AutoProcessor
 
-    folder = Path(folder)
-    if not (folder / "config.json").is_file():
-        raise OfaconvError("not a model folder (no config.json)", path=folder)
     if dtype not in DTYPES:
         raise OfaconvError(f"unknown dtype {dtype!r} (choose from {', '.join(DTYPES)})")
-    try:
-        torch_device = torch.device(device)
-    except RuntimeError as exc:
-        raise OfaconvError(f"invalid device {device!r}: {exc}") from None
+    device = torch_device(device)
+    folder = check_ofa_folder(folder, "caption")
     try:
         processor = AutoProcessor.from_pretrained(folder)
     except (OSError, ValueError, KeyError) as exc:
         raise OfaconvError(f"no usable OFA processor/tokenizer ({str(exc).splitlines()[0]})", path=folder) from None
-    model = AutoModelForSeq2SeqLM.from_pretrained(folder, dtype=DTYPES[dtype])
-    return model.to(torch_device).eval(), processor
+    try:
+        model = AutoModelForSeq2SeqLM.from_pretrained(folder, dtype=DTYPES[dtype])
+    except (OSError, ValueError) as exc:
+        raise OfaconvError(f"cannot load the model ({str(exc).splitlines()[0]}); convert the checkpoint again",
+                           path=folder) from None
+    return model.to(device).eval(), processor
 
 
 def _preprocess(processor, item: ImageInput):
@@ -160,7 +226,8 @@ def add_parser(sub) -> None:
         "caption",
         help="caption images with a converted OFA model (JSONL output)",
         description="Caption image files, directories, globs or MUGE-style base64 TSVs with a converted "
-        "OFA folder. One JSONL record per input; unreadable images give an error record and exit code 1.",
+        "OFA folder. One JSONL record per input; unreadable images give an error record, a summary line "
+        "and exit code 2.",
     )
     p.add_argument("folder", help="converted model folder")
     p.add_argument("images", nargs="*", help="image files, directories or glob patterns")
@@ -197,6 +264,92 @@ def _generate_kwargs(args) -> dict:
     return kwargs
 
 
+def _caption_output(out: str, inputs: list, folder) -> Optional[Path]:
+    """``--out`` as a path ofaconv may write (None: stdout), checked before anything is loaded."""
+    if out == "-":
+        return None
+    path = Path(out)
+    if not path.parent.is_dir():
+        raise OfaconvError("the output's folder does not exist; create it first", path=path.parent)
+    if path.is_symlink() or (path.exists() and not path.is_file()):
+        raise OfaconvError("exists and is not a regular file; give a new file name (or '-' for stdout)", path=path)
+    real = Path(os.path.realpath(path))
+    model = Path(os.path.realpath(folder))
+    if real == model or model in real.parents:
+        raise OfaconvError("lies inside the model folder (its manifest lists every file); write it elsewhere",
+                           path=path)
+    for name in inputs:
+        if os.path.exists(name) and os.path.realpath(name) == str(real):
+            raise OfaconvError("is also an input; choose another --out", path=path)
+    if path.exists() and not _earlier_output(path):
+        raise OfaconvError("exists and is not an earlier `ofaconv caption` output; move it away or choose another "
+                           "--out", path=path)
+    return path
+
+
+def _earlier_output(path: Path) -> bool:
+    """Empty, or its first line is a caption record: a file this command wrote."""
+    with open(path, "rb") as handle:
+        first = handle.readline(1 << 20)
+    if not first.strip():
+        return True
+    try:
+        record = json.loads(first)
+    except (ValueError, RecursionError):
+        return False
+    return isinstance(record, dict) and "image" in record and ("caption" in record or "error" in record)
+
+
+class _Output:
+    """JSONL lines to stdout, or to a hidden sibling of OUT renamed over it when the run completes
+    (an interrupted or failed run leaves nothing). A failed write is an OSError naming OUT."""
+
+    def __init__(self, out: Optional[Path]):
+        self.out, self.tmp, self.handle = out, None, sys.stdout
+
+    def __enter__(self) -> "_Output":
+        if self.out is not None:
+            with self._naming_out():
+                fd, self.tmp = tempfile.mkstemp(prefix=f".{self.out.name}.ofaconv-{os.getpid()}-", suffix=".tmp",
+                                                dir=self.out.parent)
+            self.handle = os.fdopen(fd, "w", encoding="utf-8")
+        return self
+
+    def write(self, text: str) -> None:
+        with self._naming_out():
+            self.handle.write(text)
+            self.handle.flush()
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self.tmp is None:
+            return
+        try:
+            if exc_type is None:
+                with self._naming_out():
+                    self.handle.close()
+                    os.replace(self.tmp, self.out)
+                self.tmp = None
+        finally:
+            if self.tmp is not None:
+                with contextlib.suppress(OSError):
+                    self.handle.close()
+                with contextlib.suppress(OSError):
+                    os.unlink(self.tmp)
+
+    @contextlib.contextmanager
+    def _naming_out(self):
+        try:
+            yield
+        except BrokenPipeError:
+            raise
+        except OSError as exc:
+            if self.out is None:
+                # Python flushes stdout again at exit; what could not be written now cannot be then either.
+                with contextlib.suppress(OSError):
+                    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise OSError(exc.errno, exc.strerror, str(self.out) if self.out is not None else "<stdout>") from None
+
+
 def _run(args) -> int:
     if not args.images and not args.tsv:
         raise OfaconvError("no images given (pass files, directories, globs or --tsv FILE)")
@@ -206,6 +359,20 @@ def _run(args) -> int:
     for tsv in args.tsv:
         if not os.path.isfile(tsv):
             raise OfaconvError("no such TSV file", path=tsv)
+    torch_device(args.device)
+    check_ofa_folder(args.folder, "caption")
+    out = _caption_output(args.out, [*args.images, *args.tsv], args.folder)
+    with _Output(out) as sink:  # opened first: an output that cannot be written fails before the model loads
+        failed, total = _caption_all(args, sink, generate_kwargs)
+    if failed:
+        where = f"written to {out}" if out is not None else "written"
+        raise DataError(f"{failure_summary(failed[:1], total, 'images', count=len(failed))}; "
+                        f"the other captions and an error record per failed image were {where}")
+    return 0
+
+
+def _caption_all(args, sink: _Output, generate_kwargs: dict) -> tuple[list[tuple[str, str]], int]:
+    """(the failed images as (name, reason), the number of images) of captioning every input into ``sink``."""
     if args.no_progress:
         from transformers.utils import logging as hf_logging
 
@@ -228,32 +395,15 @@ def _run(args) -> int:
 
         progress = tqdm(total=total, unit="img", desc="captioning", file=sys.stderr, dynamic_ncols=True)
 
-    failed = 0
-    to_stdout = args.out == "-"
-    out_path = Path(args.out)
-    if not to_stdout and not out_path.parent.resolve().is_dir():
-        raise OfaconvError("output directory does not exist", path=out_path.parent)
-    handle, tmp = (sys.stdout, None)
-    if not to_stdout:
-        fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent.resolve())
-        handle = os.fdopen(fd, "w", encoding="utf-8")
+    failed: list[tuple[str, str]] = []
     try:
         with torch.inference_mode():
             for record in caption_items(model, processor, items(), batch_size=args.batch_size, prompt=args.prompt,
                                         progress=progress, **generate_kwargs):
-                failed += "error" in record
-                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-                handle.flush()
-        if tmp is not None:
-            handle.close()
-            os.replace(tmp, out_path)
-            tmp = None
+                if "error" in record:
+                    failed.append((record["image"], record["error"]))
+                sink.write(json.dumps(record, ensure_ascii=False) + "\n")
     finally:
         if progress is not None:
             progress.close()
-        if tmp is not None:
-            handle.close()
-            os.unlink(tmp)
-    if failed:
-        print(f"ofaconv: {failed} of {total} images could not be captioned (see the error records)", file=sys.stderr)
-    return 1 if failed else 0
+    return failed, total

@@ -220,6 +220,25 @@ TASK_FLAGS = {
 # Flags looked up in the task arguments first, then the model Namespace (which carries every CLI arg).
 _TASK_FIRST = {"patch_image_size"}
 
+# Image sizes: the image is resized to S x S and the ResNet trunk makes one patch per 16 pixels;
+# image positions (the absolute embedding and the relative-position buckets) index an
+# image_bucket_size-square grid of patches, so S / 16 may not exceed image_bucket_size (42 in every
+# released checkpoint: at most 672 px). OFA uses 256, 384, 480 and 512.
+PATCH_PIXELS = 16
+
+
+def check_image_size(value, *, image_bucket_size: int = 42, path=None, key=None) -> int:
+    """``value`` as an image size OFA can encode (a multiple of 16 from 16 to 16 x image_bucket_size),
+    else a one-line ``CheckpointError`` naming ``path`` (a file, or the option) and ``key``."""
+    largest = PATCH_PIXELS * int(image_bucket_size)
+    integral = isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+    if isinstance(value, bool) or not integral or not PATCH_PIXELS <= value <= largest or value % PATCH_PIXELS:
+        raise CheckpointError(
+            f"{value!r} is not an image size OFA can encode; use a multiple of {PATCH_PIXELS} from {PATCH_PIXELS} "
+            f"to {largest} ({PATCH_PIXELS} px per patch, at most image_bucket_size {image_bucket_size} patches a "
+            "side; OFA uses 256, 384, 480 or 512)", path=path, key=key)
+    return int(value)
+
 
 def read_flags(ckpt: FairseqCheckpoint) -> dict:
     """The behaviour flags of a checkpoint as a JSON-serialisable dict (never machine paths).
@@ -256,6 +275,11 @@ def read_flags(ckpt: FairseqCheckpoint) -> dict:
         flags[name] = lookup(name, sources, default)
     flags["fp16"] = lookup("fp16", [ckpt.common_args], False)
     flags["_defaulted"] = defaulted
+    bucket = flags["image_bucket_size"]
+    if isinstance(bucket, bool) or not isinstance(bucket, int) or bucket < 1:
+        bucket = MODEL_FLAGS["image_bucket_size"]
+    for name in ("patch_image_size", "orig_patch_image_size"):
+        check_image_size(flags[name], image_bucket_size=bucket, path=ckpt.path, key=name)
     return flags
 
 

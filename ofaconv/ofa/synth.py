@@ -486,6 +486,8 @@ def _run(args) -> int:
     if not args.variant or not args.output:
         raise OfaconvError("usage: ofaconv synth VARIANT OUT.pt (or ofaconv synth --list)")
     variants.get_variant(args.variant)
+    if os.path.lexists(args.output):
+        raise OfaconvError("exists; synth writes only new files (remove it or choose another name)", path=args.output)
     start = time.perf_counter()
     out = write_synthetic_checkpoint(
         args.output,

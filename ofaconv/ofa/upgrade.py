@@ -10,11 +10,12 @@ reverse, so the same converter and the same independent fairseq reference verify
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import torch
 
-from .checkpoint import FairseqCheckpoint
+from .checkpoint import FairseqCheckpoint, check_image_size
 from ofaconv.core.errors import OfaconvError
 from ofaconv.core.keymap import KeyMap
 from ofaconv.core.loader import load_safetensors, load_state_dict_file, read_sharded
@@ -35,13 +36,19 @@ def load_port_weights(folder: Path) -> tuple[dict, Path]:
     raise OfaconvError(f"no weights found (looked for {', '.join(WEIGHT_FILES)})", path=folder)
 
 
-def port_model_args(old: dict, image_size: int | None) -> dict:
+def port_model_args(old: dict, image_size: int | None, config_path=None) -> dict:
     """fairseq-style arguments equivalent to an old port's config.json.
 
     The old ports never add target positions to decoder token embeddings (disable_entangle) and
     have no image-position interpolation, so those are fixed by what the ports compute.
     """
-    size = image_size or old.get("patch_image_size") or 256
+    bucket = old.get("image_bucket_size", 42)
+    bucket = bucket if isinstance(bucket, int) and not isinstance(bucket, bool) and bucket > 0 else 42
+    if image_size is not None:
+        size = check_image_size(image_size, image_bucket_size=bucket, path="--image-size")
+    else:
+        size = check_image_size(old.get("patch_image_size", 256), image_bucket_size=bucket, path=config_path,
+                                key="patch_image_size")
     normformer = bool(old.get("normformer", True))
     return {
         "scale_attn": normformer,
@@ -75,11 +82,22 @@ def open_port_folder(folder, *, image_size: int | None = None) -> FairseqCheckpo
     if not config_path.exists():
         raise OfaconvError("not a model folder (no config.json)", path=folder)
     try:
-        old = json.loads(config_path.read_text())
-    except ValueError as exc:
-        raise OfaconvError(f"config.json is not valid JSON ({exc})", path=config_path) from None
+        old = json.loads(config_path.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as exc:  # not UTF-8, not JSON, or nested too deeply
+        detail = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise OfaconvError(f"not valid JSON ({detail}); restore the folder's config.json", path=config_path) from None
+    except OSError as exc:
+        raise OfaconvError(f"cannot read config.json ({exc.strerror})", path=config_path) from None
+    if not isinstance(old, dict):
+        raise OfaconvError(f"not a JSON object but {type(old).__name__}", path=config_path)
     if old.get("model_type") != "ofa":
-        raise OfaconvError(f"model_type is {old.get('model_type')!r}, not 'ofa'", path=config_path, key="model_type")
+        raise OfaconvError(f"model_type is {old.get('model_type')!r}, not 'ofa': not a folder of an old OFA port",
+                           path=config_path, key="model_type")
+    try:
+        args = port_model_args(old, image_size, config_path)
+    except (TypeError, ValueError) as exc:
+        raise OfaconvError(f"a setting has the wrong type ({exc}); restore the folder's config.json",
+                           path=config_path) from None
     state, weights = load_port_weights(folder)
     from .modeling.configuration_ofa import RESNET_LAYERS
 
@@ -100,7 +118,6 @@ def open_port_folder(folder, *, image_size: int | None = None) -> FairseqCheckpo
     embed = fairseq_state["encoder.embed_tokens.weight"]
     for alias in ("decoder.embed_tokens.weight", "decoder.output_projection.weight"):
         fairseq_state[alias] = state.get(alias, embed)
-    args = port_model_args(old, image_size)
     return FairseqCheckpoint(
         path=weights,
         state_dict=fairseq_state,
@@ -144,6 +161,8 @@ def _run(args) -> int:
     for line in result.lines:
         print(line)
     if not result.passed:
-        print(f"ofaconv: error: verification failed; see {result.out_dir}/conversion_report.json")
+        failed = ", ".join(c["name"] for c in result.report["checks"] if not c["passed"])
+        print(f"ofaconv: error: verification failed ({failed}); see {result.out_dir}/conversion_report.json",
+              file=sys.stderr)
         return 3
     return 0

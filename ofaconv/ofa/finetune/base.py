@@ -61,10 +61,9 @@ def load_base(folder: str | os.PathLike) -> BaseModel:
 
     from ofaconv.ofa.modeling import OFAForConditionalGeneration
 
-    folder = Path(folder)
-    if not (folder / "config.json").is_file():
-        raise OfaconvError("not a model folder (no config.json); give a converted or finetuned OFA folder",
-                           path=folder)
+    from ofaconv.ofa.caption import check_ofa_folder
+
+    folder = check_ofa_folder(folder, "finetune")
     try:
         report = load_report(folder)
     except OfaconvError:

@@ -40,7 +40,7 @@ def tokenize_targets(tokenizer, captions: Sequence[str], max_length: int, eos_id
     out: list[list[int]] = []
     for start in range(0, len(captions), chunk):
         batch = [" " + c for c in captions[start : start + chunk]]
-        ids = tokenizer(batch, add_special_tokens=False)["input_ids"]
+        ids = tokenizer(batch, add_special_tokens=False, truncation=True, max_length=max_length - 1)["input_ids"]
         out.extend(list(x[: max_length - 1]) + [eos_id] for x in ids)
     return out
 

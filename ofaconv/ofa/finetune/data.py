@@ -13,6 +13,7 @@ first line numbers of each kind (``DataIssues``).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import json
@@ -229,13 +230,45 @@ class _Builder:
         return CaptionSet(self.images, self.image_ids, self.pair_images, self.captions, self.issues, self.name)
 
 
-def _open_text(path: Path):
+# A caption record is one short line (MUGE: an id and a few captions, well under a kilobyte). A
+# longer one is not captions (a TSV given as captions, a file with no line breaks) and reading it
+# whole would hold it, then its tokens, in memory.
+MAX_LINE_BYTES = 1 << 20
+_BOM = b"\xef\xbb\xbf"
+
+
+def _lines(path: Path):
+    """(line number, bytes without the line break) of every line, each at most ``MAX_LINE_BYTES``."""
     try:
-        return open(path, encoding="utf-8-sig", newline="")
+        fh = open(path, "rb")
     except FileNotFoundError:
         raise DataError("captions file not found", path=path) from None
     except OSError as exc:
         raise DataError(f"cannot read captions file ({exc.strerror})", path=path) from None
+    with fh:
+        lineno = 0
+        while True:
+            line = fh.readline(MAX_LINE_BYTES + 2)
+            if not line:
+                return
+            lineno += 1
+            if lineno == 1 and line.startswith(_BOM):
+                line = line[len(_BOM):]
+            body = line.rstrip(b"\r\n")
+            if len(body) > MAX_LINE_BYTES:
+                raise DataError(f"line longer than {MAX_LINE_BYTES // 2**20} MiB: not a caption record "
+                                "(one short line per image); check that this is the captions file",
+                                path=f"{path}:{lineno}")
+            yield lineno, body
+
+
+def _text_lines(path: Path):
+    """The lines as text (for the CSV reader); a line that is not UTF-8 is an error naming it."""
+    for lineno, body in _lines(path):
+        try:
+            yield body.decode("utf-8") + "\n"
+        except UnicodeDecodeError:
+            raise DataError("not UTF-8 text; save the file as UTF-8", path=f"{path}:{lineno}") from None
 
 
 def _caption_list(value) -> list[str] | None:
@@ -246,19 +279,28 @@ def _caption_list(value) -> list[str] | None:
     return None
 
 
+_NOT_UTF8 = object()  # a line that is not UTF-8 text
+
+
 def _iter_jsonl(path: Path):
-    """(line number, parsed object or None) for every non-empty line."""
-    with _open_text(path) as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                yield lineno, json.loads(line)
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                yield lineno, None
+    """(line number, parsed object, or None for a line that is not JSON, or ``_NOT_UTF8``) for every non-empty line."""
+    for lineno, body in _lines(path):
+        if not body.strip():
+            continue
+        try:
+            text = body.decode("utf-8")
+        except UnicodeDecodeError:
+            yield lineno, _NOT_UTF8
+            continue
+        try:
+            yield lineno, json.loads(text)
+        except (ValueError, RecursionError):  # not JSON, or nested too deeply
+            yield lineno, None
 
 
 def _check_first_record(path: Path, lineno: int, record, required: dict, fmt: str) -> None:
+    if record is _NOT_UTF8:
+        raise DataError(f"line {lineno} is not UTF-8 text; save the file as UTF-8", path=path)
     if not isinstance(record, dict):
         raise DataError(f"line {lineno} is not a JSON object; expected {fmt} lines", path=path)
     missing = [name for name in required.values() if name not in record]
@@ -337,8 +379,8 @@ def read_pairs(
             builder.add(image, texts, where)
         return builder.build(path)
 
-    with _open_text(path) as fh:
-        reader = csv.reader(fh)
+    with contextlib.closing(_text_lines(path)) as lines:
+        reader = csv.reader(lines)
         try:
             header = next(reader)
         except StopIteration:

@@ -21,6 +21,7 @@ from transformers import TrainerCallback, TrainingArguments
 
 from ofaconv.core.errors import DataError, OfaconvError
 from ofaconv.core.images import ImageDecodeError
+from ofaconv.core.writer import check_output
 from .base import BaseModel, init_random_folder, load_base
 from .batching import CaptionCollator, CaptionDataset, CaptionSampler, global_batch_size, tokenize_targets
 from .cache import EncoderCache, encoder_fingerprint
@@ -65,6 +66,9 @@ def training_arguments(recipe: Recipe) -> tuple[TrainingArguments, list[str]]:
         recipe.data.synthetic is not None and recipe.data.synthetic.eval_images > 0
     )
     if not has_eval:
+        if values.get("eval_strategy", "no") != "no":
+            notes.append(f"no held-out data (data.eval is not set): training.eval_strategy "
+                         f"{values['eval_strategy']!r} does not apply")
         values["eval_strategy"] = "no"
         values.pop("load_best_model_at_end", None)
     values.setdefault("eval_strategy", "epoch" if has_eval else "no")
@@ -77,7 +81,8 @@ def training_arguments(recipe: Recipe) -> tuple[TrainingArguments, list[str]]:
             **values,
         )
     except (TypeError, ValueError) as exc:
-        raise OfaconvError(f"invalid training settings: {exc}", key="training") from None
+        raise OfaconvError(f"invalid training settings: {' '.join(str(exc).split())}", path=recipe.source,
+                           key="training") from None
     return args, notes
 
 
@@ -139,6 +144,22 @@ def _synthetic_splits(recipe: Recipe, args: TrainingArguments):
     train = (folder / "train.jsonl", folder / "train.tsv")
     evals = (folder / "eval.jsonl", folder / "eval.tsv") if spec.eval_images else None
     return train, evals
+
+
+def _check_data_files(recipe: Recipe) -> None:
+    """The data files exist, checked before the model is loaded (a missing one names its recipe key)."""
+    data = recipe.data
+    if data.synthetic is not None:
+        return
+    splits = [("data.train", data.train, "point it at the training data")]
+    if data.eval is not None and data.eval.captions:
+        splits.append(("data.eval", data.eval, "point it at the held-out data, or set data.eval: null to train "
+                       "without held-out evaluation"))
+    for key, spec, advice in splits:
+        for name in ("captions", "images"):
+            path = getattr(spec, name)
+            if path is not None and not Path(path).exists():
+                raise DataError(f"not found; {advice}", path=path, key=f"{key}.{name}")
 
 
 def _load_data(recipe: Recipe, args: TrainingArguments, issues: DataIssues) -> tuple[CaptionSet, CaptionSet | None]:
@@ -226,12 +247,19 @@ def finetune(
     started = time.perf_counter()
     recipe = load_recipe(recipe, overrides, smoke=smoke)
     args, notes = training_arguments(recipe)
+    _check_data_files(recipe)
+    # The output is written at the end; a folder it may not replace is refused before hours of training.
+    check_output(recipe.output_dir, force=True, protect=[recipe.model], busy=args.process_index == 0)
     from transformers import set_seed
 
     set_seed(args.seed)
     for note in notes:
         _say(args, note)
     checkpoint_dir = recipe.resolved_checkpoint_dir()
+
+    # -- data (read first: a data error is found in seconds, before the model is loaded) ---------
+    issues = DataIssues()
+    train_data, eval_data = _load_data(recipe, args, issues)
 
     # -- model ------------------------------------------------------------------------------
     if recipe.model_init is not None:
@@ -249,9 +277,6 @@ def finetune(
     prompt_ids = torch.tensor(tokenizer(prompt)["input_ids"], dtype=torch.long)
     _say(args, f"model {folder} ({base.family}), prompt {prompt!r}")
 
-    # -- data -------------------------------------------------------------------------------
-    issues = DataIssues()
-    train_data, eval_data = _load_data(recipe, args, issues)
     eos = base.model.config.eos_token_id
     max_len = recipe.data.max_target_length
 
