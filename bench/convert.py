@@ -1,17 +1,22 @@
-"""Conversion cost: ofaconv vs the naive converter vs the I/O floor, measured in one run.
+"""Conversion cost: ofaconv vs the naive converter vs the I/O floor, and what --verify adds.
 
 Each approach runs in its own child process on the same synthetic checkpoint in the exact OFA
 trainer format (with optimizer state); wall time, CPU time and peak RSS (``wait4`` rusage of that
 child) are recorded, medians over --repeat runs after one warm-up, with the page cache primed and
 every approach's output deleted before each run (see ``measure``). Approaches:
-  naive   what OFA-Compress's converter does: torch.load everything, rename, save (safetensors)
-  floor   the I/O floor: read each weight's bytes once and write them once
-  ofaconv ``ofaconv convert`` (no --verify): also sha256 of the whole source (optimizer state
-          included) and of every file written, for the report
+  naive    what OFA-Compress's converter does: torch.load everything, rename, save (safetensors)
+  floor    the I/O floor: read each weight's bytes once and write them once
+  ofaconv  ``ofaconv convert`` (no --verify): fingerprints the bytes it converts and hashes every
+           file it writes, for the report
+  ofaconv --source-sha256   the same, also hashing the whole source (optimizer state included)
+  ofaconv --verify          the same as ofaconv, then the full parity check
+With --busy N every run is repeated with N processes spinning on the CPUs beside it (idle and busy
+runs alternate, so both see the same drift of the machine).
 
   python bench/convert.py --smoke            # micro checkpoint, seconds (CI)
-  python bench/convert.py --variants ofa-base,ofa-large
-Targets (issue 2): peak RSS <= 1/4 of naive on large; wall <= 1.5x the I/O floor.
+  python bench/convert.py --variants ofa-base,ofa-large --busy 3
+Targets: peak RSS <= 0.15x naive; wall <= 1.5x the I/O floor; CPU below naive; --verify wall
+<= 3x plain ofaconv.
 """
 
 from __future__ import annotations
@@ -91,16 +96,20 @@ def prime(path: Path) -> None:
 
 def approaches(src: Path, work: Path) -> dict[str, list[str]]:
     py = sys.executable
+    convert = [py, "-m", "ofaconv", "convert", str(src), str(work / "ofaconv_out"), "--force"]
     return {
         "naive": [py, "-c", NAIVE, str(src), str(work / "naive.safetensors")],
         "floor": [py, "-c", FLOOR, str(src), str(work / "floor.bin")],
-        "ofaconv": [py, "-m", "ofaconv", "convert", str(src), str(work / "ofaconv_out"), "--force"],
+        "ofaconv": convert,
+        "ofaconv --source-sha256": convert + ["--source-sha256"],
+        "ofaconv --verify": convert + ["--verify"],
         # the fixed start-up cost every approach pays
         "startup:torch": [py, "-c", "import torch, numpy"],
     }
 
 
 OUTPUTS = ("naive.safetensors", "floor.bin", "ofaconv_out")
+SPIN = "while True: pass"
 
 
 def clear_outputs(work: Path) -> None:
@@ -112,9 +121,28 @@ def clear_outputs(work: Path) -> None:
             path.unlink(missing_ok=True)
 
 
-def measure(src: Path, work: Path, repeat: int, settle: float) -> dict[str, tuple[float, int, float]]:
-    """Every run starts the same way: no output of any approach on disk, source in the page cache.
+class Spinners:
+    """``count`` processes burning CPU for the duration of a ``with`` block (none for 0)."""
 
+    def __init__(self, count: int):
+        self.count, self.procs = count, []
+
+    def __enter__(self):
+        self.procs = [subprocess.Popen([sys.executable, "-c", SPIN]) for _ in range(self.count)]
+        return self
+
+    def __exit__(self, *exc):
+        for proc in self.procs:
+            proc.kill()
+            proc.wait()
+
+
+def measure(src: Path, work: Path, repeat: int, settle: float,
+            busy: int = 0) -> dict[tuple[str, str], tuple[float, int, float]]:
+    """``{(condition, approach): (median wall s, max peak RSS bytes, median CPU s)}``, condition
+    ``idle`` (and ``busy``: ``busy`` spinning processes beside each run, alternating with idle).
+
+    Every run starts the same way: no output of any approach on disk, source in the page cache.
     On a VM with free-page reporting (this kind of machine) memory freed a few seconds ago is back
     with the host and costs a slow first touch (writing 2 GB into the page cache: ~1 s with pages
     just freed, ~4 s with pages given back), so when outputs are deleted matters:
@@ -125,22 +153,22 @@ def measure(src: Path, work: Path, repeat: int, settle: float) -> dict[str, tupl
     An approach that overwrote its previous output in place (truncate, then write) would always
     get warm pages, so outputs are deleted by the harness, never overwritten.
     """
-    results = {}
-    for name, argv in approaches(src, work).items():
-        walls, rss, cpu = [], [], []
-        for attempt in range(repeat + 1):  # the first run is a warm-up
-            clear_outputs(work)
-            if settle:
-                time.sleep(settle)
-            prime(src)
-            wall, peak, seconds = run_child(argv)
-            if attempt:
-                walls.append(wall)
-                rss.append(peak)
-                cpu.append(seconds)
-        results[name] = (statistics.median(walls), max(rss), statistics.median(cpu))
+    conditions = {"as found": 0, **({"busy": busy} if busy else {})}
+    samples: dict[tuple[str, str], list[tuple[float, int, float]]] = {}
+    for attempt in range(repeat + 1):  # the first round is a warm-up
+        for name, argv in approaches(src, work).items():
+            for condition, spinners in conditions.items():
+                clear_outputs(work)
+                if settle:
+                    time.sleep(settle)
+                prime(src)
+                with Spinners(spinners):
+                    sample = run_child(argv)
+                if attempt:
+                    samples.setdefault((condition, name), []).append(sample)
     clear_outputs(work)
-    return results
+    return {key: (statistics.median(s[0] for s in runs), max(s[1] for s in runs), statistics.median(s[2] for s in runs))
+            for key, runs in samples.items()}
 
 
 def main() -> int:
@@ -148,6 +176,8 @@ def main() -> int:
     parser.add_argument("--smoke", action="store_true", help="micro checkpoint, one run (CI)")
     parser.add_argument("--variants", default="ofa-base,ofa-large")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--busy", type=int, default=0, metavar="N",
+                        help="also run everything with N processes spinning on the CPUs (alternating with idle runs)")
     parser.add_argument("--workdir", help="where to put checkpoints and outputs (default: a temp dir)")
     parser.add_argument("--settle", default="10,0",
                         help="seconds to wait after deleting outputs, one table per value (see measure())")
@@ -169,7 +199,7 @@ def main() -> int:
                 synth = [sys.executable, "-m", "ofaconv", "synth", variant, str(src)] + (["--full"] if size == "full" else [])
                 subprocess.run(synth, check=True, stdout=subprocess.DEVNULL)
             for settle in settles:
-                rows.append((settle, variant, src.stat().st_size, measure(src, work, repeat, settle)))
+                rows.append((settle, variant, src.stat().st_size, measure(src, work, repeat, settle, args.busy)))
     finally:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)
@@ -177,19 +207,25 @@ def main() -> int:
     for settle in settles:
         memory = (f"outputs deleted {settle:g} s before each run (cold memory)" if settle
                   else "outputs deleted right before each run (memory just freed)")
+        busy = f"; busy = {args.busy} processes spinning beside each run" if args.busy else ""
         print(f"\nconversion, {size} synthetic checkpoints with optimizer state, median of {repeat} "
-              f"(wall, CPU) / max (peak RSS), page cache primed, {memory}\n")
-        print("| variant | file | approach | wall s | CPU s | peak RSS MiB | RSS vs naive | wall vs floor |")
-        print("|---|---|---|---|---|---|---|---|")
+              f"(wall, CPU) / max (peak RSS), page cache primed, {memory}{busy}\n")
+        print("| variant | file | machine | approach | wall s | CPU s | peak RSS MiB | RSS vs naive | wall vs floor | "
+              "wall vs ofaconv |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
         for row_settle, variant, file_size, res in rows:
             if row_settle != settle:
                 continue
-            naive_rss, floor_wall = res["naive"][1], res["floor"][0]
-            for name in ("naive", "floor", "ofaconv"):
-                wall, rss, cpu = res[name]
-                print(f"| {variant} | {file_size / 2**30:.2f} GiB | {name} | {wall:.2f} | {cpu:.2f} | {rss / 2**20:.0f} | "
-                      f"{rss / naive_rss:.2f}x | {wall / floor_wall:.2f}x |")
-            print(f"| {variant} | | start-up: import torch | {res['startup:torch'][0]:.2f} | | | | |")
+            for condition in sorted({c for c, _ in res}, key=["as found", "busy"].index):
+                naive_rss, floor_wall = res[condition, "naive"][1], res[condition, "floor"][0]
+                plain_wall = res[condition, "ofaconv"][0]
+                for name in ("naive", "floor", "ofaconv", "ofaconv --source-sha256", "ofaconv --verify"):
+                    wall, rss, cpu = res[condition, name]
+                    print(f"| {variant} | {file_size / 2**30:.2f} GiB | {condition} | {name} | {wall:.2f} | {cpu:.2f} | "
+                          f"{rss / 2**20:.0f} | {rss / naive_rss:.2f}x | {wall / floor_wall:.2f}x | "
+                          f"{wall / plain_wall:.2f}x |")
+                print(f"| {variant} | | {condition} | start-up: import torch | {res[condition, 'startup:torch'][0]:.2f} "
+                      f"| | | | | |")
     return 0
 
 

@@ -66,6 +66,85 @@ def _model_generate(model, inputs: dict, beam: int, settings: dict, use_cache: b
 
 
 @torch.no_grad()
+def reference_hypotheses(reference, inputs: dict, settings: dict | None = None, modes: dict | None = None, *,
+                         encoder_out=None) -> dict[str, tuple[list[list[int]], list[float]]]:
+    """``{mode: (top hypothesis tokens, their scores)}`` per sentence from the reference generator.
+
+    ``encoder_out``: the reference's fairseq-layout encoding of ``inputs`` if the caller already
+    has it (``reference._encode(...)``); every mode reuses it instead of encoding again.
+    """
+    knobs = _knobs(settings)
+    results = {}
+    for mode, beam in (modes or MODES).items():
+        generator = SequenceGenerator(
+            reference,
+            beam_size=beam,
+            max_len_a=knobs["max_len_a"],
+            max_len_b=knobs["max_len_b"],
+            min_len=knobs["min_len"],
+            no_repeat_ngram_size=knobs["no_repeat_ngram_size"],
+            lenpen=knobs["lenpen"],
+            temperature=knobs["temperature"],
+            normalize_scores=knobs["normalize_scores"],
+            unk_penalty=knobs["unk_penalty"],
+            constraint_range=knobs["constraint_range"],
+        )
+        ref = generator.generate(inputs["input_ids"], inputs.get("patch_images"), inputs.get("patch_masks"),
+                                 encoder_out=encoder_out)
+        results[mode] = ([hypos[0]["tokens"].tolist() for hypos in ref], [hypos[0]["score"] for hypos in ref])
+    return results
+
+
+def _knobs(settings: dict | None) -> dict:
+    knobs = {**DEFAULT_SETTINGS, **(settings or {})}
+    knobs.pop("beam_size", None)
+    return knobs
+
+
+@torch.no_grad()
+def model_hypotheses(model, inputs: dict, settings: dict | None = None, modes: dict | None = None,
+                     check_cache=True, *, encoder_outputs=None) -> dict[str, dict]:
+    """``{mode: {"tokens", "scores"[, "uncached"]}}``: ``model.generate``'s top hypothesis per
+    sentence (and, for the modes ``check_cache`` names — True: all — the uncached decoding's)."""
+    knobs = _knobs(settings)
+    results = {}
+    for mode, beam in (modes or MODES).items():
+        tokens, scores = _model_generate(model, inputs, beam, knobs, True, encoder_outputs)
+        results[mode] = {"tokens": tokens, "scores": scores}
+        if check_cache is True or (check_cache and mode in check_cache):
+            results[mode]["uncached"] = _model_generate(model, inputs, beam, knobs, False, encoder_outputs)[0]
+    return results
+
+
+def compare_hypotheses(ours: dict, expected: dict) -> dict:
+    """:func:`model_hypotheses` vs :func:`reference_hypotheses`, as :func:`compare_generation` reports."""
+    report: dict = {"identical": True, "mismatches": [], "modes": {}}
+    for mode, mine in ours.items():
+        ref_rows, ref_scores = expected[mode]
+        rows, scores = mine["tokens"], mine["scores"]
+        same = 0
+        score_diff = 0.0
+        for i, (a, b) in enumerate(zip(rows, ref_rows)):
+            if a == b:
+                same += 1
+                score_diff = max(score_diff, abs(scores[i] - ref_scores[i]) if math.isfinite(scores[i]) else 0.0)
+            else:
+                report["mismatches"].append({"mode": mode, "index": i, "model": a, "reference": b, "cache": False})
+        entry = {"identical": same, "total": len(ref_rows), "max_score_diff": score_diff}
+        if "uncached" in mine:
+            cache_same = 0
+            for i, (a, b) in enumerate(zip(rows, mine["uncached"])):
+                if a == b:
+                    cache_same += 1
+                else:
+                    report["mismatches"].append({"mode": mode, "index": i, "cached": a, "uncached": b, "cache": True})
+            entry["cache_identical"] = cache_same
+        report["modes"][mode] = entry
+    report["identical"] = not report["mismatches"]
+    return report
+
+
+@torch.no_grad()
 def compare_generation(model, reference, inputs: dict, settings: dict | None = None, modes: dict | None = None,
                        check_cache=True, *, encoder_outputs=None, reference_encoder_out=None) -> dict:
     """Top hypotheses of ``model.generate`` vs the reference generator, per mode.
@@ -85,49 +164,10 @@ def compare_generation(model, reference, inputs: dict, settings: dict | None = N
 
     Returns a dict: ``identical`` (every mode, every sample, cached and uncached), ``mismatches``
     (``{"mode", "index", "model", "reference", "cache": False}`` rows, and
-    ``{"mode", "index", "cached", "uncached", "cache": True}`` for a cached/uncached disagreement), and ``modes`` with per-mode ``identical``/``total`` counts and
-    the largest difference between the two sides' normalised scores.
+    ``{"mode", "index", "cached", "uncached", "cache": True}`` for a cached/uncached disagreement),
+    and ``modes`` with per-mode ``identical``/``total`` counts and the largest difference between
+    the two sides' normalised scores.
     """
-    knobs = {**DEFAULT_SETTINGS, **(settings or {})}
-    knobs.pop("beam_size", None)
-    report: dict = {"identical": True, "mismatches": [], "modes": {}}
-    for mode, beam in (modes or MODES).items():
-        generator = SequenceGenerator(
-            reference,
-            beam_size=beam,
-            max_len_a=knobs["max_len_a"],
-            max_len_b=knobs["max_len_b"],
-            min_len=knobs["min_len"],
-            no_repeat_ngram_size=knobs["no_repeat_ngram_size"],
-            lenpen=knobs["lenpen"],
-            temperature=knobs["temperature"],
-            normalize_scores=knobs["normalize_scores"],
-            unk_penalty=knobs["unk_penalty"],
-            constraint_range=knobs["constraint_range"],
-        )
-        ref = generator.generate(inputs["input_ids"], inputs.get("patch_images"), inputs.get("patch_masks"),
-                                 encoder_out=reference_encoder_out)
-        ref_rows = [hypos[0]["tokens"].tolist() for hypos in ref]
-        ref_scores = [hypos[0]["score"] for hypos in ref]
-        rows, scores = _model_generate(model, inputs, beam, knobs, True, encoder_outputs)
-        same = 0
-        score_diff = 0.0
-        for i, (ours, theirs) in enumerate(zip(rows, ref_rows)):
-            if ours == theirs:
-                same += 1
-                score_diff = max(score_diff, abs(scores[i] - ref_scores[i]) if math.isfinite(scores[i]) else 0.0)
-            else:
-                report["mismatches"].append({"mode": mode, "index": i, "model": ours, "reference": theirs, "cache": False})
-        entry = {"identical": same, "total": len(ref_rows), "max_score_diff": score_diff}
-        if check_cache is True or (check_cache and mode in check_cache):
-            uncached, _ = _model_generate(model, inputs, beam, knobs, False, encoder_outputs)
-            cache_same = 0
-            for i, (a, b) in enumerate(zip(rows, uncached)):
-                if a == b:
-                    cache_same += 1
-                else:
-                    report["mismatches"].append({"mode": mode, "index": i, "cached": a, "uncached": b, "cache": True})
-            entry["cache_identical"] = cache_same
-        report["modes"][mode] = entry
-    report["identical"] = not report["mismatches"]
-    return report
+    expected = reference_hypotheses(reference, inputs, settings, modes, encoder_out=reference_encoder_out)
+    ours = model_hypotheses(model, inputs, settings, modes, check_cache, encoder_outputs=encoder_outputs)
+    return compare_hypotheses(ours, expected)

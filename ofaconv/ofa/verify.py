@@ -25,14 +25,17 @@ Each side encodes the probe once; the numeric checks and every generation reuse 
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
 from ofaconv.core.errors import OfaconvError, VerificationError
-from .generation_parity import MODES, compare_generation
+from .generation_parity import MODES, compare_hypotheses, model_hypotheses, reference_hypotheses
 from ofaconv.core.writer import CASTS
 
 # The fp32 gate where the two sides' arithmetic legitimately differs (another device's kernels);
@@ -44,8 +47,6 @@ PROBE_MAX_LEN_B = 4
 # (incremental decoding, the shrinking batch), while the beam reorders of the cache are proven by
 # the cached beam searches matching the reference.
 UNCACHED_MODES = ("greedy",)
-# An 8 x 8 patch grid: every image weight and position path is exercised; 480 px (30 x 30) costs
-# ~13x more per encoder pass and proves nothing more about the weights under an exact gate.
 PROBE_IMAGE_SIZE = 128
 
 
@@ -70,13 +71,14 @@ def probe_inputs(config, folder: Path | None = None) -> dict:
     images = (torch.stack([first, second]) + noise).clamp(-1, 1)
 
     prompt_ids = None
-    if folder is not None and (folder / "tokenizer_config.json").exists():
-        from transformers import AutoTokenizer
+    if folder is not None and (folder / "tokenizer.json").exists():
+        # the folder's fast tokenizer, read by the tokenizers library itself: the same ids as
+        # AutoTokenizer's, without importing transformers (the reference starts meanwhile)
+        from tokenizers import Tokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(folder)
         prompt = _saved_prompt(folder)
         if prompt:
-            prompt_ids = tokenizer(prompt)["input_ids"]
+            prompt_ids = Tokenizer.from_file(str(folder / "tokenizer.json")).encode(prompt).ids
     if prompt_ids is None:
         high = min(int(config.vocab_size), 1000)
         prompt_ids = [0] + torch.randint(4, high, (10,), generator=gen).tolist() + [2]
@@ -143,11 +145,19 @@ def structure_check(folder: Path):
     return model, _check("structure", not problems, detail=detail)
 
 
-def tensors_check(folder: Path, state: dict, plan, dtype: str):
+def tensors_check(folder: Path, model, state: dict, plan, dtype: str):
+    """Every stored tensor is the source tensor (cast to the folder's dtype), bit for bit.
+
+    Names, dtypes and shapes come from the safetensors headers; the values from ``model``, which
+    ``from_pretrained`` just loaded from those files (fp32: an fp16/bf16 file is upcast, exactly), so
+    the weights are not read from disk a second time. The structure check has already shown that
+    every stored tensor is loaded into exactly one parameter or buffer.
+    """
     from safetensors import safe_open
 
     cast = CASTS[dtype]
     sources = dict(plan.entries)
+    loaded = model.state_dict()
     stored, bad = set(), []
     for path in sorted(folder.glob("*.safetensors")):
         with safe_open(str(path), framework="pt") as f:
@@ -155,11 +165,13 @@ def tensors_check(folder: Path, state: dict, plan, dtype: str):
                 stored.add(key)
                 if key not in sources:
                     continue
-                tensor = f.get_tensor(key)
+                header = f.get_slice(key)
                 expected = state[sources[key]]
                 if expected.is_floating_point():
                     expected = expected.to(cast)  # an fp16 source written at fp32 is upcast, exactly
-                if tensor.dtype != expected.dtype or tensor.shape != expected.shape or not torch.equal(tensor, expected):
+                tensor = loaded.get(key)
+                if (header.get_dtype() != _SAFETENSORS_DTYPES.get(expected.dtype) or list(header.get_shape()) !=
+                        list(expected.shape) or tensor is None or not torch.equal(tensor, expected.to(tensor.dtype))):
                     bad.append(key)
     missing = [target for target, _ in plan.entries if target not in stored]
     extra = sorted(stored - set(plan.targets))
@@ -169,6 +181,11 @@ def tensors_check(folder: Path, state: dict, plan, dtype: str):
     )
     return _check("tensors", passed, metric="mismatched", value=len(bad) + len(missing) + len(extra), gate=0,
                   detail=detail)
+
+
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+                       torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+                       torch.uint8: "U8", torch.bool: "BOOL"}
 
 
 def _reference(state: dict, ckpt, flags: dict, dtype: str):
@@ -208,35 +225,33 @@ def _compare(name: str, ours: torch.Tensor, theirs: torch.Tensor) -> dict:
                   detail=f"shape {list(ours.shape)}", gate_reason=reason)
 
 
-def numeric_checks(model, reference, inputs: dict) -> tuple[list[dict], dict]:
-    """The encoder_states and decoder_logits rows, and each side's encoding of the probe
-    (``{"model": OFAEncoderOutput, "reference": fairseq-layout dict}``) for the generation checks."""
+def reference_outputs(reference, inputs: dict) -> dict:
+    """The reference's fairseq-layout encoding of ``inputs`` and its teacher-forced logits."""
+    with torch.no_grad():
+        encoded = reference._encode(inputs["input_ids"], inputs["patch_images"], inputs["patch_masks"])
+        return {"encoded": encoded, "logits": reference._decode(inputs["decoder_input_ids"], encoded)}
+
+
+def numeric_checks(model, inputs: dict, theirs: dict) -> tuple[list[dict], object]:
+    """The encoder_states and decoder_logits rows against :func:`reference_outputs`' ``theirs``, and
+    the model's encoding of ``inputs`` (reused by the generation checks)."""
     with torch.no_grad():
         encoded = model.get_encoder()(
             input_ids=inputs["input_ids"], patch_images=inputs["patch_images"], patch_masks=inputs["patch_masks"]
         )
-        ref_encoded = reference._encode(inputs["input_ids"], inputs["patch_images"], inputs["patch_masks"])
-        rows = [_compare("encoder_states", encoded.last_hidden_state, ref_encoded["encoder_out"].transpose(0, 1))]
+        rows = [_compare("encoder_states", encoded.last_hidden_state, theirs["encoded"]["encoder_out"].transpose(0, 1))]
         logits = model(decoder_input_ids=inputs["decoder_input_ids"], encoder_outputs=encoded).logits
-        ref_logits = reference._decode(inputs["decoder_input_ids"], ref_encoded)
-        rows.append(_compare("decoder_logits", logits, ref_logits))
-    return rows, {"model": encoded, "reference": ref_encoded}
+        rows.append(_compare("decoder_logits", logits, theirs["logits"]))
+    return rows, encoded
 
 
-def generation_checks(model, reference, inputs: dict, encoded: dict | None = None) -> list[dict]:
-    """Greedy, beam 5 and beam 8 token ids vs the reference generator (and uncached = cached for
-    :data:`UNCACHED_MODES`), with
-    the folder's own length penalty and temperature (OFA-Huge's recipe is 0.98 / 0.98).
-    ``encoded``: :func:`numeric_checks`' encodings of ``inputs``, reused instead of re-encoding."""
-    saved = model.generation_config
-    settings = {
-        "max_len_b": PROBE_MAX_LEN_B,
-        "lenpen": float(getattr(saved, "lenpen", 1.0) or 1.0),
-        "temperature": float(getattr(saved, "fairseq_temperature", 1.0) or 1.0),
-    }
-    encoded = encoded or {}
-    report = compare_generation(model, reference, inputs, settings, check_cache=UNCACHED_MODES,
-                                encoder_outputs=encoded.get("model"), reference_encoder_out=encoded.get("reference"))
+def generation_checks(model, inputs: dict, settings: dict, encoded, expected) -> list[dict]:
+    """Greedy, beam 5 and beam 8 token ids vs the reference generator's, and uncached = cached for
+    :data:`UNCACHED_MODES`. ``encoded``: the model's encoding of ``inputs``, reused instead of
+    encoding again; ``expected``: a future of
+    :func:`~ofaconv.ofa.generation_parity.reference_hypotheses`, still running meanwhile."""
+    ours = model_hypotheses(model, inputs, settings, check_cache=UNCACHED_MODES, encoder_outputs=encoded)
+    report = compare_hypotheses(ours, expected.result())
     rows = []
     for mode in MODES:
         entry = report["modes"][mode]
@@ -252,34 +267,71 @@ def generation_checks(model, reference, inputs: dict, encoded: dict | None = Non
     return rows
 
 
+def generation_settings(folder: Path) -> dict:
+    """The probe searches' knobs: :data:`PROBE_MAX_LEN_B`, and the folder's own length penalty and
+    temperature (OFA-Huge's recipe is 0.98 / 0.98)."""
+    saved = _read_json(folder / "generation_config.json")
+    return {"max_len_b": PROBE_MAX_LEN_B, "lenpen": float(saved.get("lenpen") or 1.0),
+            "temperature": float(saved.get("fairseq_temperature") or 1.0)}
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
 def run_checks(folder: Path, ckpt, *, plan=None, dtype: str = "fp32", generation: bool = True) -> list[dict]:
-    """All levels for a folder converted from ``ckpt`` (a loaded ``FairseqCheckpoint``)."""
+    """All levels for a folder converted from ``ckpt`` (a loaded ``FairseqCheckpoint``).
+
+    The reference needs nothing from the model: its outputs and searches run on a worker thread
+    while the model loads and runs (torch releases the GIL: two cores, each single-threaded, see
+    :func:`_one_thread`).
+    """
     from .checkpoint import infer_config, read_flags
     from .convert import DEFAULT_KEYMAP, keymap_counts
     from ofaconv.core.keymap import KeyMap
 
     folder = Path(folder)
     state = ckpt.state_dict
-    flags = read_flags(ckpt)
     if plan is None:
         plan = KeyMap.load(DEFAULT_KEYMAP).plan(state, keymap_counts(infer_config(state)), source_path=ckpt.path)
-    checks = []
-    try:
-        model, row = structure_check(folder)
-    except Exception as exc:  # noqa: BLE001 - any loading failure is the finding
-        return [_check("structure", False, detail=f"{type(exc).__name__}: {exc}")]
-    checks.append(row)
-    checks.append(tensors_check(folder, state, plan, dtype))
-    reference = _reference(state, ckpt, flags, dtype)
-    inputs = probe_inputs(model.config, folder)
-    rows, encoded = numeric_checks(model, reference, inputs)
-    checks += rows
-    if generation:
-        if all(c["passed"] for c in checks):
-            checks += generation_checks(model, reference, inputs, encoded)
-        else:  # token ids cannot agree when the logits do not; do not spend minutes proving it
+    with _one_thread(), concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ofaconv-reference") as pool:
+        inputs = probe_inputs(SimpleNamespace(**_read_json(folder / "config.json")), folder)
+        settings = generation_settings(folder)
+        reference = _reference(state, ckpt, read_flags(ckpt), dtype)
+        theirs = pool.submit(reference_outputs, reference, inputs)
+        expected = pool.submit(lambda: reference_hypotheses(reference, inputs, settings,
+                                                            encoder_out=theirs.result()["encoded"]))
+        try:
+            model, row = structure_check(folder)
+        except Exception as exc:  # noqa: BLE001 - any loading failure is the finding
+            expected.cancel()
+            return [_check("structure", False, detail=f"{type(exc).__name__}: {exc}")]
+        checks = [row, tensors_check(folder, model, state, plan, dtype)]
+        rows, encoded = numeric_checks(model, inputs, theirs.result())
+        checks += rows
+        if not generation:
+            expected.cancel()
+        elif all(c["passed"] for c in checks):
+            checks += generation_checks(model, inputs, settings, encoded, expected)
+        else:  # token ids cannot agree when the logits do not; do not spend time proving it
+            expected.cancel()
             checks += [_check(name, False, detail="not run: an earlier check failed") for name in MODES]
     return checks
+
+
+@contextlib.contextmanager
+def _one_thread():
+    # The probes are small (a hundred rows per matmul, one token per decoding step): a second
+    # intra-op thread saves little, and on a loaded machine its spin-waiting costs 2-3x the work.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def verify_folder(folder, against=None, *, ema: bool | None = None) -> tuple[list[dict], bool]:
