@@ -13,14 +13,24 @@ Schema ``ofaconv/report@1`` (keys this module relies on are marked *)::
     schema*           "ofaconv/report@1"
     kind*             "conversion" | "finetune" | "upgrade"
     ofaconv_version   version that wrote the report
-    source            {"file", "sha256", "size", "layout"} of the checkpoint converted from
+    source            {"file", "size", "layout", "fingerprint", "sha256"} of the checkpoint converted
+                      from. "fingerprint" {"scheme", "sha256"} (OFA): the sha256 of exactly the bytes
+                      the conversion read (the pickle record, then every converted tensor; scheme
+                      "ofaconv/state-sha256@1", "file-sha256" for files without a pickle record; see
+                      core/digest.state_fingerprint): binding, and it skips the optimizer state (63%
+                      of an OFA-Large trainer file), so it is the default. "sha256": the whole
+                      file's, comparable with a published checksum; OFA records it only with
+                      `convert --source-sha256` (older reports always have it). `verify --against`
+                      recomputes whichever the report holds.
     variant, family   e.g. "ofa-cn-base", "cn" (either may be null)
     flags             checkpoint flags that shape the model (disable_entangle, patch_image_size, ...)
     keymap            {"file", "sha256"} of the key map used
     dtype             dtype of the written weights
     model_family      the registry family that wrote the folder ("ofa", "clip")
     files*            {relative path: {"sha256", "size"}} for every file written but the report
-    checks*           [{"name", "passed", "metric", "value", "gate", "detail"}, ...]
+    checks*           [{"name", "passed", "metric", "value", "gate", "detail"[, "gate_reason"]}, ...];
+                      "gate_reason" says why a numeric gate is what it is (0.0: same dtype and
+                      device on both sides, bit-exact expected)
     passed*           true only if every check passed
     versions          {"torch", "transformers", "python"}
 """
