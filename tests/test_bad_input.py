@@ -5,66 +5,37 @@ option), no other tools' wording, and nothing left where output would go (no fol
 sibling, no lock file; an existing file or folder unchanged). The CLIP subcommands have their own
 table in test_bad_input_clip.py.
 
-Most cases run ``ofaconv.cli.main`` in this process; those where a crash, an abort or a closed pipe
-is the risk run ``python -m ofaconv`` in a subprocess.
+The harness (tests/badinput.py) runs most cases through ``ofaconv.cli.main`` in this process; those
+where a crash, an abort or a closed pipe is the risk run ``python -m ofaconv`` in a subprocess.
 """
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 import os
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import torch
-from PIL import Image
 
 from badfiles import write_bad_checkpoint
+from badinput import Case, b64_png, check, cli_env, png, write_json
 from ofaconv.cli import main
 from ofaconv.ofa.synth import write_synthetic_checkpoint
 
-# Other tools' wording that must not reach an ofaconv error line (torch's unsafe-load hint and its
-# colour codes, Python 2 pickle names such as commands.Popen for subprocess.Popen).
-FOREIGN = ("Traceback", "weights_only", "\x1b[", "commands.", "pytorch.org", "Please ")
 DEEP = 100_000  # nesting that exceeds Python's recursion limit in json and PyYAML
 # A folder no process may write into, even as root (sysfs refuses new entries).
 UNWRITABLE = "/sys"
 
 
-@dataclass
-class Case:
-    id: str
-    argv: Callable  # inputs -> argv
-    names: Callable  # inputs -> text (or a tuple of texts) the error line must contain: the input at fault
-    out: Callable | None = None  # inputs -> where output would go (absent, or unchanged if it existed)
-    code: int = 2
-    subprocess: bool = False
-    partial: bool = False  # a batch with some good items: its result is written, and it still exits 2
-    no_gpu: bool = False  # run as on a machine without a GPU
-
-
-def _png(path: Path, color="red", size=(24, 20)) -> Path:
-    Image.new("RGB", size, color).save(path)
-    return path
+_png, _json = png, write_json
 
 
 def _b64(color) -> str:
-    buf = io.BytesIO()
-    Image.new("RGB", (20, 16), color).save(buf, format="PNG")
-    return base64.urlsafe_b64encode(buf.getvalue()).decode()
-
-
-def _json(path: Path, data) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data), encoding="utf-8")
-    return path
+    return b64_png(color, urlsafe=True)
 
 
 class Inputs:
@@ -368,51 +339,10 @@ CASES = [
 ]
 
 
-def _snapshot(path: Path) -> dict | None:
-    """What is at ``path`` (file bytes or a folder's tree), to tell "unchanged" from "written"."""
-    if not path.exists():
-        return None
-    if path.is_file():
-        return {"": path.read_bytes()}
-    return {str(p.relative_to(path)): (p.read_bytes() if p.is_file() else None) for p in sorted(path.rglob("*"))}
-
-
-def _run(case: Case, argv: list[str], capfd, monkeypatch) -> tuple[int, str]:
-    if case.subprocess:
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-        env.pop("OFACONV_DEBUG", None)
-        proc = subprocess.run([sys.executable, "-m", "ofaconv", *argv], capture_output=True, text=True, env=env,
-                              timeout=300)
-        return proc.returncode, proc.stderr
-    if case.no_gpu:
-        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    capfd.readouterr()
-    try:
-        code = main(argv)
-    except SystemExit as exc:  # argparse's mistakes exit as argparse does
-        code = exc.code
-    return code, capfd.readouterr().err
-
-
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_bad_input(case: Case, inputs, capfd, monkeypatch):
     monkeypatch.chdir(inputs.root)
-    out = case.out(inputs) if case.out else None
-    before = _snapshot(out) if out else None
-    siblings = set(out.parent.iterdir()) if out else set()
-    code, err = _run(case, case.argv(inputs), capfd, monkeypatch)
-    assert code == case.code, err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("ofaconv: error: "), err
-    names = case.names(inputs)
-    assert all(text in lines[0] for text in (names if isinstance(names, tuple) else (names,))), lines[0]
-    assert not any(word in lines[0] for word in FOREIGN), lines[0]
-    if case.partial:
-        assert " failed (first: " in lines[0]
-    if out is not None:
-        assert _snapshot(out) == before, f"{out} was written"
-        assert set(out.parent.iterdir()) == siblings, "a temp sibling or lock file was left behind"
-    assert not inputs.marker.exists()
+    check(case, inputs, capfd, monkeypatch)
 
 
 def test_the_table_covers_every_ofa_and_core_command():
@@ -475,15 +405,9 @@ def _caption_argv(inputs, n: int) -> list[str]:
             "--no-progress", "--batch-size", "1", "--max-len", "2"]
 
 
-def _env() -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    env.pop("OFACONV_DEBUG", None)
-    return env
-
-
 def test_caption_into_a_pipe_closed_early_exits_quietly(inputs):
     """``ofaconv caption ... | head -1``: the reader goes away after the first record."""
-    proc = subprocess.Popen(_caption_argv(inputs, 40), stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env())
+    proc = subprocess.Popen(_caption_argv(inputs, 40), stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=cli_env())
     first = proc.stdout.readline()
     proc.stdout.close()
     err = proc.stderr.read().decode()
@@ -494,7 +418,7 @@ def test_caption_into_a_pipe_closed_early_exits_quietly(inputs):
 
 def test_caption_onto_a_full_disk_is_one_line(inputs):
     with open("/dev/full", "w") as full:
-        proc = subprocess.run(_caption_argv(inputs, 2), stdout=full, stderr=subprocess.PIPE, text=True, env=_env(),
+        proc = subprocess.run(_caption_argv(inputs, 2), stdout=full, stderr=subprocess.PIPE, text=True, env=cli_env(),
                               timeout=300)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 1 and len(lines) == 1, proc.stderr

@@ -2,53 +2,26 @@
 ``ofaconv: error:`` line naming the input (path or path:line), and nothing left where output would
 go (no folder, no hidden temp sibling; an existing folder unchanged).
 
-Most cases run ``ofaconv.cli.main`` in this process (start-up is seconds per subprocess); the ones
-where a crash or abort is the risk run ``python -m ofaconv`` in a subprocess. Batch cases where
-some items fail ("partial") still write their result and exit 2 with a one-line summary naming the
-first failed item.
+The harness (tests/badinput.py) runs most cases through ``ofaconv.cli.main`` in this process
+(start-up is seconds per subprocess); the ones where a crash or abort is the risk run ``python -m
+ofaconv`` in a subprocess. Batch cases where some items fail ("partial") still write their result
+and exit 2 with a one-line summary naming the first failed item.
 """
 
 from __future__ import annotations
 
-import base64
-import io
 import json
-import os
-import subprocess
-import sys
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import torch
-from PIL import Image
 
 from badfiles import write_bad_checkpoint
+from badinput import Case, b64_png, check, png
 from ofaconv.cli import main
 from ofaconv.clip import synth
 
-
-@dataclass
-class Case:
-    id: str
-    argv: Callable  # inputs -> argv
-    names: Callable  # inputs -> the text the error line must contain (the input at fault)
-    out: Callable | None = None  # inputs -> where output would go (absent, or unchanged if it existed)
-    code: int = 2
-    subprocess: bool = False
-    partial: bool = False  # a batch with some good items: its result is written, and it still exits 2
-
-
-def _png(path: Path, color="red", size=(24, 20)) -> Path:
-    Image.new("RGB", size, color).save(path)
-    return path
-
-
-def _b64(color) -> str:
-    buf = io.BytesIO()
-    Image.new("RGB", (20, 16), color).save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode()
+_png, _b64 = png, b64_png
 
 
 class Inputs:
@@ -279,44 +252,9 @@ CASES = [
 ]
 
 
-def _snapshot(path: Path) -> dict | None:
-    """What is at ``path`` (file bytes or a folder's tree), to tell "unchanged" from "written"."""
-    if not path.exists():
-        return None
-    if path.is_file():
-        return {"": path.read_bytes()}
-    return {str(p.relative_to(path)): (p.read_bytes() if p.is_file() else None) for p in sorted(path.rglob("*"))}
-
-
-def _run(case: Case, argv: list[str], capfd) -> tuple[int, str]:
-    if case.subprocess:
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-        env.pop("OFACONV_DEBUG", None)
-        proc = subprocess.run([sys.executable, "-m", "ofaconv", *argv], capture_output=True, text=True, env=env,
-                              timeout=300)
-        return proc.returncode, proc.stderr
-    capfd.readouterr()
-    code = main(argv)
-    return code, capfd.readouterr().err
-
-
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_bad_input(case: Case, inputs, capfd):
-    out = case.out(inputs) if case.out else None
-    before = _snapshot(out) if out else None
-    siblings = set(out.parent.iterdir()) if out else set()
-    code, err = _run(case, case.argv(inputs), capfd)
-    assert code == case.code, err
-    assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("ofaconv: error: "), err
-    assert case.names(inputs) in lines[0]
-    if case.partial:
-        assert " failed (first: " in lines[0]
-    if out is not None:
-        assert _snapshot(out) == before, f"{out} was written"
-        assert set(out.parent.iterdir()) == siblings, "a temp sibling was left behind"
-    assert not inputs.marker.exists()
+def test_bad_input(case: Case, inputs, capfd, monkeypatch):
+    check(case, inputs, capfd, monkeypatch)
 
 
 def test_the_table_covers_every_clip_subcommand(inputs):
