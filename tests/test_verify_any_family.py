@@ -54,6 +54,22 @@ def test_verified_folder_is_accepted(family, converted, capsys):
     assert f"  pipeline_tag: {tag}" in out.splitlines()
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("recorded, why", [([], "no checks recorded"),
+                                           ([{"name": "logits", "passed": False}], "check 'logits' failed")])
+def test_folder_whose_conversion_was_not_proven_is_refused(family, recorded, why, converted, capsys):
+    """Without --against a folder is only as proven as its report's checks: none run (a conversion
+    without --verify) or one failed makes ``verify`` fail, for every family alike."""
+    folder = converted(family)
+    report = json.loads((folder / "conversion_report.json").read_text())
+    report.update(checks=recorded, passed=False)
+    (folder / "conversion_report.json").write_text(json.dumps(report))
+    code, checks, err = verify(capsys, folder)
+    assert code == 3, (checks, err)
+    assert checks[-1]["name"] == "report" and not checks[-1]["passed"] and why in checks[-1]["detail"]
+    assert all(c["passed"] for c in checks[:-1])
+
+
 @pytest.mark.parametrize("family", ["bertclip", "cnclip"])
 @pytest.mark.parametrize("tower, tag", [("vision_tower", "image-feature-extraction"),
                                         ("text_tower", "feature-extraction")])

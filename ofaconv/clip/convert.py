@@ -36,7 +36,7 @@ from . import reference as ref
 from ofaconv.core.loader import check_finite, read_config, read_folder_state_dict
 from ofaconv.core.digest import BackgroundSha256
 from ofaconv.core.writer import OutputFolder
-from .source import load_cnclip_pt
+from .checkpoint import load_cnclip_pt
 from .architectures import apply_map, clip_tables
 from .package import TEXT_TOWER_META, ClipPackage, check_package, clip_report, text_length, write_package
 
