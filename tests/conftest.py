@@ -1,8 +1,12 @@
-"""Test-wide guards: no network except loopback, and a private Hugging Face home."""
+"""Test-wide guards (no network except loopback, a private Hugging Face home) and the session-scoped
+fixtures shared across test files: the official fairseq micro checkpoint and converted folders."""
 
+import gzip
 import ipaddress
 import os
+import shutil
 import socket
+from pathlib import Path
 
 import pytest
 
@@ -92,3 +96,45 @@ def cnclip_verified_folder(tmp_path_factory):
         return ["clip", "convert", synth.write_cnclip_pt(root / "src", "ViT-B-16"), "--vocab", vocab]
 
     return _convert_once(tmp_path_factory, "cnclip-verified", argv)
+
+
+# -- the official fairseq micro checkpoint (/work/shared/reference, next to the repository) ---------
+
+OFFICIAL_DIR = Path(__file__).resolve().parents[2] / "shared" / "reference" / "ofa_micro_official"
+
+
+def official_file(name: str) -> Path:
+    """A file of the official fixture; missing is an error (these tests are the parity evidence)."""
+    path = OFFICIAL_DIR / name
+    if not path.is_file():
+        raise FileNotFoundError(f"official OFA fixture missing: {path} (the checkpoint and outputs written by the "
+                                f"official fairseq code, see {OFFICIAL_DIR / 'README.md'}); the parity tests need it")
+    return path
+
+
+def gunzip_official_checkpoint(target: Path) -> Path:
+    with gzip.open(official_file("checkpoint.pt.gz"), "rb") as src, open(target, "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    return target
+
+
+@pytest.fixture(scope="session")
+def official_micro(tmp_path_factory) -> Path:
+    """The official micro checkpoint, gunzipped once per session (read-only: copy before editing)."""
+    return gunzip_official_checkpoint(tmp_path_factory.mktemp("official") / "checkpoint.pt")
+
+
+@pytest.fixture(scope="session")
+def official_io_path() -> Path:
+    """``reference_io.pt``: inputs and the official model's teacher-forced logits for them."""
+    return official_file("reference_io.pt")
+
+
+@pytest.fixture(scope="session")
+def official_micro_converted(official_micro, tmp_path_factory) -> Path:
+    """``convert_checkpoint(official micro, OUT, verify=True)``, which must pass; copy before editing."""
+    from ofaconv.ofa.convert import convert_checkpoint
+
+    result = convert_checkpoint(official_micro, tmp_path_factory.mktemp("official-converted") / "out", verify=True)
+    assert result.passed, result.report["checks"]
+    return result.out_dir

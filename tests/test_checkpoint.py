@@ -4,7 +4,6 @@ against the official micro checkpoint; the optimizer state is never paged in."""
 from __future__ import annotations
 
 import datetime
-import gzip
 import json
 import os
 import subprocess
@@ -30,19 +29,6 @@ from ofaconv.core.loader import check_finite, load_torch
 from ofaconv.ofa.synth import write_synthetic_checkpoint
 
 from badfiles import write_bad_checkpoint
-
-OFFICIAL = Path(__file__).resolve().parents[2] / "shared" / "reference" / "ofa_micro_official"
-
-
-@pytest.fixture(scope="session")
-def official_micro(tmp_path_factory):
-    if not (OFFICIAL / "checkpoint.pt.gz").exists():
-        pytest.skip("official micro checkpoint not available")
-    path = tmp_path_factory.mktemp("official") / "checkpoint.pt"
-    with gzip.open(OFFICIAL / "checkpoint.pt.gz", "rb") as src:
-        path.write_bytes(src.read())
-    return path
-
 
 @pytest.fixture(scope="session")
 def base_file(tmp_path_factory):

@@ -3,10 +3,8 @@ golden outputs, bad inputs, and mutation tests proving the parity checker bites.
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -19,7 +17,6 @@ from badfiles import write_bad_checkpoint
 from ofaconv.ofa.synth import write_synthetic_checkpoint
 from ofaconv.ofa.variants import variant_names
 
-OFFICIAL = Path(__file__).resolve().parents[2] / "shared" / "reference" / "ofa_micro_official"
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 MAPPINGS = Path(__file__).resolve().parents[1] / "mappings"
 
@@ -95,16 +92,13 @@ def test_golden_outputs(converted):
         assert ids.tolist() == expected["greedy_ids"], variant
 
 
-def test_official_micro_reproduces_official_logits(tmp_path):
-    ckpt = tmp_path / "checkpoint.pt"
-    with gzip.open(OFFICIAL / "checkpoint.pt.gz", "rb") as src, open(ckpt, "wb") as dst:
-        shutil.copyfileobj(src, dst)
-    result = convert_checkpoint(ckpt, tmp_path / "out", verify=True)
-    assert result.passed, result.report["checks"]
+def test_official_micro_reproduces_official_logits(official_micro_converted, official_io_path):
+    """The session's official conversion passed --verify (the fixture asserts it) and its logits are the
+    official code's."""
     from ofaconv.ofa.verify import load_converted
 
-    model, _ = load_converted(tmp_path / "out")
-    io = torch.load(OFFICIAL / "reference_io.pt")
+    model, _ = load_converted(official_micro_converted)
+    io = torch.load(official_io_path)
     with torch.no_grad():
         logits = model(**io["inputs"]).logits
     assert (logits - io["logits"]).abs().max().item() <= 1e-5

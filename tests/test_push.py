@@ -479,7 +479,6 @@ def _converter_ready() -> str | None:
     return None
 
 
-OFFICIAL = Path(__file__).resolve().parents[2] / "shared" / "reference" / "ofa_micro_official"
 CLEAN_VENV_CHECK = textwrap.dedent("""
     import json, sys
     import torch
@@ -495,20 +494,14 @@ CLEAN_VENV_CHECK = textwrap.dedent("""
 
 
 @pytest.mark.hub
-def test_convert_verify_push_load_in_clean_venv(hub, tmp_path, capsys):
+def test_convert_verify_push_load_in_clean_venv(hub, tmp_path, capsys, official_micro, official_io_path):
     """The folder the Hub received loads with plain transformers + trust_remote_code in a virtualenv
     without ofaconv, and reproduces the official fairseq logits."""
     reason = _converter_ready()
     if reason:
         pytest.skip(reason)
-    import gzip
-    import shutil
-
-    checkpoint = tmp_path / "checkpoint.pt"
-    with gzip.open(OFFICIAL / "checkpoint.pt.gz") as src, open(checkpoint, "wb") as dst:
-        shutil.copyfileobj(src, dst)
     out = tmp_path / "out"
-    convert = subprocess.run([sys.executable, "-m", "ofaconv", "convert", str(checkpoint), str(out), "--verify"],
+    convert = subprocess.run([sys.executable, "-m", "ofaconv", "convert", str(official_micro), str(out), "--verify"],
                              capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert convert.returncode == 0, convert.stdout + convert.stderr
     code, stdout, err = push(capsys, out, "alice/ofa-micro", "--endpoint", hub.url, "--token", VALID_TOKEN)
@@ -516,7 +509,7 @@ def test_convert_verify_push_load_in_clean_venv(hub, tmp_path, capsys):
     received = hub.materialize("alice/ofa-micro", tmp_path / "received")
 
     run = subprocess.run([str(_clean_venv(tmp_path)), "-c", CLEAN_VENV_CHECK, str(received),
-                          str(OFFICIAL / "reference_io.pt")], capture_output=True, text=True, cwd=tmp_path,
+                          str(official_io_path)], capture_output=True, text=True, cwd=tmp_path,
                          env=_clean_env(tmp_path))
     assert run.returncode == 0, run.stdout + run.stderr
     result = json.loads(run.stdout.strip().splitlines()[-1])

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import argparse
 import ast
-import gzip
 import math
-import shutil
 from pathlib import Path
 
 import pytest
@@ -19,7 +17,6 @@ from ofaconv.ofa.reference import forward as forward_module
 from ofaconv.ofa.reference import generator as generator_module
 from ofaconv.ofa.reference.forward import BOS, EOS, PAD, model_args_from_checkpoint
 
-OFFICIAL_DIR = Path(__file__).resolve().parents[2] / "shared" / "reference" / "ofa_micro_official"
 PERTURBED_FIXTURE = Path(__file__).parent / "data" / "reference_official_perturbed.pt"
 TIED_EMBEDDINGS = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight",
                    "decoder.output_projection.weight")
@@ -77,19 +74,15 @@ def boost_special_tokens(state_dict, source_token: int) -> dict:
     return state
 
 
-def load_official_checkpoint(tmp_dir: Path) -> dict:
-    target = Path(tmp_dir) / "checkpoint.pt"
-    with gzip.open(OFFICIAL_DIR / "checkpoint.pt.gz", "rb") as src, open(target, "wb") as dst:
-        shutil.copyfileobj(src, dst)
+def load_official_checkpoint(path: Path) -> dict:
+    """The gunzipped official checkpoint (conftest's ``official_micro``) as the trainer wrote it."""
     with torch.serialization.safe_globals([argparse.Namespace]):
-        return torch.load(target, weights_only=True, mmap=True)
+        return torch.load(path, weights_only=True, mmap=True)
 
 
 # ---------------------------------------------------------------------------------------------
 # fixtures
 
-pytestmark = pytest.mark.skipif(not OFFICIAL_DIR.exists(),
-                                reason=f"official reference outputs not found at {OFFICIAL_DIR}")
 POST_LN_DROPPED = ("encoder.layer_norm.", "decoder.layer_norm.")
 
 
@@ -101,13 +94,13 @@ def _flush_denormals():
 
 
 @pytest.fixture(scope="module")
-def official(tmp_path_factory):
-    return load_official_checkpoint(tmp_path_factory.mktemp("official"))
+def official(official_micro):
+    return load_official_checkpoint(official_micro)
 
 
 @pytest.fixture(scope="module")
-def official_io():
-    return torch.load(OFFICIAL_DIR / "reference_io.pt", weights_only=True)
+def official_io(official_io_path):
+    return torch.load(official_io_path, weights_only=True)
 
 
 @pytest.fixture(scope="module")

@@ -3,9 +3,7 @@ those of the existing OFA ports."""
 
 from __future__ import annotations
 
-import gzip
 import os
-import shutil
 import subprocess
 import sys
 import sysconfig
@@ -19,7 +17,6 @@ from ofaconv.ofa.convert import convert_checkpoint
 from ofaconv.ofa.synth import write_synthetic_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
-OFFICIAL = ROOT.parent / "shared" / "reference" / "ofa_micro_official"
 
 _CLEAN = textwrap.dedent(
     """
@@ -90,14 +87,9 @@ def _key_list(name: str) -> set[str]:
     return {line.split("\t")[0] for line in (ROOT / "fixtures" / "keys" / name).read_text().splitlines() if line}
 
 
-def test_our_keys_are_the_ports_keys(tmp_path):
+def test_our_keys_are_the_ports_keys(official_micro_converted):
     """Stored keys + tied aliases + derived buffers == the key set of the existing ports."""
-    ckpt = tmp_path / "official.pt"
-    with gzip.open(OFFICIAL / "checkpoint.pt.gz", "rb") as src, open(ckpt, "wb") as dst:
-        shutil.copyfileobj(src, dst)
-    out = tmp_path / "out"
-    convert_checkpoint(ckpt, out)
-    with safe_open(str(out / "model.safetensors"), "pt") as f:
+    with safe_open(str(official_micro_converted / "model.safetensors"), "pt") as f:
         ours = set(f.keys())
     port = _key_list("hf_port_ofa_micro.txt")
     tied = {"decoder.embed_tokens.weight", "decoder.output_projection.weight"}

@@ -4,7 +4,6 @@ perturbed values, determinism, options (layout, dtype, EMA, optimizer, flags) an
 from __future__ import annotations
 
 import argparse
-import gzip
 import hashlib
 import json
 from pathlib import Path
@@ -25,7 +24,6 @@ from ofaconv.cli import main as cli
 from ofaconv.core.errors import OfaconvError
 from ofaconv.ofa.synth import synthetic_checkpoint_dict, synthetic_key_spec, write_synthetic_checkpoint
 
-OFFICIAL = Path(__file__).resolve().parents[2] / "shared" / "reference" / "ofa_micro_official"
 KEY_LISTS = Path(__file__).resolve().parents[1] / "fixtures" / "keys"
 
 # sha256 of the fairseq key lists ("name<TAB>shape<TAB>dtype" lines) measured on the real
@@ -64,16 +62,6 @@ def micro_files(tmp_path_factory):
         return made[variant]
 
     return get
-
-
-@pytest.fixture(scope="session")
-def official_micro(tmp_path_factory):
-    if not (OFFICIAL / "checkpoint.pt.gz").exists():
-        pytest.skip("official micro checkpoint not available")
-    path = tmp_path_factory.mktemp("official") / "checkpoint.pt"
-    with gzip.open(OFFICIAL / "checkpoint.pt.gz", "rb") as src:
-        path.write_bytes(src.read())
-    return path
 
 
 # -- format -------------------------------------------------------------------------------------

@@ -35,8 +35,8 @@ from fairseq.data import Dictionary  # noqa: E402
 from models.ofa import OFAModel  # noqa: E402
 from models.sequence_generator import SequenceGenerator  # noqa: E402
 
-from test_reference import (  # noqa: E402
-    OFFICIAL_DIR, boost_special_tokens, load_official_checkpoint, perturb_state_dict)
+from conftest import gunzip_official_checkpoint, official_file  # noqa: E402
+from test_reference import boost_special_tokens, load_official_checkpoint, perturb_state_dict  # noqa: E402
 
 torch.set_flush_denormal(True)
 torch.manual_seed(0)
@@ -78,8 +78,8 @@ def official_generate(model, dictionary, inputs, settings):
 
 
 def main(tmp_dir: str, out_path: str):
-    ckpt = load_official_checkpoint(Path(tmp_dir))
-    io = torch.load(OFFICIAL_DIR / "reference_io.pt", weights_only=True)
+    ckpt = load_official_checkpoint(gunzip_official_checkpoint(Path(tmp_dir) / "checkpoint.pt"))
+    io = torch.load(official_file("reference_io.pt"), weights_only=True)
     base_inputs = io["inputs"]
     args = ckpt["cfg"]["model"]
     state = perturb_state_dict(ckpt["model"])
