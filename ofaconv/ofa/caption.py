@@ -1,15 +1,17 @@
 """``ofaconv caption FOLDER IMAGES... --out captions.jsonl``: caption images with a converted model.
 
-Images come as files, directories (their image files, sorted), glob patterns, or MUGE-style TSV
-files (``--tsv``: ``image_id<TAB>base64`` per line, urlsafe or standard base64). Each input gives
-one JSONL record, in input order: ``{"image", "caption", "score"}`` (``score``: fairseq's
-length-normalised log-probability of the caption) or ``{"image", "error"}`` for an input that
-cannot be read; the run goes on, and ends with one ``ofaconv: error: N of M images failed (first:
-...)`` line and exit code 2 if any input failed (0 otherwise).
+Images come as files, directories (their image files, sorted), glob patterns, list files (``--list``:
+one path, directory or glob per line) or MUGE-style TSV files (``--tsv``: ``image_id<TAB>base64``
+per line, urlsafe or standard base64). Each input gives one JSONL record, in input order: ``{"image",
+"caption", "score"}`` (``score``: fairseq's length-normalised log-probability of the caption) or
+``{"image", "error"}`` for an input that cannot be read; the run goes on, and ends with one
+``ofaconv: error: N of M images failed (first: ...)`` line and exit code 2 if any input failed.
 
-The output is written to a hidden sibling and renamed over ``--out`` at the end, so a failed run
-leaves nothing half-written; an existing ``--out`` is replaced only when it is an earlier caption
-output (its first line a caption record), never a file or device ofaconv did not write.
+The run is a catalog run (``ofaconv.core.catalog``): images are decoded in DataLoader workers,
+captioned in chunks that a rerun of the same command resumes after a crash, and under ``torchrun``
+each process captions its share. The output appears (renamed over ``--out``) only when every chunk
+is done; an existing ``--out`` is replaced only when it is an earlier caption output (its first line
+a caption record), never a file or device ofaconv did not write.
 
 Generation is the model's fairseq-faithful search with the folder's ``generation_config.json``
 (English caption: beam 5, max_len_b 16; MUGE: beam 8, max_len_b 128), overridable here.
@@ -18,21 +20,17 @@ Generation is the model's fairseq-faithful search with the folder's ``generation
 from __future__ import annotations
 
 import binascii
-import contextlib
 import json
 import os
-import sys
-import tempfile
 from pathlib import Path
-from typing import Iterable, Iterator, Optional
+from typing import Iterable, Iterator, Optional, Sequence
 
-import torch
-
-from ofaconv.core.batch import failure_summary
 from ofaconv.core.errors import DataError, OfaconvError
 from ofaconv.core.images import ImageDecodeError, ImageInput, decode_base64, expand_images, open_image, tsv_rows
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPES = ("fp32", "fp16", "bf16")
+CPU_BATCH, GPU_BATCH = 8, 64  # --batch-size default: the CPU's cores are busy at 8; a GPU wants more
+CHUNK_SIZE = 256  # images per resumable chunk (and per round of the processes)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -60,21 +58,15 @@ def read_tsv(path: str) -> Iterator[ImageInput]:
             yield ImageInput(row.image_id, data=data)
 
 
-def count_tsv_lines(path: str) -> int:
-    try:
-        with open(path, "rb") as handle:
-            return sum(1 for line in handle if line.strip())
-    except OSError:
-        return 0
-
-
 # ---------------------------------------------------------------------------------------------
 # Captioning
 # ---------------------------------------------------------------------------------------------
 
 
-def torch_device(name: str) -> torch.device:
+def torch_device(name: str):
     """``--device`` as a torch device that exists on this machine, else a one-line error."""
+    import torch
+
     try:
         device = torch.device(name)
     except (RuntimeError, TypeError):
@@ -135,6 +127,7 @@ def check_ofa_folder(folder, command: str) -> Path:
 
 def load_captioner(folder, device: str = "cpu", dtype: str = "fp32"):
     """Model (eval, on ``device`` in ``dtype``) and processor of a converted folder."""
+    import torch
     from transformers import AutoModelForSeq2SeqLM, AutoProcessor
 
     if dtype not in DTYPES:
@@ -146,7 +139,8 @@ def load_captioner(folder, device: str = "cpu", dtype: str = "fp32"):
     except (OSError, ValueError, KeyError) as exc:
         raise OfaconvError(f"no usable OFA processor/tokenizer ({str(exc).splitlines()[0]})", path=folder) from None
     try:
-        model = AutoModelForSeq2SeqLM.from_pretrained(folder, dtype=DTYPES[dtype])
+        model = AutoModelForSeq2SeqLM.from_pretrained(folder, dtype=getattr(torch, {"fp32": "float32", "fp16": "float16",
+                                                                                    "bf16": "bfloat16"}[dtype]))
     except (OSError, ValueError) as exc:
         raise OfaconvError(f"cannot load the model ({str(exc).splitlines()[0]}); convert the checkpoint again",
                            path=folder) from None
@@ -164,9 +158,11 @@ def _preprocess(processor, item: ImageInput):
     return processor.image_processor(image, return_tensors="pt")["patch_images"][0], None
 
 
-def caption_batch(model, processor, pixels: list[torch.Tensor], prompt: Optional[str] = None,
+def caption_batch(model, processor, pixels: list, prompt: Optional[str] = None,
                   **generate_kwargs) -> list[tuple[str, float]]:
     """Captions and scores for a batch of preprocessed images."""
+    import torch
+
     from .tokenization import decode_caption
 
     text = prompt if prompt is not None else processor.prompt
@@ -190,7 +186,7 @@ def caption_batch(model, processor, pixels: list[torch.Tensor], prompt: Optional
 def caption_items(model, processor, items: Iterable[ImageInput], *, batch_size: int = 8, prompt: Optional[str] = None,
                   progress=None, **generate_kwargs) -> Iterator[dict]:
     """JSONL records for ``items`` in input order; unreadable inputs become error records."""
-    pending: list[tuple[ImageInput, Optional[torch.Tensor], Optional[str]]] = []
+    pending: list[tuple[ImageInput, Optional[object], Optional[str]]] = []
 
     def flush():
         ready = [(item, pixels) for item, pixels, error in pending if error is None]
@@ -216,6 +212,80 @@ def caption_items(model, processor, items: Iterable[ImageInput], *, batch_size: 
         yield from flush()
 
 
+class _Pixels:
+    """Pixels of one image for the model ([3, S, S]); runs in the DataLoader's worker processes."""
+
+    def __init__(self, image_processor):
+        self.image_processor = image_processor
+
+    def __call__(self, image):
+        return self.image_processor(image, return_tensors="pt")["patch_images"][0]
+
+
+def caption(folder, images: Sequence[str] = (), *, out=None, tsv: Sequence[str] = (), lists: Sequence[str] = (),
+            prompt: Optional[str] = None, beams: Optional[int] = None, max_len: Optional[int] = None,
+            min_len: Optional[int] = None, text_only: bool = False, batch_size: Optional[int] = None,
+            device: str = "cpu", dtype: str = "fp32", workers: Optional[int] = None, chunk_size: int = CHUNK_SIZE,
+            restart: bool = False, progress: bool = False):
+    """Caption ``images`` (files, directories, globs), the entries of ``lists`` and the rows of the
+    ``tsv`` files with the converted OFA ``folder``; what ``ofaconv caption`` runs.
+
+    Returns the records, in input order (``{"image", "caption", "score"}`` or ``{"image",
+    "error"}``: an unreadable image is a record, not an exception), as a
+    :class:`ofaconv.core.catalog.Records` (a sequence; ``.failed``, ``.first_failure``). With ``out``
+    (a path) they are also written there, resumably, and read back from it on iteration; ``"-"``
+    streams them to stdout. Under ``torchrun`` every process captions its share and rank 0 gets the
+    records. ``batch_size`` None: 8 on a CPU, 64 on a GPU.
+    """
+    from ofaconv.core.catalog import Inputs, RecordSink, Records, model_fingerprint, run_catalog
+
+    inputs = Inputs(images, lists, tsv)
+    if not inputs:
+        raise OfaconvError("no images given (pass files, directories, globs, --list FILE or --tsv FILE)")
+    generate_kwargs = _generate_kwargs(beams, max_len, min_len, text_only)
+    if dtype not in DTYPES:
+        raise OfaconvError(f"unknown dtype {dtype!r} (choose from {', '.join(DTYPES)})")
+    inputs.check()
+    kind = torch_device(device).type
+    batch_size = batch_size if batch_size is not None else (CPU_BATCH if kind == "cpu" else GPU_BATCH)
+    if batch_size < 1:
+        raise OfaconvError("--batch-size must be at least 1")
+    if chunk_size < 1:
+        raise OfaconvError("--chunk-size must be at least 1")
+    if workers is not None and workers < 0:
+        raise OfaconvError("--workers must be at least 0")
+    check_ofa_folder(folder, "caption")
+    target = _caption_output(out, inputs.paths(), folder) if out is not None else None
+
+    def load(on: str):
+        model, processor = load_captioner(folder, on, dtype)
+        if generate_kwargs.get("max_len_b", 0) + 1 > model.config.max_position_embeddings:
+            raise OfaconvError(f"--max-len must be below {model.config.max_position_embeddings}")
+
+        def infer(pixels):
+            import torch
+
+            with torch.inference_mode():
+                return caption_batch(model, processor, pixels, prompt, **generate_kwargs)
+
+        return _Pixels(processor.image_processor), infer
+
+    def record(entry, result, error):
+        if error is not None:
+            return {"image": entry.name, "error": error}
+        text, score = result
+        return {"image": entry.name, "caption": text, "score": round(score, 6)}
+
+    sink = RecordSink("-" if out == "-" else target, record)
+    identity = {"command": "caption", "model": model_fingerprint(folder),
+                "settings": {"prompt": prompt, "dtype": dtype, **generate_kwargs}}
+    summary = run_catalog(inputs, sink, identity=identity, load=load, chunk_size=chunk_size, batch_size=batch_size,
+                          workers=workers, device=device, restart=restart, progress=progress, desc="captioning")
+    if target is not None:
+        return Records(summary, path=target)
+    return Records(summary, records=sink.records)
+
+
 # ---------------------------------------------------------------------------------------------
 # CLI
 # ---------------------------------------------------------------------------------------------
@@ -225,41 +295,54 @@ def add_parser(sub) -> None:
     p = sub.add_parser(
         "caption",
         help="caption images with a converted OFA model (JSONL output)",
-        description="Caption image files, directories, globs or MUGE-style base64 TSVs with a converted "
-        "OFA folder. One JSONL record per input; unreadable images give an error record, a summary line "
-        "and exit code 2.",
+        description="Caption image files, directories, globs, list files or MUGE-style base64 TSVs with a "
+        "converted OFA folder. One JSONL record per input; unreadable images give an error record, a summary "
+        "line and exit code 2. Resumable (rerun the same command after a crash); runs one process per device "
+        "under torchrun / accelerate launch.",
     )
     p.add_argument("folder", help="converted model folder")
     p.add_argument("images", nargs="*", help="image files, directories or glob patterns")
+    p.add_argument("--list", action="append", default=[], metavar="FILE",
+                   help="file of image paths, directories or globs, one per line (repeatable)")
     p.add_argument("--tsv", action="append", default=[], metavar="FILE",
                    help="MUGE-style TSV of image_id<TAB>base64 lines (repeatable)")
-    p.add_argument("--out", required=True, help="output JSONL file ('-' for stdout)")
+    p.add_argument("--out", required=True, help="output JSONL file ('-' for stdout, not resumable)")
     p.add_argument("--prompt", help="encoder prompt (default: the folder's, i.e. fairseq's caption prompt)")
     p.add_argument("--beams", type=int, help="beam size (default: generation_config.json)")
     p.add_argument("--max-len", type=int, help="at most this many caption tokens (fairseq max_len_b)")
     p.add_argument("--min-len", type=int, help="at least this many caption tokens (fairseq min_len)")
     p.add_argument("--text-only", action="store_true", help="never emit <code_*>/<bin_*> tokens")
-    p.add_argument("--batch-size", type=int, default=8, help="images per generate call (default 8)")
-    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--batch-size", type=int,
+                   help=f"images per generate call (default {CPU_BATCH} on a CPU, {GPU_BATCH} on a GPU; halved "
+                        "on an out-of-memory error)")
+    p.add_argument("--workers", type=int,
+                   help="image-decoding processes per model process (default: the free CPUs, at most 8; 0 decodes "
+                        "in the model's process)")
+    p.add_argument("--chunk-size", type=int, default=CHUNK_SIZE,
+                   help=f"images per resumable chunk (default {CHUNK_SIZE})")
+    p.add_argument("--restart", action="store_true",
+                   help="discard an unfinished run recorded beside --out instead of resuming it")
+    p.add_argument("--device", default="cpu",
+                   help="torch device (default cpu; cuda under torchrun: each process its own GPU)")
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="model dtype (default fp32)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.set_defaults(func=_run)
 
 
-def _generate_kwargs(args) -> dict:
+def _generate_kwargs(beams, max_len, min_len, text_only) -> dict:
     kwargs = {}
-    if args.beams is not None:
-        if args.beams < 1:
+    if beams is not None:
+        if beams < 1:
             raise OfaconvError("--beams must be at least 1")
-        kwargs["num_beams"] = args.beams
-    if args.max_len is not None:
-        if args.max_len < 1:
+        kwargs["num_beams"] = beams
+    if max_len is not None:
+        if max_len < 1:
             raise OfaconvError("--max-len must be at least 1")
-        kwargs["max_len_b"] = args.max_len
+        kwargs["max_len_b"] = max_len
         kwargs["max_len_a"] = 0
-    if args.min_len is not None:
-        kwargs["min_len"] = args.min_len
-    if args.text_only:
+    if min_len is not None:
+        kwargs["min_len"] = min_len
+    if text_only:
         kwargs["text_only"] = True
     return kwargs
 
@@ -300,110 +383,19 @@ def _earlier_output(path: Path) -> bool:
     return isinstance(record, dict) and "image" in record and ("caption" in record or "error" in record)
 
 
-class _Output:
-    """JSONL lines to stdout, or to a hidden sibling of OUT renamed over it when the run completes
-    (an interrupted or failed run leaves nothing). A failed write is an OSError naming OUT."""
-
-    def __init__(self, out: Optional[Path]):
-        self.out, self.tmp, self.handle = out, None, sys.stdout
-
-    def __enter__(self) -> "_Output":
-        if self.out is not None:
-            with self._naming_out():
-                fd, self.tmp = tempfile.mkstemp(prefix=f".{self.out.name}.ofaconv-{os.getpid()}-", suffix=".tmp",
-                                                dir=self.out.parent)
-            self.handle = os.fdopen(fd, "w", encoding="utf-8")
-        return self
-
-    def write(self, text: str) -> None:
-        with self._naming_out():
-            self.handle.write(text)
-            self.handle.flush()
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if self.tmp is None:
-            return
-        try:
-            if exc_type is None:
-                with self._naming_out():
-                    self.handle.close()
-                    os.replace(self.tmp, self.out)
-                self.tmp = None
-        finally:
-            if self.tmp is not None:
-                with contextlib.suppress(OSError):
-                    self.handle.close()
-                with contextlib.suppress(OSError):
-                    os.unlink(self.tmp)
-
-    @contextlib.contextmanager
-    def _naming_out(self):
-        try:
-            yield
-        except BrokenPipeError:
-            raise
-        except OSError as exc:
-            if self.out is None:
-                # Python flushes stdout again at exit; what could not be written now cannot be then either.
-                with contextlib.suppress(OSError):
-                    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            raise OSError(exc.errno, exc.strerror, str(self.out) if self.out is not None else "<stdout>") from None
-
-
 def _run(args) -> int:
-    if not args.images and not args.tsv:
-        raise OfaconvError("no images given (pass files, directories, globs or --tsv FILE)")
-    if args.batch_size < 1:
-        raise OfaconvError("--batch-size must be at least 1")
-    generate_kwargs = _generate_kwargs(args)
-    for tsv in args.tsv:
-        if not os.path.isfile(tsv):
-            raise OfaconvError("no such TSV file", path=tsv)
-    torch_device(args.device)
-    check_ofa_folder(args.folder, "caption")
-    out = _caption_output(args.out, [*args.images, *args.tsv], args.folder)
-    with _Output(out) as sink:  # opened first: an output that cannot be written fails before the model loads
-        failed, total = _caption_all(args, sink, generate_kwargs)
-    if failed:
-        where = f"written to {out}" if out is not None else "written"
-        raise DataError(f"{failure_summary(failed[:1], total, 'images', count=len(failed))}; "
-                        f"the other captions and an error record per failed image were {where}")
-    return 0
-
-
-def _caption_all(args, sink: _Output, generate_kwargs: dict) -> tuple[list[tuple[str, str]], int]:
-    """(the failed images as (name, reason), the number of images) of captioning every input into ``sink``."""
     if args.no_progress:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    model, processor = load_captioner(args.folder, args.device, args.dtype)
-    if generate_kwargs.get("max_len_b", 0) + 1 > model.config.max_position_embeddings:
-        raise OfaconvError(f"--max-len must be below {model.config.max_position_embeddings}")
+    result = caption(args.folder, args.images, out=args.out, tsv=args.tsv, lists=args.list, prompt=args.prompt,
+                     beams=args.beams, max_len=args.max_len, min_len=args.min_len, text_only=args.text_only,
+                     batch_size=args.batch_size, device=args.device, dtype=args.dtype, workers=args.workers,
+                     chunk_size=args.chunk_size, restart=args.restart, progress=not args.no_progress)
+    if result.failed:
+        from ofaconv.core.catalog import failure_line
 
-    image_items = list(expand_images(args.images))
-    total = len(image_items) + sum(count_tsv_lines(t) for t in args.tsv)
-
-    def items():
-        yield from image_items
-        for tsv in args.tsv:
-            yield from read_tsv(tsv)
-
-    progress = None
-    if not args.no_progress:
-        from tqdm.auto import tqdm
-
-        progress = tqdm(total=total, unit="img", desc="captioning", file=sys.stderr, dynamic_ncols=True)
-
-    failed: list[tuple[str, str]] = []
-    try:
-        with torch.inference_mode():
-            for record in caption_items(model, processor, items(), batch_size=args.batch_size, prompt=args.prompt,
-                                        progress=progress, **generate_kwargs):
-                if "error" in record:
-                    failed.append((record["image"], record["error"]))
-                sink.write(json.dumps(record, ensure_ascii=False) + "\n")
-    finally:
-        if progress is not None:
-            progress.close()
-    return failed, total
+        where = f"written to {args.out}" if args.out != "-" else "written"
+        raise DataError(f"{failure_line(result.summary)}; the other captions and an error record per failed image "
+                        f"were {where}")
+    return 0
