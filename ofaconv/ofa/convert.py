@@ -266,12 +266,14 @@ def _versions() -> dict:
     }
 
 
-def _write_generation_config(folder: OutputFolder, family: str | None, variant: str | None, config) -> None:
+def _write_generation_config(folder: OutputFolder, family: str | None, variant: str | None, config,
+                              settings: dict | None = None) -> None:
     from .modeling.configuration_ofa import build_generation_config
 
-    settings = dict(family_info(family)["generation"]) if family else {}
-    if variant:
-        settings.update(get_variant(variant).get("generation", {}))
+    if settings is None:  # the family's fairseq defaults, with the variant's overrides
+        settings = dict(family_info(family)["generation"]) if family else {}
+        if variant:
+            settings.update(get_variant(variant).get("generation", {}))
     with folder.recording():
         build_generation_config(settings, config).save_pretrained(folder.path)
 
@@ -320,12 +322,20 @@ def convert_loaded(
     kind: str = "conversion",
     source_sha256=False,
     protect=(),
+    family: str | None = None,
+    generation: dict | None = None,
+    image_stats: tuple[list, list] | None = None,
+    config_fields: dict | None = None,
 ) -> ConversionResult:
     """Write the folder for an already opened checkpoint (fairseq names, ``FairseqCheckpoint``).
 
     ``source_sha256``: also record the whole source file's sha256: True, or a ``BackgroundSha256``
     of it the caller started. The report always records the source's fingerprint.
     ``protect``: inputs besides ``ckpt.path`` that the output must not replace (an upgraded folder).
+    What a source other than a fairseq checkpoint says about itself (``ofaconv upgrade``):
+    ``family`` (tokenizer family where the shapes match no released variant), ``generation`` (its
+    own generation settings instead of the family's), ``image_stats`` ((mean, std) of its image
+    preprocessing), ``config_fields`` (extra config.json keys, e.g. ``task``).
     """
     from .checkpoint import release_pages
 
@@ -337,7 +347,9 @@ def convert_loaded(
     try:
         return _convert(ckpt, out_dir, source_sha256=source_sha256, fingerprint=fingerprint, force=force, dtype=dtype,
                         max_shard_size=max_shard_size, keymap=keymap, tokenizer=tokenizer, prompt=prompt,
-                        verify=verify, license=license, progress=progress, kind=kind, protect=protect)
+                        verify=verify, license=license, progress=progress, kind=kind, protect=protect,
+                        family=family, generation=generation, image_stats=image_stats,
+                        config_fields=config_fields)
     except BaseException:
         fingerprint.cancel()
         if source_sha256:
@@ -362,6 +374,10 @@ def _convert(
     progress: bool,
     kind: str,
     protect,
+    family: str | None = None,
+    generation: dict | None = None,
+    image_stats: tuple[list, list] | None = None,
+    config_fields: dict | None = None,
 ) -> ConversionResult:
     import torch
 
@@ -375,7 +391,8 @@ def _convert(
     state = ckpt.state_dict
     shape = infer_config(state)
     flags = read_flags(ckpt)
-    variant, family = released_variant(shape, flags)
+    variant, detected = released_variant(shape, flags)
+    family = family or detected
     km, plan = plan_conversion(keymap, state, shape, flags, src)
     check_tied(plan, state, src)
     derived = check_derived(plan, state, shape, flags, src)
@@ -391,11 +408,13 @@ def _convert(
         # fails before any weight is written.
         config = build_config(shape, flags)
         config.dtype = target_dtype
+        for key, value in (config_fields or {}).items():
+            setattr(config, key, value)
         with folder.recording():
             config.save_pretrained(tmp)
         copy_remote_code(folder)
-        _write_generation_config(folder, family, variant, config)
-        processing_note = _save_processing(folder, family, config.patch_image_size, tokenizer, prompt)
+        _write_generation_config(folder, family, variant, config, generation)
+        processing_note = _save_processing(folder, family, config.patch_image_size, tokenizer, prompt, image_stats)
 
         sources = dict(plan.entries)
         items = [
@@ -443,13 +462,19 @@ def _convert(
     return ConversionResult(out_dir, report, report["passed"], lines)
 
 
-def _save_processing(folder: OutputFolder, family, image_size: int, tokenizer_source, prompt) -> dict:
+def _save_processing(folder: OutputFolder, family, image_size: int, tokenizer_source, prompt, image_stats=None) -> dict:
     if family is None:
         return {"saved": False, "reason": "vocabulary matches no OFA family; no tokenizer or processor written"}
     from .tokenization import save_processing
 
-    save_processing(folder, family, image_size, tokenizer_source=tokenizer_source, prompt=prompt)
-    return {"saved": True, "family": family, "image_size": image_size, "prompt": prompt or family_info(family)["prompt"]}
+    mean, std = image_stats if image_stats is not None else (None, None)
+    save_processing(folder, family, image_size, tokenizer_source=tokenizer_source, prompt=prompt,
+                    image_mean=mean, image_std=std)
+    note = {"saved": True, "family": family, "image_size": image_size,
+            "prompt": prompt if prompt is not None else family_info(family)["prompt"]}
+    if image_stats is not None:
+        note.update(image_mean=list(mean), image_std=list(std))
+    return note
 
 
 def add_parser(sub) -> None:

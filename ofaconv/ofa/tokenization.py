@@ -438,24 +438,25 @@ PROCESSOR_AUTO_MAP = {"AutoProcessor": "processing_ofa.OFAProcessor"}
 PROCESSING_CODE = ("image_processing_ofa.py", "processing_ofa.py", "tokenization_ofa.py")
 
 
-def image_processor_dict(image_size: int) -> dict:
-    """``preprocessor_config.json``: fairseq's caption transform (bicubic resize, mean = std = 0.5)."""
+def image_processor_dict(image_size: int, image_mean=None, image_std=None) -> dict:
+    """``preprocessor_config.json``: fairseq's caption transform (bicubic resize, mean = std = 0.5
+    unless the source normalised otherwise)."""
     return {
         "auto_map": dict(IMAGE_PROCESSOR_AUTO_MAP),
-        "image_mean": [0.5, 0.5, 0.5],
+        "image_mean": [float(v) for v in (image_mean if image_mean is not None else (0.5, 0.5, 0.5))],
         "image_processor_type": "OFAImageProcessor",
-        "image_std": [0.5, 0.5, 0.5],
+        "image_std": [float(v) for v in (image_std if image_std is not None else (0.5, 0.5, 0.5))],
         "resample": 3,  # PIL.Image.BICUBIC
         "size": {"height": int(image_size), "width": int(image_size)},
     }
 
 
-def processor_dict(family: str, image_size: int, prompt: str) -> dict:
+def processor_dict(family: str, image_size: int, prompt: str, image_mean=None, image_std=None) -> dict:
     """``processor_config.json``: the caption prompt and family, with the image processor nested."""
     return {
         "auto_map": dict(PROCESSOR_AUTO_MAP),
         "family": family,
-        "image_processor": image_processor_dict(image_size),
+        "image_processor": image_processor_dict(image_size, image_mean, image_std),
         "processor_class": "OFAProcessor",
         "prompt": prompt,
     }
@@ -465,12 +466,14 @@ def _json_file(data: dict) -> str:
     return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
 
-def save_processing(folder, family: str, image_size: int, tokenizer_source=None, prompt: str | None = None) -> None:
+def save_processing(folder, family: str, image_size: int, tokenizer_source=None, prompt: str | None = None,
+                    image_mean=None, image_std=None) -> None:
     """Write the tokenizer, image processor and processor of an OFA checkpoint into `folder`.
 
     Also copies `image_processing_ofa.py`, `processing_ofa.py` and `tokenization_ofa.py` there and names them in
     `auto_map`, so `AutoProcessor.from_pretrained(folder, trust_remote_code=True)` works without
-    ofaconv. `prompt` defaults to the family's fairseq caption prompt (mappings/variants.yaml).
+    ofaconv. `prompt` defaults to the family's fairseq caption prompt (mappings/variants.yaml);
+    `image_mean` / `image_std` to fairseq's 0.5 / 0.5.
     `folder` is an ``OutputFolder`` (the files go into its manifest; it makes the whole folder
     appear at once) or a plain directory.
     """
@@ -484,10 +487,10 @@ def save_processing(folder, family: str, image_size: int, tokenizer_source=None,
     try:
         root.mkdir(parents=True, exist_ok=True)
         with output.recording() if output is not None else contextlib.nullcontext():
-            (root / "preprocessor_config.json").write_text(_json_file(image_processor_dict(image_size)),
-                                                           encoding="utf-8")
-            (root / "processor_config.json").write_text(_json_file(processor_dict(family, image_size, prompt)),
-                                                        encoding="utf-8")
+            (root / "preprocessor_config.json").write_text(
+                _json_file(image_processor_dict(image_size, image_mean, image_std)), encoding="utf-8")
+            (root / "processor_config.json").write_text(
+                _json_file(processor_dict(family, image_size, prompt, image_mean, image_std)), encoding="utf-8")
             save_tokenizer(tokenizer, root, processor_class="OFAProcessor")
             code = files("ofaconv.ofa.modeling")
             for name in PROCESSING_CODE:

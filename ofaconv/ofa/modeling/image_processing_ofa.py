@@ -108,7 +108,9 @@ class OFAImageProcessor(BaseImageProcessor):
             resized = pil.resize((size["width"], size["height"]), resample=resample)
             # ToTensor divides by 255 (not multiply by 1/255); Normalize subtracts then divides.
             array = np.asarray(resized, dtype=np.uint8).transpose(2, 0, 1).astype(np.float32) / 255
-            pixels.append((array - mean[:, None, None]) / std[:, None, None])
+            # contiguous channels-first, as ToTensor gives: a channels-last layout takes another
+            # convolution kernel and moves the encoder output by ~1e-6
+            pixels.append(np.ascontiguousarray((array - mean[:, None, None]) / std[:, None, None]))
         data = {
             "patch_images": np.stack(pixels).astype(np.float32, copy=False),
             "patch_masks": np.ones(len(pixels), dtype=bool),
