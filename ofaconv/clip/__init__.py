@@ -14,6 +14,7 @@ _EXPORTS = {
     "towers": ["ClipTowers", "load_image"],
     "convert": ["convert", "detect_source", "load_package"],
     "similarity": ["similarity", "SimilarityResult", "MODES"],
+    "embed": ["embed"],
     "export": ["export_bert"],
     "evaluate": ["evaluate_retrieval", "recall_at_k"],
 }

@@ -1,4 +1,4 @@
-"""``ofaconv clip ...``: convert, init, train, similarity, search, export-bert, eval, download, synth."""
+"""``ofaconv clip ...``: convert, init, train, similarity, search, embed, export-bert, eval, download, synth."""
 
 from __future__ import annotations
 
@@ -99,17 +99,27 @@ def _similarity(args) -> int:
 def _search(args) -> int:
     from ofaconv.core.errors import DataError, OfaconvError
     from ofaconv.core.batch import failure_summary
-    from .search import build_index, query_index
+    from .search import _faiss, build_index, build_index_from_embeddings, query_index
 
-    if not args.images and not args.query:
-        raise OfaconvError("nothing to do: pass --images to (re)build the index and/or --query")
+    if not args.images and not args.embeddings and not args.query:
+        raise OfaconvError("nothing to do: pass --images or --embeddings to (re)build the index and/or --query")
+    if args.images and args.embeddings:
+        raise OfaconvError("pass --images (embedded here) or --embeddings (from `ofaconv clip embed`), not both")
     _at_least(1, k=args.k, batch_size=args.batch_size)
+    if args.embeddings:
+        _faiss()  # before the model loads
     towers = _towers(args)
     out = {}
     if args.images:
         out["index"] = build_index(towers, args.images, args.index, batch_size=args.batch_size, force=args.force)
+    if args.embeddings:
+        out["index"] = build_index_from_embeddings(
+            args.embeddings, args.index, fingerprint=towers.image_fingerprint(include_projection=True),
+            kind=args.index_type, flat_below=args.flat_below, nlist=args.nlist, nprobe=args.nprobe,
+            ef_search=args.ef_search, recall_queries=args.recall_queries, force=args.force)
     if args.query:
-        out["queries"] = query_index(towers, args.index, args.query, k=args.k)
+        out["queries"] = query_index(towers, args.index, args.query, k=args.k, nprobe=args.nprobe,
+                                     ef_search=args.ef_search)
     _print(out)
     failed = out.get("index", {}).get("failed")
     if failed:
@@ -294,9 +304,23 @@ def add_parser(subparsers) -> None:
     p.add_argument("--query", action="append", default=[])
     p.add_argument("-k", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--embeddings", help="an `ofaconv clip embed` folder to index with faiss (pip install "
+                   "'ofaconv[faiss]')")
+    p.add_argument("--index-type", choices=["auto", "flat", "ivf", "hnsw"], default="auto",
+                   help="--embeddings: flat (exact) below --flat-below vectors, IVF above (default auto)")
+    p.add_argument("--flat-below", type=int, default=200_000, help="--embeddings: auto's exact-search limit")
+    p.add_argument("--nlist", type=int, help="IVF lists (default 4*sqrt(N))")
+    p.add_argument("--nprobe", type=int, help="IVF lists searched per query (default nlist/32, at least 16)")
+    p.add_argument("--ef-search", type=int, help="HNSW search breadth (default 128)")
+    p.add_argument("--recall-queries", type=int, default=100,
+                   help="vectors used as queries for the build's recall@10 against exact search (default 100)")
     p.add_argument("--force", action="store_true",
                    help="replace an index ofaconv built from other images or with another model")
     p.set_defaults(func=_search)
+
+    from .embed import add_parser as add_embed
+
+    add_embed(sub)
 
     p = sub.add_parser("export-bert", help="write the text tower as a BertModel folder (+ sentence-transformers)")
     model_args(p)

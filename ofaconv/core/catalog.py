@@ -46,8 +46,8 @@ from .batch import Tally, failure_summary
 from .errors import DataError, OfaconvError
 from .images import ImageDecodeError, decode_base64, expand_images, open_image, tsv_rows
 
-__all__ = ["Entry", "Inputs", "Ranks", "RunFolder", "RecordSink", "ArraySink", "CatalogTally", "run_catalog",
-           "auto_workers", "RUN_SCHEMA", "EMBEDDINGS_SCHEMA", "read_embeddings_manifest", "iter_embedding_shards"]
+__all__ = ["Entry", "Inputs", "Ranks", "RunFolder", "RecordSink", "ArraySink", "CatalogTally", "Records", "run_catalog",
+           "auto_workers", "torch_device", "model_fingerprint", "place_folder", "output_lock", "check_embeddings_out", "RUN_SCHEMA", "EMBEDDINGS_SCHEMA", "read_embeddings_manifest", "iter_embedding_shards"]
 
 RUN_SCHEMA = "ofaconv/catalog-run@1"
 EMBEDDINGS_SCHEMA = "ofaconv/clip-embeddings@1"
@@ -179,6 +179,28 @@ def _list_lines(path: str) -> Iterator[tuple[int, str]]:
                 raise DataError("not UTF-8; save the list as UTF-8", path=f"{path}:{lineno}") from None
             if line:
                 yield lineno, line
+
+
+def torch_device(name: str):
+    """``--device`` as a torch device that exists on this machine, else a one-line error."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise OfaconvError(f"--device {name!r} is not a device name; use cpu, cuda, cuda:N or mps") from None
+    if device.type == "cpu":
+        return device
+    backend = getattr(torch, device.type, None)  # torch.cuda, torch.mps, torch.xpu, ...
+    available = backend is not None and hasattr(backend, "is_available") and backend.is_available()
+    if not available:
+        raise OfaconvError(f"--device {name}: no {device.type} device is available on this machine; use --device cpu")
+    count = backend.device_count() if hasattr(backend, "device_count") else 1
+    if device.index is not None and device.index >= count:
+        raise OfaconvError(f"--device {name}: this machine has {count} {device.type} device(s), "
+                           f"numbered from 0 to {count - 1}")
+    return device
+
 
 
 def auto_workers(world: int = 1) -> int:
@@ -633,7 +655,7 @@ class ArraySink:
             (tmp / EMBEDDINGS_MANIFEST).write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n",
                                                    encoding="utf-8")
             check_embeddings_out(self.out, [])  # under the lock: OUT as it is now
-            _place(tmp, self.out)
+            place_folder(tmp, self.out)
         except BaseException:
             # The shards go back, so a failed placement can be retried by a rerun.
             for shard in tmp.glob(f"embeddings-*.{self.fmt}"):
@@ -657,7 +679,8 @@ def _save_vectors(path: Path, matrix, fmt: str) -> None:
         path.write_bytes(save({"embeddings": np.ascontiguousarray(matrix)}, metadata={"schema": EMBEDDINGS_SCHEMA}))
 
 
-def _place(tmp: Path, out: Path) -> None:
+def place_folder(tmp: Path, out: Path) -> None:
+    """Rename the folder ``tmp`` over ``out`` (an existing ``out`` is moved aside, then removed)."""
     from .writer import _sibling
 
     if not os.path.lexists(out):
@@ -671,6 +694,21 @@ def _place(tmp: Path, out: Path) -> None:
         os.rename(trash, out)
         raise
     shutil.rmtree(trash, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def output_lock(out):
+    """Hold ``.OUT.ofaconv.lock``, the lock of every ofaconv output, for the block."""
+    from .writer import _lock, _unlock
+
+    out = Path(os.path.abspath(out))
+    if not out.parent.is_dir():
+        raise OfaconvError("the output's folder does not exist; create it first", path=out.parent)
+    fd = _lock(out)
+    try:
+        yield
+    finally:
+        _unlock(out, fd)
 
 
 def read_embeddings_manifest(folder) -> dict:

@@ -25,6 +25,7 @@ import os
 from pathlib import Path
 from typing import Iterable, Iterator, Optional, Sequence
 
+from ofaconv.core.catalog import torch_device  # noqa: F401 - --device, checked the same way by every command
 from ofaconv.core.errors import DataError, OfaconvError
 from ofaconv.core.images import ImageDecodeError, ImageInput, decode_base64, expand_images, open_image, tsv_rows
 
@@ -61,27 +62,6 @@ def read_tsv(path: str) -> Iterator[ImageInput]:
 # ---------------------------------------------------------------------------------------------
 # Captioning
 # ---------------------------------------------------------------------------------------------
-
-
-def torch_device(name: str):
-    """``--device`` as a torch device that exists on this machine, else a one-line error."""
-    import torch
-
-    try:
-        device = torch.device(name)
-    except (RuntimeError, TypeError):
-        raise OfaconvError(f"--device {name!r} is not a device name; use cpu, cuda, cuda:N or mps") from None
-    if device.type == "cpu":
-        return device
-    backend = getattr(torch, device.type, None)  # torch.cuda, torch.mps, torch.xpu, ...
-    available = backend is not None and hasattr(backend, "is_available") and backend.is_available()
-    if not available:
-        raise OfaconvError(f"--device {name}: no {device.type} device is available on this machine; use --device cpu")
-    count = backend.device_count() if hasattr(backend, "device_count") else 1
-    if device.index is not None and device.index >= count:
-        raise OfaconvError(f"--device {name}: this machine has {count} {device.type} device(s), "
-                           f"numbered from 0 to {count - 1}")
-    return device
 
 
 def _json_object(path: Path) -> dict:
@@ -393,6 +373,8 @@ def _run(args) -> int:
                      batch_size=args.batch_size, device=args.device, dtype=args.dtype, workers=args.workers,
                      chunk_size=args.chunk_size, restart=args.restart, progress=not args.no_progress)
     if result.failed:
+        if int(os.environ.get("RANK", "0")) != 0:  # rank 0 says it, once
+            return 2
         from ofaconv.core.catalog import failure_line
 
         where = f"written to {args.out}" if args.out != "-" else "written"
