@@ -98,6 +98,25 @@ def cnclip_verified_folder(tmp_path_factory):
     return _convert_once(tmp_path_factory, "cnclip-verified", argv)
 
 
+@pytest.fixture(scope="session")
+def micro_converted(tmp_path_factory):
+    """``variant -> (folder, source)``: a synthetic micro checkpoint of ``variant`` (default seed, no
+    optimizer state) and its conversion (no --verify), made once per variant per session; read-only."""
+    from ofaconv.ofa.convert import convert_checkpoint
+    from ofaconv.ofa.synth import write_synthetic_checkpoint
+
+    made = {}
+
+    def get(variant: str):
+        if variant not in made:
+            root = tmp_path_factory.mktemp(f"micro-{variant}")
+            src = write_synthetic_checkpoint(root / "src.pt", variant, size="micro", optimizer_state=False)
+            made[variant] = (convert_checkpoint(src, root / "hf").out_dir, src)
+        return made[variant]
+
+    return get
+
+
 # -- the official fairseq micro checkpoint (/work/shared/reference, next to the repository) ---------
 
 OFFICIAL_DIR = Path(__file__).resolve().parents[2] / "shared" / "reference" / "ofa_micro_official"

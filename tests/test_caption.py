@@ -17,9 +17,7 @@ from PIL import Image
 from ofaconv.core.images import decode_base64
 from ofaconv.ofa.caption import caption_items, expand_images, load_captioner, read_tsv
 from ofaconv.cli import main
-from ofaconv.ofa.convert import convert_checkpoint
 from ofaconv.ofa.modeling.tokenization_ofa import CJK_CHARACTERS
-from ofaconv.ofa.synth import write_synthetic_checkpoint
 from ofaconv.ofa.tokenization import decode_caption
 
 
@@ -32,18 +30,8 @@ def _one_thread():
 
 
 @pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    made = {}
-
-    def get(variant):
-        if variant not in made:
-            root = tmp_path_factory.mktemp(f"cap-{variant}")
-            src = write_synthetic_checkpoint(root / "src.pt", variant, size="micro", optimizer_state=False)
-            convert_checkpoint(src, root / "hf")
-            made[variant] = root / "hf"
-        return made[variant]
-
-    return get
+def folders(micro_converted):
+    return lambda variant: micro_converted(variant)[0]
 
 
 def _png_bytes(seed: int, size=(24, 32), mode="RGB") -> bytes:

@@ -26,7 +26,6 @@ import torch
 from transformers import GenerationConfig
 
 from ofaconv.ofa.checkpoint import load_checkpoint, read_flags
-from ofaconv.ofa.convert import convert_checkpoint
 from ofaconv.ofa.generation_parity import compare_generation, hypothesis_tokens
 from ofaconv.ofa.modeling import OFAEncoderOutput, OFAForConditionalGeneration
 from ofaconv.ofa.modeling import generation_ofa
@@ -34,7 +33,6 @@ from ofaconv.ofa.modeling.configuration_ofa import build_generation_config
 from ofaconv.ofa.modeling.generation_ofa import SearchSettings, fairseq_search
 from ofaconv.ofa.reference import FairseqReference
 from ofaconv.ofa.reference.generator import SequenceGenerator
-from ofaconv.ofa.synth import write_synthetic_checkpoint
 from ofaconv.ofa.variants import generation_defaults, get_variant, variant_names
 
 EOS, PAD = 2, 1
@@ -279,18 +277,8 @@ def test_block_repeated_ngrams_includes_bos():
 
 
 @pytest.fixture(scope="module")
-def converted(tmp_path_factory):
-    folders = {}
-
-    def get(variant: str):
-        if variant not in folders:
-            root = tmp_path_factory.mktemp(f"gen-{variant}")
-            src = write_synthetic_checkpoint(root / "src.pt", variant, size="micro", optimizer_state=False)
-            convert_checkpoint(src, root / "hf")
-            folders[variant] = (root / "hf", src)
-        return folders[variant]
-
-    return get
+def converted(micro_converted):
+    return micro_converted
 
 
 def load_pair(folder: Path, src: Path):

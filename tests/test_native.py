@@ -28,9 +28,7 @@ from transformers import (
 )
 from transformers.generation.streamers import BaseStreamer
 
-from ofaconv.ofa.convert import convert_checkpoint
 from ofaconv.ofa.modeling import OFAForConditionalGeneration
-from ofaconv.ofa.synth import write_synthetic_checkpoint
 
 EOS, PAD = 2, 1
 
@@ -44,12 +42,9 @@ def _one_thread():
 
 
 @pytest.fixture(scope="module")
-def en_folder(tmp_path_factory):
+def en_folder(micro_converted):
     """An English (GPT-2 BPE) micro folder; the shared ``ofa_verified_folder`` is Chinese."""
-    root = tmp_path_factory.mktemp("native-en")
-    src = write_synthetic_checkpoint(root / "src.pt", "ofa-tiny", size="micro", optimizer_state=False)
-    convert_checkpoint(src, root / "out")
-    return root / "out"
+    return micro_converted("ofa-tiny")[0]
 
 
 def _images():

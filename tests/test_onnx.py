@@ -51,15 +51,10 @@ def _images(n: int, seed: int = 0) -> list[Image.Image]:
 
 # -- OFA --------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def ofa(tmp_path_factory):
-    from ofaconv.ofa.convert import convert_checkpoint
-    from ofaconv.ofa.synth import write_synthetic_checkpoint
-
-    root = tmp_path_factory.mktemp("onnx-ofa")
-    src = write_synthetic_checkpoint(root / "src.pt", "ofa-tiny", size="micro", optimizer_state=False)
-    convert_checkpoint(src, root / "hf")
-    report = _export(root / "hf", root / "onnx")
-    return root / "hf", root / "onnx", report
+def ofa(tmp_path_factory, micro_converted):
+    folder, _ = micro_converted("ofa-tiny")
+    out = tmp_path_factory.mktemp("onnx-ofa") / "onnx"
+    return folder, out, _export(folder, out)
 
 
 @pytest.fixture(scope="module")
