@@ -7,6 +7,7 @@ The Python API mirrors the command line one to one (``docs/python-api.md``)::
 
     result = ofaconv.convert("ofa_cn_base.pt", "out/", verify=True)       # ofaconv convert
     checks, passed = ofaconv.verify("out/", against="ofa_cn_base.pt")     # ofaconv verify
+    records = ofaconv.caption("out/", ["photos/"], out="captions.jsonl")  # ofaconv caption
     ofaconv.push("out/", "owner/name")                                    # ofaconv push
     ofaconv.export_onnx("out/", "out-onnx/")                              # ofaconv export onnx
     ofaconv.clip.convert("clip_cn_vit-b-16.pt", "cnclip/")                # ofaconv clip convert
@@ -24,6 +25,8 @@ _API = {  # module -> "public name:name there"
     "ofa.inspection": ["inspect:inspect_checkpoint"],
     "ofa.upgrade": ["upgrade:upgrade_folder"],
     "ofa.finetune": ["finetune"],
+    "ofa.caption": ["caption"],
+    "ofa.predict": ["predict"],
     "ofa.synth": ["synth:write_synthetic_checkpoint"],
     "core.verify": ["verify"],
     "core.export": ["export_onnx"],

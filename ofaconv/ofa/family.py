@@ -14,6 +14,7 @@ FAMILY = Family(
         "inspect": "ofaconv.ofa.inspection",
         "synth": "ofaconv.ofa.synth",
         "caption": "ofaconv.ofa.caption",
+        "predict": "ofaconv.ofa.predict",
         "upgrade": "ofaconv.ofa.upgrade",
         "finetune": "ofaconv.ofa.finetune.cli",
     },

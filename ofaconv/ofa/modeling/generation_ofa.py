@@ -70,7 +70,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -141,6 +141,9 @@ class SearchSettings:
     unk_penalty: float = 0.0
     temperature: float = 1.0
     constraint_range: Optional[tuple[int, int]] = None
+    # tokens [rows, step + 1] -> bool [rows, vocab] of the ids each row may continue with; the
+    # others are masked on the logits, before the log-softmax (OFA's answer-trie constraint)
+    logits_mask: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
     num_return_sequences: int = 1
     use_cache: bool = True
     return_dict_in_generate: bool = False
@@ -396,6 +399,9 @@ class _Decoder:
             start, end = self.settings.constraint_range
             logits[:, :, 4:start] = -math.inf
             logits[:, :, end:] = -math.inf
+        if self.settings.logits_mask is not None:
+            allowed = self.settings.logits_mask(tokens[:, : step + 1]).to(logits.device)
+            logits = logits.masked_fill(~allowed[:, None, :], -math.inf)
         return F.log_softmax(logits, dim=-1, dtype=torch.float32)[:, -1, :]
 
     def reorder(self, index: torch.Tensor, within_sentences: bool) -> None:
