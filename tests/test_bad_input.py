@@ -120,6 +120,8 @@ class Inputs:
         self.not_objects.write_text('["i0", "红色的圆形"]\n')
         self.latin1 = data / "latin1.jsonl"
         self.latin1.write_bytes('{"image_id": "i0", "text": ["caf\xe9"]}\n'.encode("latin-1"))
+        self.two_texts = data / "two_texts.txt"
+        self.two_texts.write_text("what is it?\nwhere is it?\n")
         self.tsv_no_tab = data / "notab.tsv"
         self.tsv_no_tab.write_text("just text, no tab\n")
         self.recipe_missing = root / "missing.yaml"
@@ -164,6 +166,11 @@ def inputs(tmp_path_factory, ofa_verified_folder, bertclip_verified_folder):
 
 def _ft(recipe: str, *extra):
     return lambda i: ["finetune", str(getattr(i, recipe)), *extra]
+
+
+def _predict(*extra, folder="folder"):
+    return lambda i: ["predict", str(getattr(i, folder)), str(i.good), "--out", str(i.out), "--no-progress",
+                      *[str(e(i)) if callable(e) else e for e in extra]]
 
 
 def _caption(*extra, folder="folder"):
@@ -277,6 +284,23 @@ CASES = [
     Case("caption-a-broken-image", lambda i: ["caption", str(i.folder), str(i.good), str(i.broken), "--out",
                                               str(i.root / "partial.jsonl"), "--max-len", "2", "--no-progress"],
          lambda i: str(i.broken), partial=True),
+    # -- predict
+    Case("predict-unknown-task", _predict("--task", "detect"), lambda i: "'detect'", lambda i: i.out),
+    Case("predict-grounding-without-text", _predict("--task", "grounding"), lambda i: "--text", lambda i: i.out),
+    Case("predict-text-for-ocr", _predict("--task", "ocr", "--text", "hello"), lambda i: "--text", lambda i: i.out),
+    Case("predict-answers-unreadable", _predict("--task", "vqa", "--text", "what?", "--answers",
+                                                lambda i: i.missing / "answers.txt"),
+         lambda i: str(i.missing / "answers.txt"), lambda i: i.out),
+    Case("predict-answers-not-utf8", _predict("--task", "vqa", "--text", "what?", "--answers", lambda i: i.latin1),
+         lambda i: str(i.latin1), lambda i: i.out),
+    Case("predict-texts-count-mismatch", _predict("--task", "vqa", "--texts", lambda i: i.two_texts),
+         lambda i: str(i.two_texts), lambda i: i.out),
+    Case("predict-a-clip-folder", _predict(folder="clip"), lambda i: str(i.clip), lambda i: i.out),
+    Case("predict-over-a-user-file", lambda i: ["predict", str(i.folder), str(i.good), "--out", str(i.user_file)],
+         lambda i: str(i.user_file), lambda i: i.user_file),
+    Case("predict-a-broken-image", lambda i: ["predict", str(i.folder), str(i.good), str(i.broken), "--out",
+                                              str(i.root / "partial-predict.jsonl"), "--max-len", "2", "--no-progress"],
+         lambda i: str(i.broken), partial=True),
     # -- upgrade
     Case("upgrade-missing-folder", lambda i: ["upgrade", str(i.missing), str(i.out)], lambda i: str(i.missing),
          lambda i: i.out),
@@ -366,6 +390,8 @@ PARSES = [
     ("inspect CKPT --json", {"checkpoint": "CKPT", "json": True}),
     ("verify FOLDER --json --against CKPT", {"folder": "FOLDER", "json": True, "against": "CKPT"}),
     ("caption FOLDER --out c.jsonl a.jpg b.jpg", {"folder": "FOLDER", "out": "c.jsonl", "images": ["a.jpg", "b.jpg"]}),
+    ("predict FOLDER a.jpg --task vqa --text q --out o.jsonl b.jpg",
+     {"folder": "FOLDER", "images": ["a.jpg", "b.jpg"], "task": "vqa", "text": "q", "out": "o.jsonl"}),
     ("caption FOLDER a.jpg --beams 2 b.jpg --out -", {"images": ["a.jpg", "b.jpg"], "beams": 2, "out": "-"}),
     ("upgrade OLD --image-size 480 OUT", {"old_folder": "OLD", "out": "OUT", "image_size": 480}),
     ("finetune R.yaml --smoke -o a=1", {"recipe": "R.yaml", "smoke": True, "override": ["a=1"]}),
