@@ -99,6 +99,14 @@ class Inputs:
         self.index_corrupt = root / "index_corrupt"
         self.index_corrupt.mkdir()
         (self.index_corrupt / "index.json").write_text("{oops")
+        # -- embed (catalog runs)
+        self.image_list = root / "images.txt"
+        self.image_list.write_text(f"{self.good}\n")
+        self.list_latin1 = root / "latin1_list.txt"
+        self.list_latin1.write_bytes(f"{self.good}\ncaf\xe9.png\n".encode("latin-1"))
+        self.emb_run = root / ".emb_other.ofaconv-run"  # an unfinished run of another command
+        self.emb_run.mkdir()
+        (self.emb_run / "run.json").write_text(json.dumps({"schema": "ofaconv/catalog-run@1", "command": "caption"}))
         # -- download
         self.csv_file_url = root / "file_urls.csv"
         self.csv_file_url.write_text(f"text,url,filename\na,{self.good.as_uri()},a.png\n")
@@ -198,6 +206,36 @@ CASES = [
                                              str(i.photos_bad)],
          lambda i: str(i.photos_bad / "b.png"), partial=True),
     # -- export-bert
+    Case("search-embeddings-not-an-embeddings-folder",
+         lambda i: ["clip", "search", str(i.pkg), "--index", str(i.out), "--embeddings", str(i.user_dir)],
+         lambda i: str(i.user_dir), lambda i: i.out),
+    Case("search-both-images-and-embeddings",
+         lambda i: ["clip", "search", str(i.pkg), "--index", str(i.out), "--embeddings", str(i.user_dir), "--images",
+                    str(i.photos)], lambda i: "--embeddings", lambda i: i.out),
+    # -- embed
+    Case("embed-missing-model", lambda i: ["clip", "embed", str(i.missing), str(i.good), "--out", str(i.out)],
+         lambda i: str(i.missing), lambda i: i.out),
+    Case("embed-into-a-user-folder", lambda i: ["clip", "embed", str(i.pkg), str(i.good), "--out", str(i.user_dir)],
+         lambda i: str(i.user_dir), lambda i: i.user_dir),
+    Case("embed-out-is-an-input", lambda i: ["clip", "embed", str(i.pkg), str(i.photos), "--out", str(i.photos)],
+         lambda i: str(i.photos), lambda i: i.photos),
+    Case("embed-missing-list", lambda i: ["clip", "embed", str(i.pkg), "--list", str(i.missing / "l.txt"), "--out",
+                                          str(i.out)], lambda i: str(i.missing / "l.txt"), lambda i: i.out),
+    Case("embed-list-not-utf8", lambda i: ["clip", "embed", str(i.pkg), "--list", str(i.list_latin1), "--out",
+                                           str(i.out)], lambda i: f"{i.list_latin1}:2", lambda i: i.out),
+    Case("embed-missing-tsv", lambda i: ["clip", "embed", str(i.pkg), "--tsv", str(i.missing / "t.tsv"), "--out",
+                                         str(i.out)], lambda i: str(i.missing / "t.tsv"), lambda i: i.out),
+    Case("embed-zero-batch-size", lambda i: ["clip", "embed", str(i.pkg), "--list", str(i.image_list), "--out",
+                                             str(i.out), "--batch-size", "0"], lambda i: "--batch-size",
+         lambda i: i.out),
+    Case("embed-no-images", lambda i: ["clip", "embed", str(i.pkg), "--out", str(i.out)], lambda i: "--list FILE",
+         lambda i: i.out),
+    Case("embed-over-another-commands-run", lambda i: ["clip", "embed", str(i.pkg), str(i.good), "--out",
+                                                       str(i.root / "emb_other")],
+         lambda i: (str(i.emb_run), "--restart"), lambda i: i.emb_run),
+    Case("embed-a-broken-image", lambda i: ["clip", "embed", str(i.pkg), str(i.photos_bad), "--out",
+                                            str(i.root / "emb_partial"), "--no-progress"],
+         lambda i: str(i.photos_bad / "b.png"), partial=True),
     Case("export-bert-into-a-user-folder", lambda i: ["clip", "export-bert", str(i.pkg), str(i.user_dir), "--force"],
          lambda i: str(i.user_dir), lambda i: i.user_dir),
     Case("export-bert-from-a-bert-folder", lambda i: ["clip", "export-bert", str(i.bert), str(i.out)],
