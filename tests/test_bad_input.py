@@ -52,6 +52,13 @@ class Inputs:
         self.user_file.write_text("my own notes, not captions\n")
         self.fifo = root / "fifo"  # not a regular file (like a device): never replaced
         os.mkfifo(self.fifo)
+        # -- catalog runs (caption): list files, an unfinished run of other inputs beside an output
+        self.list_latin1 = root / "latin1_list.txt"
+        self.list_latin1.write_bytes("caf\xe9.png\n".encode("latin-1"))
+        self.other_run = root / ".other.jsonl.ofaconv-run"
+        self.other_run.mkdir()
+        (self.other_run / "run.json").write_text(json.dumps({"schema": "ofaconv/catalog-run@1", "command": "caption",
+                                                             "inputs": {"count": 0, "sha256": "0"}}))
         # -- checkpoints
         self.ckpt = write_synthetic_checkpoint(root / "good.pt", "ofa-tiny", vocab_size=1000, optimizer_state=False)
         self.bad = {kind: write_bad_checkpoint(root / f"{kind}.pt", kind, base=self.ckpt)
@@ -100,6 +107,27 @@ class Inputs:
         self.port_no_weights = _json(root / "port_empty" / "config.json", {"model_type": "ofa"}).parent
         self.port_bad_type = _json(root / "port_bad_type" / "config.json",
                                    {"model_type": "ofa", "max_position_embeddings": "many"}).parent
+        self.port_flag_string = _json(root / "port_flag_string" / "config.json",
+                                      {"model_type": "ofa", "interpolate_position": "yes"}).parent
+        self.port_vit = _json(root / "port_vit" / "config.json", {"model_type": "ofa", "use_ofasys": True}).parent
+        # ModelScope folders (config.json + configuration.json, no weights: the settings fail first)
+        self.ms = {}
+        for name, configuration in {
+            "task": {"task": "image-classification"},
+            "no_task": {"model": {"type": "ofa"}},
+            "beam_key": {"task": "image-captioning", "model": {"beam_search": {"beam": 5}}},
+            "beam_type": {"task": "image-captioning", "model": {"beam_search": {"beam_size": "5"}}},
+            "beam_switch": {"task": "image-captioning", "model": {"beam_search": {"match_source_len": True}}},
+            "beam_lengths": {"task": "image-captioning", "model": {"beam_search": {"min_len": 9, "max_len_b": 4}}},
+            "language": {"task": "ocr-recognition", "model": {"language": "fr"}},
+            "size": {"task": "image-captioning", "model": {"patch_image_size": 500}},
+            "prompt": {"task": "image-captioning", "model": {"prompt": ["a"]}},
+            "answers": {"task": "visual-question-answering", "model": {"answer2label": "ans2label.json"}},
+            "speech": {"task": "ocr-recognition", "model": {"multimodal_type": "mmspeech"}},
+        }.items():
+            folder = _json(root / f"ms_{name}" / "config.json", {"model_type": "ofa"}).parent
+            _json(folder / "configuration.json", configuration)
+            self.ms[name] = folder
         # -- images
         self.good = _png(root / "good.png")
         self.broken = root / "broken.png"
@@ -284,6 +312,16 @@ CASES = [
     Case("caption-a-broken-image", lambda i: ["caption", str(i.folder), str(i.good), str(i.broken), "--out",
                                               str(i.root / "partial.jsonl"), "--max-len", "2", "--no-progress"],
          lambda i: str(i.broken), partial=True),
+    Case("caption-missing-list", _caption("--out", lambda i: i.out, "--list", lambda i: i.missing / "l.txt"),
+         lambda i: str(i.missing / "l.txt"), lambda i: i.out),
+    Case("caption-list-not-utf8", _caption("--out", lambda i: i.out, "--list", lambda i: i.list_latin1),
+         lambda i: f"{i.list_latin1}:1", lambda i: i.out),
+    Case("caption-zero-chunk-size", _caption("--out", lambda i: i.out, "--chunk-size", "0"), lambda i: "--chunk-size",
+         lambda i: i.out),
+    Case("caption-negative-workers", _caption("--out", lambda i: i.out, "--workers", "-1"), lambda i: "--workers",
+         lambda i: i.out),
+    Case("caption-over-an-unfinished-run-of-other-inputs", _caption("--out", lambda i: i.root / "other.jsonl"),
+         lambda i: (str(i.other_run), "--restart"), lambda i: i.other_run),
     # -- predict
     Case("predict-unknown-task", _predict("--task", "detect"), lambda i: "'detect'", lambda i: i.out),
     Case("predict-grounding-without-text", _predict("--task", "grounding"), lambda i: "--text", lambda i: i.out),
@@ -320,6 +358,18 @@ CASES = [
                                               "100000000"], lambda i: "--image-size", lambda i: i.out),
     Case("upgrade-no-weights", lambda i: ["upgrade", str(i.port_no_weights), str(i.out)],
          lambda i: str(i.port_no_weights), lambda i: i.out),
+    Case("upgrade-port-flag-not-a-bool", lambda i: ["upgrade", str(i.port_flag_string), str(i.out)],
+         lambda i: f"{i.port_flag_string / 'config.json'}: key 'interpolate_position'", lambda i: i.out),
+    Case("upgrade-port-feature-not-implemented", lambda i: ["upgrade", str(i.port_vit), str(i.out)],
+         lambda i: f"{i.port_vit / 'config.json'}: key 'use_ofasys'", lambda i: i.out),
+    *(Case(f"upgrade-modelscope-{name}", (lambda n: lambda i: ["upgrade", str(i.ms[n]), str(i.out)])(name),
+           (lambda n, k: lambda i: f"{i.ms[n] / 'configuration.json'}: key '{k}'")(name, key), lambda i: i.out)
+      for name, key in [("task", "task"), ("no_task", "task"), ("beam_key", "model.beam_search.beam"),
+                        ("beam_type", "model.beam_search.beam_size"),
+                        ("beam_switch", "model.beam_search.match_source_len"),
+                        ("beam_lengths", "model.beam_search"), ("language", "model.language"),
+                        ("size", "model.patch_image_size"), ("prompt", "model.prompt"),
+                        ("answers", "model.answer2label"), ("speech", "model.multimodal_type")]),
     Case("upgrade-into-its-source", lambda i: ["upgrade", str(i.port_no_weights), str(i.port_no_weights), "--force"],
          lambda i: str(i.port_no_weights), lambda i: i.port_no_weights),
     # -- finetune (output_dir "out" is relative to the recipe: i.out)

@@ -85,3 +85,252 @@ def test_upgrade_refuses_non_ofa_folder(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "model_type" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# ModelScope folders: the folder's own settings, and parity with ModelScope itself
+# (fixtures/modelscope_upgrade.json, written by fixtures/make_modelscope_upgrade.py in the
+# ModelScope virtualenv; tests/modelscope_upgrade.py builds the same folder again)
+
+import hashlib  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+import modelscope_upgrade  # noqa: E402
+
+MS_CASE = "caption_cn_interpolated"
+MS_FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "modelscope_upgrade.json"
+
+
+def _sha(tensor) -> str:
+    return hashlib.sha256(tensor.detach().float().numpy().astype(np.float32).tobytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def modelscope_reference():
+    return json.loads(MS_FIXTURE.read_text(encoding="utf-8"))["cases"][MS_CASE]
+
+
+@pytest.fixture(scope="module")
+def modelscope_folder(tmp_path_factory, modelscope_reference):
+    root = tmp_path_factory.mktemp("modelscope")
+    folder = modelscope_upgrade.write_upgrade_folder(root / MS_CASE, MS_CASE)
+    # the same weights ModelScope ran: otherwise the comparisons below compare nothing
+    assert modelscope_upgrade.weights_sha256(folder) == modelscope_reference["weights_sha256"]
+    return folder, modelscope_upgrade.write_images(root / "images")
+
+
+@pytest.fixture(scope="module")
+def modelscope_upgraded(modelscope_folder, tmp_path_factory):
+    folder, _ = modelscope_folder
+    out = tmp_path_factory.mktemp("ms-upgraded") / "out"
+    assert cli(["upgrade", str(folder), str(out), "--verify"]) == 0
+    return out
+
+
+def _load(out):
+    from transformers import AutoProcessor
+
+    from ofaconv.ofa.modeling import OFAForConditionalGeneration
+
+    model = OFAForConditionalGeneration.from_pretrained(out, dtype=torch.float32, attn_implementation="eager")
+    return model.eval(), AutoProcessor.from_pretrained(out)
+
+
+def test_modelscope_folder_settings_are_carried(modelscope_upgraded):
+    out = modelscope_upgraded
+    config = json.loads((out / "config.json").read_text())
+    # configuration.json's task and prompt; config.json's interpolation with ModelScope's default grid
+    assert config["task"] == "caption" and config["task_prompt"] == "图片描述了什么?"
+    assert config["task_settings"]["modelscope_task"] == "image-captioning"
+    assert config["interpolate_position"] is True and config["orig_patch_image_size"] == 224
+    assert config["patch_image_size"] == 256
+    generation = json.loads((out / "generation_config.json").read_text())
+    assert {k: generation[k] for k in ("num_beams", "max_len_b", "min_len", "no_repeat_ngram_size", "lenpen")} == \
+        {"num_beams": 3, "max_len_b": 7, "min_len": 2, "no_repeat_ngram_size": 2, "lenpen": 0.9}
+    processor = json.loads((out / "processor_config.json").read_text())
+    assert processor["prompt"] == "图片描述了什么?"
+    assert processor["image_processor"]["image_mean"] == [0.485, 0.456, 0.406]
+    assert processor["image_processor"]["image_std"] == [0.229, 0.224, 0.225]
+    assert processor["image_processor"]["size"] == {"height": 256, "width": 256}
+    report = json.loads((out / "conversion_report.json").read_text())
+    assert report["passed"] and report["flags"]["interpolate_position"] is True
+
+
+def test_modelscope_inputs_encoder_and_logits_equal_modelscope(modelscope_folder, modelscope_upgraded,
+                                                                modelscope_reference):
+    """Preprocessed image, prompt tokens, encoder output and teacher-forced logits of the upgraded
+    folder are ModelScope's, bit for bit (256 px on a 224 px pretraining grid: interpolated positions)."""
+    from PIL import Image
+
+    _, images = modelscope_folder
+    model, processor = _load(modelscope_upgraded)
+    for record in modelscope_reference["records"]:
+        pixels = processor.image_processor(Image.open(images[record["image"]]), return_tensors="pt")["patch_images"]
+        assert _sha(pixels[0]) == record["patch_image"]["sha256"]
+        ids = processor.tokenizer([processor.prompt], return_tensors="pt")["input_ids"]
+        assert ids[0].tolist() == record["input_ids"]
+        tokens = torch.tensor(record["tokens"])
+        decoder_input_ids = torch.cat([torch.tensor([0]), tokens[:-1]])[None]
+        masks = torch.tensor([True])
+        with torch.no_grad():
+            encoded = model.get_encoder()(input_ids=ids, patch_images=pixels, patch_masks=masks)
+            logits = model(input_ids=ids, patch_images=pixels, patch_masks=masks,
+                           decoder_input_ids=decoder_input_ids).logits[0]
+        shown = torch.tensor(record["logits"]["first"])
+        assert (logits[:, :shown.shape[1]] - shown).abs().max().item() == 0.0
+        assert logits.argmax(-1).tolist() == record["logits"]["argmax"]
+        assert _sha(encoded.last_hidden_state[0]) == record["encoder"]["sha256"]
+        assert _sha(logits) == record["logits"]["sha256"]
+
+
+def test_modelscope_caption_without_flags_equals_modelscope(modelscope_folder, modelscope_upgraded,
+                                                            modelscope_reference, tmp_path):
+    """`ofaconv caption` with no flags: ModelScope's tokens (its beam 3, max_len_b 7, min_len 2,
+    no_repeat_ngram_size 2, len_penalty 0.9 from configuration.json, not the family's beam 8 / 128)."""
+    from PIL import Image
+
+    from ofaconv.ofa.tokenization import decode_caption
+
+    _, images = modelscope_folder
+    captions = tmp_path / "captions.jsonl"
+    names = [images[r["image"]] for r in modelscope_reference["records"]]
+    assert cli(["caption", str(modelscope_upgraded), *map(str, names), "--out", str(captions), "--no-progress"]) == 0
+    got = [json.loads(line) for line in captions.read_text(encoding="utf-8").splitlines()]
+    model, processor = _load(modelscope_upgraded)
+    for record, line in zip(modelscope_reference["records"], got):
+        assert line["caption"] == decode_caption(processor.tokenizer, [0, *record["tokens"]], "cn")
+        assert line["score"] == pytest.approx(record["score"], abs=1e-5)
+        inputs = processor(images=Image.open(images[record["image"]]), return_tensors="pt")
+        with torch.no_grad():
+            sequences = model.generate(**inputs)
+        assert sequences[0].tolist() == [0, *record["tokens"]]
+
+
+def test_interpolation_lost_in_the_converted_config_fails_verify(modelscope_folder, monkeypatch, tmp_path):
+    """Mutation: the converted config.json says interpolate_position false while the source says
+    true. The reference reads the source's settings (and probes above its 224 px grid), so --verify
+    fails instead of checking the translation against itself."""
+    import ofaconv.ofa.convert as convert
+
+    build_config = convert.build_config
+
+    def lossy(shape, flags):
+        config = build_config(shape, flags)
+        config.interpolate_position = False
+        return config
+
+    monkeypatch.setattr(convert, "build_config", lossy)
+    folder, _ = modelscope_folder
+    out = tmp_path / "lossy"
+    assert cli(["upgrade", str(folder), str(out), "--verify"]) == 3
+    report = json.loads((out / "conversion_report.json").read_text())
+    failed = {c["name"] for c in report["checks"] if not c["passed"]}
+    assert {"encoder_states", "decoder_logits"} <= failed
+
+
+def test_interpolation_lost_on_the_way_in_differs_from_modelscope(modelscope_folder, modelscope_reference,
+                                                                  monkeypatch, tmp_path):
+    """The old bug: the flag forced off while reading the port, for both the converted folder and
+    the reference. --verify cannot see that (both sides agree); ModelScope's own logits do."""
+    from PIL import Image
+
+    import ofaconv.ofa.upgrade as upgrade
+
+    port_arguments = upgrade.port_arguments
+    monkeypatch.setattr(upgrade, "port_arguments", lambda *a, **k: {**port_arguments(*a, **k),
+                                                                    "interpolate_position": False})
+    folder, images = modelscope_folder
+    out = tmp_path / "forced-off"
+    assert cli(["upgrade", str(folder), str(out)]) == 0
+    model, processor = _load(out)
+    record = modelscope_reference["records"][0]
+    pixels = processor.image_processor(Image.open(images[record["image"]]), return_tensors="pt")["patch_images"]
+    ids = processor.tokenizer([processor.prompt], return_tensors="pt")["input_ids"]
+    decoder_input_ids = torch.cat([torch.tensor([0]), torch.tensor(record["tokens"])[:-1]])[None]
+    with torch.no_grad():
+        logits = model(input_ids=ids, patch_images=pixels, patch_masks=torch.tensor([True]),
+                       decoder_input_ids=decoder_input_ids).logits[0]
+    # bit-exact with the flag read (test above); ~1e-4 off here without it
+    assert (logits.logsumexp(-1) - torch.tensor(record["logits"]["logsumexp"])).abs().max().item() > 1e-5
+
+
+# --------------------------------------------------------------------------------------------
+# Tokenizer when the variant cannot be told: the folder's own vocabulary, or a clear answer
+
+
+def _unknown_variant_folder(root: Path, *, vocab_lines=None, extra_rows: int = 0) -> Path:
+    """A port folder whose shapes match no released OFA (one decoder layer): the micro ofa-cn-base
+    weights without decoder layer 1, optionally with ``extra_rows`` more embedding rows and a
+    vocab.txt of ``vocab_lines``."""
+    import modelscope_tasks
+
+    state, shape = modelscope_tasks._port_state("ofa-cn-base", 3)
+    state = {k: v for k, v in state.items() if not k.startswith("decoder.layers.1.") and
+             not k.endswith("_rel_pos_table_list.1.weight") or k.startswith("encoder.")}
+    if extra_rows:
+        embed = torch.cat([state["encoder.embed_tokens.weight"], torch.randn(extra_rows, shape["d_model"])])
+        for name in ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight", "decoder.output_projection.weight"):
+            state[name] = embed
+    root.mkdir(parents=True)
+    torch.save(state, root / "pytorch_model.bin")
+    config = modelscope_tasks._port_config(shape, 128)
+    config.update(decoder_layers=1, vocab_size=shape["vocab_size"] + extra_rows)
+    (root / "config.json").write_text(json.dumps(config))
+    if vocab_lines is not None:
+        (root / "vocab.txt").write_text("".join(f"{line}\n" for line in vocab_lines), encoding="utf-8")
+    return root
+
+
+def _ofa_chinese_vocab() -> list[str]:
+    from ofaconv.ofa.tokenization import read_vocabulary
+
+    return ["<s>", "<pad>", "</s>", "<unk>", *read_vocabulary("cn")[0], "<mask>"]
+
+
+def test_unknown_variant_uses_the_folders_own_vocabulary(tmp_path, capsys):
+    folder = _unknown_variant_folder(tmp_path / "old", vocab_lines=_ofa_chinese_vocab())
+    out = tmp_path / "new"
+    assert cli(["upgrade", str(folder), str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "variant unknown: its shapes match no released OFA, family cn" in printed
+    assert "tokenizer from the folder's vocab.txt" in printed
+    for name in ("tokenizer.json", "preprocessor_config.json", "processor_config.json"):
+        assert (out / name).exists()
+    report = json.loads((out / "conversion_report.json").read_text())
+    assert report["variant"] is None and report["family"] == "cn" and report["processing"]["saved"]
+    generation = json.loads((out / "generation_config.json").read_text())
+    assert generation["num_beams"] == 8  # OFA-CN's fairseq settings, from the family
+
+
+def test_unknown_variant_without_vocabulary_files_gets_the_shipped_one(tmp_path, capsys):
+    folder = _unknown_variant_folder(tmp_path / "old")
+    assert cli(["upgrade", str(folder), str(tmp_path / "new")]) == 0
+    assert "ofaconv's shipped cn vocabulary (the folder carries none)" in capsys.readouterr().out
+    assert (tmp_path / "new" / "tokenizer.json").exists()
+
+
+def test_a_vocabulary_that_does_not_fit_names_the_file_and_the_option(tmp_path, capsys):
+    folder = _unknown_variant_folder(tmp_path / "old", vocab_lines=_ofa_chinese_vocab()[:-100])
+    out = tmp_path / "new"
+    assert cli(["upgrade", str(folder), str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{folder / 'vocab.txt'}" in err and "--tokenizer" in err
+    assert not out.exists()
+    good = tmp_path / "vocab"
+    good.mkdir()
+    (good / "vocab.txt").write_text("".join(f"{line}\n" for line in _ofa_chinese_vocab()), encoding="utf-8")
+    assert cli(["upgrade", str(folder), str(out), "--tokenizer", str(good)]) == 0
+    assert f"tokenizer from {good}" in capsys.readouterr().out
+    assert (out / "tokenizer.json").exists()
+
+
+def test_an_embedding_no_vocabulary_fits_says_what_is_missing(tmp_path, capsys):
+    folder = _unknown_variant_folder(tmp_path / "old", vocab_lines=_ofa_chinese_vocab(), extra_rows=2)
+    out = tmp_path / "new"
+    assert cli(["upgrade", str(folder), str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "no tokenizer or processor written: the embedding has 30327 rows" in printed
+    assert "en 59457, cn 30325" in printed and "it carries vocab.txt" in printed
+    assert (out / "model.safetensors").exists() and not (out / "tokenizer.json").exists()

@@ -87,8 +87,8 @@ def _typed(value, default, *, path, key: str):
     if allowed is None or (isinstance(value, allowed) and (type(default) is bool or not isinstance(value, bool))):
         return float(value) if type(default) is float else value
     expected = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[type(default)]
-    raise OfaconvError(f"is {json.dumps(value)}, expected {expected}; restore the folder's config.json",
-                       path=path, key=key)
+    raise OfaconvError(f"is {json.dumps(value)}, expected {expected}; restore the folder's "
+                       f"{Path(path).name if path else 'config.json'}", path=path, key=key)
 
 
 def port_arguments(old: dict, config_path=None) -> dict:
@@ -279,10 +279,9 @@ def choose_tokenizer(folder: Path, vocab_size: int, language: str | None, option
     try:
         ofa_tokens(family, read_vocabulary(family, folder)[0])
     except OfaconvError as exc:
-        raise OfaconvError(f"{exc.message if hasattr(exc, 'message') else exc}; the {family} embedding has "
-                           f"{vocab_size} rows, so this vocabulary does not fit it: pass --tokenizer FOLDER with "
-                           f"the vocabulary the weights were trained with ({' + '.join(carried)})",
-                           path=folder / carried[0]) from None
+        raise OfaconvError(f"{exc.detail}; the {family} embedding has {vocab_size} rows, which this vocabulary "
+                           f"does not fit: pass --tokenizer FOLDER with the vocabulary the weights were trained "
+                           f"with ({' + '.join(carried)})", path=exc.path or folder / carried[0]) from None
     return family, folder, f"tokenizer from the folder's {' + '.join(carried)}"
 
 

@@ -300,9 +300,14 @@ def run_checks(folder: Path, ckpt, *, plan=None, dtype: str = "fp32", generation
     if plan is None:
         plan = KeyMap.load(DEFAULT_KEYMAP).plan(state, keymap_counts(infer_config(state)), source_path=ckpt.path)
     with _one_thread(), concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ofaconv-reference") as pool:
-        inputs = probe_inputs(SimpleNamespace(**_read_json(folder / "config.json")), folder)
+        flags = read_flags(ckpt)
+        # The probe's size follows the source's own image-position settings, not the folder's: a
+        # folder that lost interpolate_position must still be probed where the source interpolates.
+        probe = {**_read_json(folder / "config.json"),
+                 **{k: flags[k] for k in ("interpolate_position", "orig_patch_image_size", "patch_image_size")}}
+        inputs = probe_inputs(SimpleNamespace(**probe), folder)
         settings = generation_settings(folder)
-        reference = _reference(state, ckpt, read_flags(ckpt), dtype)
+        reference = _reference(state, ckpt, flags, dtype)
         theirs = pool.submit(reference_outputs, reference, inputs)
         expected = pool.submit(lambda: reference_hypotheses(reference, inputs, settings,
                                                             encoder_out=theirs.result()["encoded"]))
