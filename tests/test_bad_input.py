@@ -107,6 +107,27 @@ class Inputs:
         self.port_no_weights = _json(root / "port_empty" / "config.json", {"model_type": "ofa"}).parent
         self.port_bad_type = _json(root / "port_bad_type" / "config.json",
                                    {"model_type": "ofa", "max_position_embeddings": "many"}).parent
+        self.port_flag_string = _json(root / "port_flag_string" / "config.json",
+                                      {"model_type": "ofa", "interpolate_position": "yes"}).parent
+        self.port_vit = _json(root / "port_vit" / "config.json", {"model_type": "ofa", "use_ofasys": True}).parent
+        # ModelScope folders (config.json + configuration.json, no weights: the settings fail first)
+        self.ms = {}
+        for name, configuration in {
+            "task": {"task": "image-classification"},
+            "no_task": {"model": {"type": "ofa"}},
+            "beam_key": {"task": "image-captioning", "model": {"beam_search": {"beam": 5}}},
+            "beam_type": {"task": "image-captioning", "model": {"beam_search": {"beam_size": "5"}}},
+            "beam_switch": {"task": "image-captioning", "model": {"beam_search": {"match_source_len": True}}},
+            "beam_lengths": {"task": "image-captioning", "model": {"beam_search": {"min_len": 9, "max_len_b": 4}}},
+            "language": {"task": "ocr-recognition", "model": {"language": "fr"}},
+            "size": {"task": "image-captioning", "model": {"patch_image_size": 500}},
+            "prompt": {"task": "image-captioning", "model": {"prompt": ["a"]}},
+            "answers": {"task": "visual-question-answering", "model": {"answer2label": "ans2label.json"}},
+            "speech": {"task": "ocr-recognition", "model": {"multimodal_type": "mmspeech"}},
+        }.items():
+            folder = _json(root / f"ms_{name}" / "config.json", {"model_type": "ofa"}).parent
+            _json(folder / "configuration.json", configuration)
+            self.ms[name] = folder
         # -- images
         self.good = _png(root / "good.png")
         self.broken = root / "broken.png"
@@ -337,6 +358,18 @@ CASES = [
                                               "100000000"], lambda i: "--image-size", lambda i: i.out),
     Case("upgrade-no-weights", lambda i: ["upgrade", str(i.port_no_weights), str(i.out)],
          lambda i: str(i.port_no_weights), lambda i: i.out),
+    Case("upgrade-port-flag-not-a-bool", lambda i: ["upgrade", str(i.port_flag_string), str(i.out)],
+         lambda i: f"{i.port_flag_string / 'config.json'}: key 'interpolate_position'", lambda i: i.out),
+    Case("upgrade-port-feature-not-implemented", lambda i: ["upgrade", str(i.port_vit), str(i.out)],
+         lambda i: f"{i.port_vit / 'config.json'}: key 'use_ofasys'", lambda i: i.out),
+    *(Case(f"upgrade-modelscope-{name}", (lambda n: lambda i: ["upgrade", str(i.ms[n]), str(i.out)])(name),
+           (lambda n, k: lambda i: f"{i.ms[n] / 'configuration.json'}: key '{k}'")(name, key), lambda i: i.out)
+      for name, key in [("task", "task"), ("no_task", "task"), ("beam_key", "model.beam_search.beam"),
+                        ("beam_type", "model.beam_search.beam_size"),
+                        ("beam_switch", "model.beam_search.match_source_len"),
+                        ("beam_lengths", "model.beam_search"), ("language", "model.language"),
+                        ("size", "model.patch_image_size"), ("prompt", "model.prompt"),
+                        ("answers", "model.answer2label"), ("speech", "model.multimodal_type")]),
     Case("upgrade-into-its-source", lambda i: ["upgrade", str(i.port_no_weights), str(i.port_no_weights), "--force"],
          lambda i: str(i.port_no_weights), lambda i: i.port_no_weights),
     # -- finetune (output_dir "out" is relative to the recipe: i.out)
