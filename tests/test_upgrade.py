@@ -334,3 +334,23 @@ def test_an_embedding_no_vocabulary_fits_says_what_is_missing(tmp_path, capsys):
     assert "no tokenizer or processor written: the embedding has 30327 rows" in printed
     assert "en 59457, cn 30325" in printed and "it carries vocab.txt" in printed
     assert (out / "model.safetensors").exists() and not (out / "tokenizer.json").exists()
+
+
+@pytest.mark.parametrize("config, expected", [
+    ({}, {"disable_entangle": True, "entangle_position_embedding": False, "interpolate_position": False,
+          "orig_patch_image_size": 224, "no_scale_embedding": True, "scale_attn": True, "attn_scale_factor": 2.0}),
+    # the ports add target positions in the decoder only for entangle_position_embedding ...
+    ({"entangle_position_embedding": True}, {"disable_entangle": False, "entangle_position_embedding": False}),
+    # ... unless ModelScope's disable_entangle is also on
+    ({"entangle_position_embedding": True, "disable_entangle": True}, {"disable_entangle": True}),
+    ({"interpolate_position": True, "orig_patch_image_size": 256}, {"interpolate_position": True,
+                                                                    "orig_patch_image_size": 256}),
+    ({"normformer": False, "scale_embedding": True, "attn_scale_factor": 1},
+     {"scale_attn": False, "scale_fc": False, "scale_heads": False, "no_scale_embedding": False,
+      "attn_scale_factor": 1.0}),
+])
+def test_port_config_rules(config, expected):
+    from ofaconv.ofa.upgrade import port_arguments
+
+    args = port_arguments({"model_type": "ofa", **config})
+    assert {k: args[k] for k in expected} == expected
