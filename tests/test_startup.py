@@ -1,6 +1,7 @@
-"""Start-up cost: `import ofaconv` is cheap, the Auto registration happens when transformers' factory
-modules load (in either import order), `ofaconv convert` never imports the transformers model,
-trainer or image machinery, and the source hash is exact and can be stopped."""
+"""Start-up cost: `import ofaconv` is cheap, `ofaconv --help` and every command's and subcommand's
+--help import neither torch nor transformers, the Auto registration happens when transformers'
+factory modules load (in either import order), `ofaconv convert` never imports the transformers
+model, trainer or image machinery, and the source hash is exact and can be stopped."""
 
 from __future__ import annotations
 
@@ -27,6 +28,63 @@ def run_python(code: str) -> str:
 def test_import_ofaconv_imports_neither_torch_nor_transformers():
     out = run_python("import sys, ofaconv; print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
     assert out.strip() == "[]"
+
+
+def _help_paths() -> list[tuple[str, ...]]:
+    """Every command path of the CLI as the parser has it: (), ("convert",), ("clip", "train"), ..."""
+    import argparse
+
+    from ofaconv.cli import build_parser
+
+    def walk(parser, path):
+        yield path
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, child in action.choices.items():
+                    yield from walk(child, (*path, name))
+
+    return list(walk(build_parser(), ()))
+
+
+HELP_PATHS = _help_paths()
+# Runs ``python -m ofaconv ARGS --help`` with a finder that records every top-level import asked for
+# (also one a try/except would swallow); prints the exit code and the heavy ones asked for.
+_HELP_RUN = """
+import json, runpy, sys
+
+asked = set()
+
+class Recorder:
+    def find_spec(self, name, path=None, target=None):
+        asked.add(name.partition(".")[0])
+        return None
+
+sys.meta_path.insert(0, Recorder())
+sys.argv = ["ofaconv", *json.loads(sys.argv[1]), "--help"]
+try:
+    runpy.run_module("ofaconv", run_name="__main__", alter_sys=True)
+    code = 0
+except SystemExit as exc:
+    code = exc.code
+heavy = sorted(m for m in ("torch", "transformers") if m in asked or m in sys.modules)
+print(json.dumps({"code": code, "heavy": heavy}), file=sys.stderr)
+"""
+
+
+def test_every_command_is_checked():
+    commands = {path[0] for path in HELP_PATHS if path}
+    assert {"convert", "caption", "verify", "export", "push", "clip"} <= commands
+    assert ("clip", "train") in HELP_PATHS and ("export", "onnx") in HELP_PATHS
+
+
+@pytest.mark.parametrize("path", HELP_PATHS, ids=lambda p: " ".join(p) or "ofaconv")
+def test_help_imports_neither_torch_nor_transformers(path):
+    proc = subprocess.run([sys.executable, "-c", _HELP_RUN, json.dumps(path)], capture_output=True, text=True,
+                          timeout=300)
+    result = json.loads(proc.stderr.strip().splitlines()[-1])
+    assert result["code"] == 0, proc.stderr
+    assert "usage: ofaconv" in proc.stdout and (not path or path[-1] in proc.stdout.partition("\n")[0])
+    assert result["heavy"] == [], f"`ofaconv {' '.join(path)} --help` imported {result['heavy']}"
 
 
 @pytest.mark.parametrize("order", ["ofaconv-first", "transformers-first"])
@@ -64,19 +122,13 @@ print(sorted(m for m in {HEAVY!r} if m in sys.modules))
 
 
 @pytest.fixture(scope="module")
-def cn_checkpoint(tmp_path_factory):
-    from ofaconv.ofa.synth import write_synthetic_checkpoint
-
-    src = tmp_path_factory.mktemp("startup") / "cn.pt"
-    write_synthetic_checkpoint(src, "ofa-cn-base", size="micro")
-    return src
+def cn_checkpoint(micro_converted):
+    return micro_converted("ofa-cn-base")[1]
 
 
 @pytest.fixture(scope="module")
-def converted_cn(cn_checkpoint):
-    from ofaconv.ofa.convert import convert_checkpoint
-
-    return convert_checkpoint(cn_checkpoint, cn_checkpoint.parent / "out").out_dir
+def converted_cn(micro_converted):
+    return micro_converted("ofa-cn-base")[0]
 
 
 @pytest.mark.parametrize("size", [0, 1, 4095, 4096, 3 * 4096 + 17])

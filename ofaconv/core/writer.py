@@ -32,9 +32,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Callable, Iterable, Mapping, Sequence
-
-import torch
+from typing import TYPE_CHECKING, Callable, Iterable, Mapping, Sequence
 
 from . import registry
 from .digest import file_sha256
@@ -44,19 +42,39 @@ from .report import REPORT_NAME, SCHEMA, load_report
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 METADATA = {"format": "pt"}  # transformers refuses safetensors files without it
-CASTS = {
-    "fp32": torch.float32, "float32": torch.float32,
-    "fp16": torch.float16, "float16": torch.float16,
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-}  # fmt: skip
-SAFETENSORS_DTYPES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
-    torch.uint64: "U64", torch.uint32: "U32", torch.uint16: "U16", torch.uint8: "U8", torch.bool: "BOOL",
-}  # fmt: skip
 
-Item = tuple[str, Sequence[int], torch.dtype, Callable[[], torch.Tensor]]
+if TYPE_CHECKING:  # torch loads with the first tensor written: checking an output folder needs none of it
+    import torch
+
+    Item = tuple[str, Sequence[int], torch.dtype, Callable[[], torch.Tensor]]
+
+
+@functools.cache
+def _dtype_tables() -> tuple[dict, dict]:
+    import torch
+
+    casts = {
+        "fp32": torch.float32, "float32": torch.float32,
+        "fp16": torch.float16, "float16": torch.float16,
+        "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    }  # fmt: skip
+    safetensors_dtypes = {
+        torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+        torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+        torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+        torch.uint64: "U64", torch.uint32: "U32", torch.uint16: "U16", torch.uint8: "U8", torch.bool: "BOOL",
+    }  # fmt: skip
+    return casts, safetensors_dtypes
+
+
+def __getattr__(name: str):
+    """``CASTS`` (dtype name -> torch dtype) and ``SAFETENSORS_DTYPES`` (torch dtype -> header name)."""
+    if name == "CASTS":
+        return _dtype_tables()[0]
+    if name == "SAFETENSORS_DTYPES":
+        return _dtype_tables()[1]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 CHUNK_BYTES = 64 * 2**20  # staging buffer size: memory is two of these, whatever the tensor size
 
 
@@ -81,10 +99,13 @@ class _Planned:
 
 
 def _as_dtype(value, what: str) -> torch.dtype:
+    import torch
+
+    casts, safetensors_dtypes = _dtype_tables()
     dtype = value
     if isinstance(value, str):
-        dtype = CASTS[value] if value in CASTS else getattr(torch, value, None)
-    if dtype not in SAFETENSORS_DTYPES:
+        dtype = casts[value] if value in casts else getattr(torch, value, None)
+    if dtype not in safetensors_dtypes:
         raise OfaconvError(f"{what}: unsupported dtype {value!r} (cast to one of fp32, fp16, bf16)")
     return dtype
 
@@ -123,8 +144,9 @@ def _layout(shard: list[_Planned]) -> tuple[bytes, list[_Planned]]:
     """Header bytes and data order. Larger elements first keeps every tensor aligned, as safetensors does."""
     order = sorted(shard, key=lambda t: -t.dtype.itemsize)  # stable: item order within a width
     header, offset = {"__metadata__": METADATA}, 0
+    names = _dtype_tables()[1]
     for t in order:
-        header[t.name] = {"dtype": SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        header[t.name] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
         offset += t.nbytes
     text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
     text += b" " * (-len(text) % 8)  # the data starts 8-aligned
@@ -134,6 +156,8 @@ def _layout(shard: list[_Planned]) -> tuple[bytes, list[_Planned]]:
 def _all_finite(tensor: torch.Tensor) -> bool:
     # A finite sum proves every element finite with no temporary the size of the tensor (isfinite
     # needs about two); only an overflowing sum (fp16) needs the exact check, chunk by chunk in fp64.
+    import torch
+
     flat = tensor.reshape(-1)
     if flat.numel() == 0 or bool(torch.isfinite(flat.sum())):
         return True
@@ -141,6 +165,8 @@ def _all_finite(tensor: torch.Tensor) -> bool:
 
 
 def _source(t: _Planned, source_path) -> torch.Tensor:
+    import torch
+
     tensor = t.thunk()
     if not isinstance(tensor, torch.Tensor):
         raise OfaconvError(f"expected a tensor, got {type(tensor).__name__}", path=source_path, key=t.name)
@@ -161,6 +187,8 @@ class _Staging:
     """
 
     def __init__(self, chunk_bytes: int):
+        import torch
+
         self.buffers = [torch.empty(chunk_bytes, dtype=torch.uint8) for _ in range(2)]
         self.pending = [None, None]
         self.turn = 0
@@ -186,6 +214,8 @@ class _Staging:
 
 
 def _write_tensor(f, t: _Planned, digest, staging: _Staging, check_finite: bool, source_path) -> None:
+    import torch
+
     flat = _source(t, source_path)
     per_chunk = staging.buffers[0].numel() // t.dtype.itemsize
     for start in range(0, flat.numel(), per_chunk):
@@ -243,6 +273,7 @@ def write_shards(
     ``out_dir`` should be fresh: same-named files are replaced, stale shards of another split are
     not removed. ``stem`` names the files (``model.safetensors``, ``model-00001-of-00002...``).
     """
+    import torch
     from tqdm.auto import tqdm
 
     if sys.byteorder != "little":

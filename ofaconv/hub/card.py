@@ -20,10 +20,9 @@ import json
 import os
 import secrets
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
-from huggingface_hub import ModelCard, ModelCardData
-from huggingface_hub.repocard import metadata_load
 
 from ofaconv import __version__
 from ofaconv.core import registry
@@ -36,6 +35,9 @@ from ofaconv.core.report import (
     human_size,
     manifest_part,
 )
+
+if TYPE_CHECKING:  # huggingface_hub loads with the first card (half a second of `ofaconv --help` otherwise)
+    from huggingface_hub import ModelCard
 
 CARD_NAME = "README.md"
 DEFAULT_LICENSE = "apache-2.0"
@@ -112,6 +114,8 @@ def build_model_card(
     a placeholder path. A folder without a report still gets a card, one that says the weights
     were not verified.
     """
+    from huggingface_hub import ModelCard, ModelCardData
+
     root = Path(folder)
     config = _load_config(root)
     prefix = ""
@@ -202,6 +206,8 @@ def card_for_repo(folder: str | os.PathLike, repo_id: str) -> ModelCard | None:
 
 def card_metadata(folder: str | os.PathLike) -> dict:
     """The YAML metadata of ``folder/README.md`` (empty if it has none)."""
+    from huggingface_hub.repocard import metadata_load
+
     path = Path(folder) / CARD_NAME
     try:
         return metadata_load(path) or {}

@@ -19,14 +19,14 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from . import layout
 from . import variants
 from ofaconv.core.errors import CheckpointError
-from ofaconv.core.loader import check_tensors, load_torch
-from .reference import buckets
+
+if TYPE_CHECKING:  # torch loads with the first checkpoint read: `ofaconv inspect --help` needs none of it
+    import torch
 
 
 class StateDict(dict):
@@ -76,6 +76,8 @@ def load_checkpoint(path, *, ema: bool = False) -> FairseqCheckpoint:
     safe fairseq OFA checkpoint. Legacy (torch < 1.6, non-zip) files load without mmap
     (``mmapped`` False); released OFA checkpoints are zip files.
     """
+    from ofaconv.core.loader import load_torch
+
     path = Path(path)
     obj, mmapped = load_torch(path)
     return _from_loaded(obj, path, ema=ema, mmapped=mmapped)
@@ -90,6 +92,10 @@ def _as_dict(value) -> dict:
 
 
 def _from_loaded(obj, path: Path, *, ema: bool, mmapped: bool) -> FairseqCheckpoint:
+    import torch
+
+    from ofaconv.core.loader import check_tensors
+
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"not a fairseq checkpoint: the file holds a {type(obj).__name__}, not a dict", path=path)
     if "model" not in obj:
@@ -284,6 +290,8 @@ def read_flags(ckpt: FairseqCheckpoint) -> dict:
 
 
 def _jsonable(value):
+    import torch
+
     if hasattr(value, "item") and not isinstance(value, torch.Tensor) and getattr(value, "ndim", 1) == 0:
         value = value.item()  # numpy scalar
     if isinstance(value, (bool, int, float, str)) or value is None:
@@ -427,6 +435,10 @@ def validate_state_dict(state_dict: Mapping, config: dict, *, path=None, allow_e
 
     Raises one ``CheckpointError`` naming the first offending key (and how many more there are).
     """
+    import torch
+
+    from .reference import buckets
+
     path = _source(state_dict, path)
     spec_config = dict(config)
     if spec_config.get("image_position_idx_length") is None:
@@ -456,6 +468,10 @@ def validate_state_dict(state_dict: Mapping, config: dict, *, path=None, allow_e
 
 def check_derived_buffers(state_dict: Mapping, config: dict, *, path=None) -> None:
     """The stored rp-bucket tables equal fairseq's recomputation (they are recomputed, never copied)."""
+    import torch
+
+    from .reference import buckets
+
     path = _source(state_dict, path)
     token = buckets.make_token_bucket_position(config["token_bucket_size"])
     image = buckets.make_image_bucket_position(config["image_bucket_size"])

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 
-from .checkpoint import infer_config, load_checkpoint, read_flags
 from .convert import DEFAULT_KEYMAP, plan_conversion, released_variant
 
 
 def inspect_checkpoint(path, *, keymap: str = DEFAULT_KEYMAP, ema: bool = False) -> dict:
+    from .checkpoint import infer_config, load_checkpoint, read_flags
+
     ckpt = load_checkpoint(path, ema=ema)
     shape = infer_config(ckpt.state_dict)
     flags = read_flags(ckpt)

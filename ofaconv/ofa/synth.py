@@ -23,15 +23,14 @@ import time
 import zlib
 from collections import OrderedDict
 from pathlib import Path
-
-import numpy as np
-import torch
-import yaml
+from typing import TYPE_CHECKING
 
 from . import layout
 from . import variants
 from ofaconv.core.errors import OfaconvError
-from .reference import buckets
+
+if TYPE_CHECKING:  # torch loads when a checkpoint is made, not for `ofaconv synth --help`
+    import torch
 
 # Widths below this get linear weights scaled up by sqrt(768 / fan_in), so that micro models
 # have the per-layer gain of OFA-Base (std 0.02 at width 768) and attention is not uniform.
@@ -125,6 +124,8 @@ def _apply_flags(model: dict, task: dict, common: dict, flags: dict) -> None:
 
 
 def _layout_config(model: dict, vocab_size: int, resnet_layers: list[int]) -> dict:
+    from .reference import buckets
+
     config = {
         "vocab_size": vocab_size,
         "d_model": model["encoder_embed_dim"],
@@ -156,6 +157,8 @@ def _layout_config(model: dict, vocab_size: int, resnet_layers: list[int]) -> di
 
 
 def _generator(seed: int, name: str) -> torch.Generator:
+    import torch
+
     return torch.Generator().manual_seed((seed * 0x9E3779B1 + zlib.crc32(name.encode())) % (1 << 63))
 
 
@@ -165,6 +168,8 @@ def _width_scaled_std(fan_in: int) -> float:
 
 def _fill(out: torch.Tensor, spec: layout.KeySpec, seed: int, tables: dict) -> torch.Tensor:
     """Fill ``out`` (any float dtype) with the values of ``spec.name`` for ``seed``."""
+    import torch
+
     kind, shape = spec.kind, spec.shape
     if spec.is_integer or kind == "version":
         value = {
@@ -220,6 +225,8 @@ def _bucket_tables(config: dict) -> dict:
 @functools.lru_cache(maxsize=4)
 def _cached_tables(token_bucket_size: int, image_bucket_size: int, position_idx_length: int, code_image_size: int) -> dict:
     # Read-only templates: _fill copies them into each checkpoint's own storages.
+    from .reference import buckets
+
     return {
         "token": buckets.make_token_bucket_position(token_bucket_size),
         "image": buckets.make_image_bucket_position(image_bucket_size),
@@ -228,6 +235,8 @@ def _cached_tables(token_bucket_size: int, image_bucket_size: int, position_idx_
 
 
 def _state_dict(specs: dict, seed: int, dtype: torch.dtype, tables: dict) -> OrderedDict:
+    import torch
+
     state = OrderedDict()
     for name, spec in specs.items():
         if spec.tie is not None:
@@ -240,6 +249,8 @@ def _state_dict(specs: dict, seed: int, dtype: torch.dtype, tables: dict) -> Ord
 
 def _ema_state_dict(state: OrderedDict, specs: dict, seed: int) -> OrderedDict:
     """EMA weights: the model's plus a small deterministic offset (buffers copied)."""
+    import torch
+
     ema = OrderedDict()
     for name, spec in specs.items():
         if spec.tie is not None:
@@ -256,6 +267,8 @@ def _ema_state_dict(state: OrderedDict, specs: dict, seed: int) -> OrderedDict:
 
 def _optimizer_state(specs: dict, seed: int, fp16: bool) -> dict:
     """fairseq Adam state: fp32 exp_avg / exp_avg_sq per parameter (tied ones once, buffers none)."""
+    import torch
+
     params = [spec for spec in specs.values() if spec.tie is None and not spec.is_buffer]
     state = {}
     for i, spec in enumerate(params):
@@ -293,6 +306,8 @@ def _metrics() -> OrderedDict:
 
 
 def _optimizer_history(fp16: bool) -> list:
+    import numpy as np
+
     return [
         {
             "criterion_name": "AdjustLabelSmoothedCrossEntropyCriterion",
@@ -304,6 +319,8 @@ def _optimizer_history(fp16: bool) -> list:
 
 
 def _extra_state(ema_state) -> dict:
+    import numpy as np
+
     extra = {
         "metrics": _metrics(),
         "previous_training_time": 8123.4,
@@ -368,12 +385,15 @@ def synthetic_checkpoint_dict(
     seed: int = 0,
     optimizer_state: bool = True,
     layout_name: str = "cfg",
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
     ema: bool = False,
     flags: dict | None = None,
     vocab_size: int | None = None,
 ) -> dict:
-    """The checkpoint object ``write_synthetic_checkpoint`` saves (in memory)."""
+    """The checkpoint object ``write_synthetic_checkpoint`` saves (in memory); ``dtype`` defaults to fp32."""
+    import torch
+
+    dtype = torch.float32 if dtype is None else dtype
     if layout_name not in ("cfg", "args"):
         raise OfaconvError(f"unknown layout {layout_name!r} (expected 'cfg' or 'args')")
     if not dtype.is_floating_point:
@@ -418,7 +438,7 @@ def write_synthetic_checkpoint(
     seed: int = 0,
     optimizer_state: bool = True,
     layout: str = "cfg",
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
     ema: bool = False,
     flags: dict | None = None,
     vocab_size: int | None = None,
@@ -429,8 +449,11 @@ def write_synthetic_checkpoint(
     benchmarks). ``layout`` "cfg" (args None + cfg dict, current fairseq) or "args" (legacy
     top-level Namespace). ``flags`` override model/task/common arguments (e.g.
     ``{"disable_entangle": False}``); structural ones (``scale_attn``...) change the keys.
+    ``dtype``: of the float tensors (default fp32).
     The file is written to a temporary sibling and renamed into place.
     """
+    import torch
+
     path = Path(path)
     if not path.parent.is_dir():
         raise OfaconvError("output directory does not exist", path=path.parent)
@@ -464,6 +487,8 @@ def _umask() -> int:
 
 
 def _parse_set(items: list[str]) -> dict:
+    import yaml
+
     flags = {}
     for item in items or []:
         name, sep, value = item.partition("=")
@@ -488,6 +513,8 @@ def _run(args) -> int:
     variants.get_variant(args.variant)
     if os.path.lexists(args.output):
         raise OfaconvError("exists; synth writes only new files (remove it or choose another name)", path=args.output)
+    import torch
+
     start = time.perf_counter()
     out = write_synthetic_checkpoint(
         args.output,

@@ -3,9 +3,13 @@
     from ofaconv.finetune import finetune
     result = finetune("training/ofa_muge_lit.yaml", ["training.num_train_epochs=1"])
     print(result.output_dir, result.metrics)
+
+The names below resolve on first use, so that importing the command module
+(``ofaconv finetune --help``) loads neither torch nor transformers.
 """
 
-from .recipe import Recipe, RecipeError, load_recipe
-from .run import FinetuneResult, finetune
+from ofaconv.core.lazy import lazy_exports
 
 __all__ = ["finetune", "FinetuneResult", "load_recipe", "Recipe", "RecipeError"]
+__getattr__ = lazy_exports(__name__, {"recipe": ["Recipe", "RecipeError", "load_recipe"],
+                                      "run": ["FinetuneResult", "finetune"]})
