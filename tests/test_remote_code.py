@@ -44,6 +44,9 @@ _CLEAN = textwrap.dedent(
         generated = model.generate(**batch, num_beams=2, max_len_b=5)
     torch.save({"logits": logits, "generated": generated, "class": type(model).__name__,
                 "caption": processor.batch_decode(generated, skip_special_tokens=True)}, out_path)
+    loaded = sorted(m for m in sys.modules if m == "ofaconv" or m.startswith("ofaconv."))
+    if loaded:
+        raise SystemExit(f"ofaconv was imported in the model process: {loaded}")
     """
 )
 
