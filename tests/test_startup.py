@@ -154,3 +154,16 @@ def test_file_sha256_stops_when_asked(tmp_path):
         background.result()  # finished before the cancel, or stopped by it
     except concurrent.futures.CancelledError:
         pass
+
+
+def test_api_names_stay_functions_once_their_submodules_are_imported():
+    """``ofaconv.clip.convert`` / ``.similarity`` / ``.embed`` are the API functions, also after the
+    CLI (or anyone) imported the submodules of the same names."""
+    out = run_python(
+        "import importlib, ofaconv.clip as clip\n"
+        "names = ('convert', 'similarity', 'embed')\n"
+        "for n in names: importlib.import_module('ofaconv.clip.' + n)\n"
+        "import ofaconv.clip.convert\n"
+        "print([type(getattr(clip, n)).__name__ for n in names])"
+    )
+    assert out.strip() == "['function', 'function', 'function']"

@@ -14,8 +14,6 @@ than ``--chunk-size`` rows, and no process holds more than one chunk.
 from __future__ import annotations
 
 import os
-import sys
-import types
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -135,13 +133,3 @@ def add_parser(sub) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.set_defaults(func=_run)
 
-
-class _CallableModule(types.ModuleType):
-    """``ofaconv.clip.embed(...)`` is the function, also once this module has been imported (which
-    makes the package attribute ``embed`` this module)."""
-
-    def __call__(self, *args, **kwargs):
-        return embed(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

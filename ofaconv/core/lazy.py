@@ -5,7 +5,20 @@ package) never pays for torch or transformers."""
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import Callable
+
+
+class _Package(types.ModuleType):
+    """A package whose public names win over its submodules' names: importing the submodule
+    ``pkg.convert`` would otherwise make ``pkg.convert`` that module instead of the function
+    ``convert`` it defines (``from pkg.convert import x`` still finds the module in sys.modules)."""
+
+    def __setattr__(self, name, value):
+        if isinstance(value, types.ModuleType) and name in self.__dict__.get("_lazy_public", ()):
+            return
+        super().__setattr__(name, value)
 
 
 def lazy_exports(package: str, exports: dict[str, list[str]]) -> Callable[[str], object]:
@@ -16,6 +29,9 @@ def lazy_exports(package: str, exports: dict[str, list[str]]) -> Callable[[str],
         for name in names:
             public, _, defined = name.partition(":")
             where[public] = (module, defined or public)
+    pkg = sys.modules[package]
+    pkg._lazy_public = frozenset(where)
+    pkg.__class__ = _Package
 
     def __getattr__(name: str):
         if name not in where:
