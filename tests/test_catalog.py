@@ -9,6 +9,7 @@ import base64
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -89,9 +90,10 @@ def test_killed_run_resumes_each_input_once(ofa_verified_folder, photos, tmp_pat
     assert proc.returncode == -9, proc.stderr
     run = tmp_path / ".c.jsonl.ofaconv-run"
     assert not out.exists()
-    assert sorted(p.name for p in run.iterdir()) == [".chunk-00000002.jsonl.tmp", "chunk-00000000.json",
-                                                     "chunk-00000000.jsonl", "chunk-00000001.json",
-                                                     "chunk-00000001.jsonl", "run.json"]
+    names = sorted(p.name for p in run.iterdir())
+    assert re.fullmatch(r"\.chunk-00000002\.jsonl\.ofaconv-\d+-[0-9a-f]+\.tmp", names[0]), names  # the half-written one
+    assert names[1:] == ["chunk-00000000.json", "chunk-00000000.jsonl", "chunk-00000001.json",
+                         "chunk-00000001.jsonl", "run.json"]
     assert main(_caption_argv(ofa_verified_folder, photos, out)) == 2  # one broken image: exit 2, output whole
     records = _records(out)
     assert records == reference_captions

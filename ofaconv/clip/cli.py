@@ -154,9 +154,9 @@ def _eval(args) -> int:
                                 batch_size=args.batch_size, directions=directions)
     result["model"] = str(args.model)
     if output is not None:
-        tmp = output.with_name(f".{output.name}.ofaconv-{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        os.replace(tmp, output)
+        from ofaconv.core.writer import write_atomic
+
+        write_atomic(output, json.dumps(result, indent=2, ensure_ascii=False) + "\n")
     _print(result)
     if result["failed"]:
         failed = [(f["item"], f["error"]) for f in result["failed"]]

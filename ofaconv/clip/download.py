@@ -25,7 +25,6 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-import uuid
 import warnings
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
@@ -34,6 +33,7 @@ from PIL import Image
 
 from ofaconv.core.errors import DataError
 from ofaconv.core.batch import Tally
+from ofaconv.core.writer import atomic_file, write_atomic
 from .data import read_csv
 
 __all__ = ["download_images", "DownloadResult"]
@@ -110,12 +110,10 @@ def check_image(data: bytes, max_pixels: int | None) -> str | None:
 
 
 def _write_csv_atomic(path: Path, header: list[str], rows: list[dict]) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.part")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
+    with atomic_file(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=header, extrasaction="ignore")  # cells past the header
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(tmp, path)
 
 
 def download_images(csv_path: str | os.PathLike, image_root: str | os.PathLike, *, workers: int = 16,
@@ -166,9 +164,7 @@ def download_images(csv_path: str | os.PathLike, image_root: str | os.PathLike, 
         if reason is not None:
             return "failed", f"not an image: {reason}"
         dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.part")
-        tmp.write_bytes(data)
-        os.replace(tmp, dest)
+        write_atomic(dest, data)
         return "downloaded", None
 
     failures = Path(failures) if failures else image_root / "download_failures.jsonl"

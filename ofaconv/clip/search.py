@@ -22,6 +22,7 @@ from pathlib import Path
 
 from ofaconv.core.errors import DataError, OfaconvError
 from ofaconv.core.featcache import FeatureCache
+from ofaconv.core.writer import write_atomic
 from .data import ImageStore
 from .evaluate import top_k
 from .towers import ClipTowers
@@ -103,9 +104,7 @@ def build_index(towers: ClipTowers, source: str | os.PathLike, index_dir: str | 
         manifest = {"schema": _SCHEMA, "source": str(source), "fingerprint": fp, "ids": indexed,
                     "newly_embedded": len(kept), "bad_images": len(failed),
                     "failed": [{"image": where, "error": reason} for where, reason in failed]}
-        tmp = index_dir / f".{_MANIFEST}.tmp"
-        tmp.write_text(json.dumps(manifest, ensure_ascii=False), encoding="utf-8")
-        os.replace(tmp, index_dir / _MANIFEST)
+        write_atomic(index_dir / _MANIFEST, json.dumps(manifest, ensure_ascii=False))
     except BaseException:
         if created:  # a new index that did not finish is not left half-built
             shutil.rmtree(index_dir, ignore_errors=True)
@@ -209,7 +208,8 @@ def build_index_from_embeddings(embeddings: str | os.PathLike, index_dir: str | 
 
     import numpy as np
 
-    from ofaconv.core.catalog import iter_embedding_shards, output_lock, place_folder, read_embeddings_manifest
+    from ofaconv.core.catalog import iter_embedding_shards, read_embeddings_manifest
+    from ofaconv.core.writer import output_lock, place_folder
 
     faiss = _faiss()
     if kind not in INDEX_KINDS:

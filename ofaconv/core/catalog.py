@@ -6,8 +6,10 @@ The family-independent mechanism behind ``ofaconv caption`` and ``ofaconv clip e
 - **Inputs** (:class:`Inputs`): image files, directories, glob patterns, list files (one path per
   line) and MUGE-style base64 TSVs, in that order, each input one :class:`Entry` with a fixed index.
   An entry holds where the image is (a path, or a TSV's byte range), never its bytes, so a listing
-  of millions of images is a stream. The listing's fingerprint (every entry, the sizes and
-  modification times of list files and TSVs) identifies a run's inputs.
+  of millions of images is a stream. Optional ``texts`` (a file of one line per entry, or a list)
+  pair the n-th text with the entry of index n (:attr:`Entry.text`), whatever rank processes it.
+  The listing's fingerprint (every entry with its text, the sizes and modification times of list
+  files and TSVs) identifies a run's inputs.
 - **Processes** (:class:`Ranks`): under ``torchrun`` / ``accelerate launch`` (``WORLD_SIZE`` > 1) one
   process per device; the default group is ``cpu:gloo`` (``cpu:gloo,cuda:nccl`` on GPUs) and only
   Python objects travel (results to rank 0). Without a launcher, one process and no group.
@@ -29,6 +31,7 @@ The family-independent mechanism behind ``ofaconv caption`` and ``ofaconv clip e
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -36,7 +39,6 @@ import re
 import shutil
 import signal
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,9 +47,10 @@ from typing import Callable, Iterable, Iterator, Optional, Sequence
 from .batch import Tally, failure_summary
 from .errors import DataError, OfaconvError
 from .images import ImageDecodeError, decode_base64, expand_images, open_image, tsv_rows
+from .writer import atomic_file, atomic_path, place_folder, write_atomic
 
 __all__ = ["Entry", "Inputs", "Ranks", "RunFolder", "RecordSink", "ArraySink", "CatalogTally", "Records", "run_catalog",
-           "auto_workers", "torch_device", "model_fingerprint", "place_folder", "output_lock", "check_embeddings_out", "RUN_SCHEMA", "EMBEDDINGS_SCHEMA", "read_embeddings_manifest", "iter_embedding_shards"]
+           "auto_workers", "torch_device", "model_fingerprint", "check_embeddings_out", "RUN_SCHEMA", "EMBEDDINGS_SCHEMA", "read_embeddings_manifest", "iter_embedding_shards"]
 
 RUN_SCHEMA = "ofaconv/catalog-run@1"
 EMBEDDINGS_SCHEMA = "ofaconv/clip-embeddings@1"
@@ -70,7 +73,8 @@ STATS_ENV = "OFACONV_CATALOG_STATS"
 @dataclass(frozen=True)
 class Entry:
     """One input: ``name`` (the record's "image"), and an image ``path``, a TSV row (``tsv``,
-    byte range of its base64, line number) or the ``error`` that it has none."""
+    byte range of its base64, line number) or the ``error`` that it has none; ``text``: the text
+    paired with it (``Inputs(texts=...)``), else None."""
 
     index: int
     name: str
@@ -80,9 +84,11 @@ class Entry:
     length: int = 0
     lineno: int = 0
     error: Optional[str] = None
+    text: Optional[str] = None
 
     def key(self) -> str:
-        return f"{self.name}\0{self.path}\0{self.tsv}\0{self.start}\0{self.length}\0{self.error}\n"
+        paired = "" if self.text is None else f"\0{self.text}"
+        return f"{self.name}\0{self.path}\0{self.tsv}\0{self.start}\0{self.length}\0{self.error}{paired}\n"
 
     def open(self, handles: Optional[dict] = None):
         """The RGB image; ``ImageDecodeError`` with the reason it cannot be read."""
@@ -104,27 +110,57 @@ class Entry:
 
 class Inputs:
     """The inputs of a catalog run: ``images`` (files, directories, globs), ``lists`` (files of one
-    path, directory or glob per line, relative to the current directory) and ``tsvs``."""
+    path, directory or glob per line, relative to the current directory) and ``tsvs``; ``texts``
+    (None, a UTF-8 file of one non-empty line per entry, or a sequence of strings) gives each entry,
+    in listing order, its :attr:`Entry.text`."""
 
-    def __init__(self, images: Sequence[str] = (), lists: Sequence[str] = (), tsvs: Sequence[str] = ()):
+    def __init__(self, images: Sequence[str] = (), lists: Sequence[str] = (), tsvs: Sequence[str] = (),
+                 texts=None):
         self.images = [os.fspath(p) for p in images]
         self.lists = [os.fspath(p) for p in lists]
         self.tsvs = [os.fspath(p) for p in tsvs]
+        self.texts_file = os.fspath(texts) if isinstance(texts, (str, os.PathLike)) else None
+        self.texts = None if texts is None or self.texts_file is not None else [str(t) for t in texts]
 
     def __bool__(self) -> bool:
         return bool(self.images or self.lists or self.tsvs)
 
     def paths(self) -> list[str]:
-        return [*self.images, *self.lists, *self.tsvs]
+        return [*self.images, *self.lists, *self.tsvs, *([self.texts_file] if self.texts_file else [])]
 
     def check(self) -> None:
-        """Refuse missing list files and TSVs before anything is loaded."""
-        for what, files in (("list", self.lists), ("TSV", self.tsvs)):
+        """Refuse missing list files, TSVs and texts files before anything is loaded."""
+        for what, files in (("list", self.lists), ("TSV", self.tsvs), ("texts", [self.texts_file] if self.texts_file
+                                                                        else [])):
             for name in files:
                 if not os.path.isfile(name):
                     raise OfaconvError(f"no such {what} file", path=name)
 
     def entries(self) -> Iterator[Entry]:
+        listing = self._listing()
+        if self.texts_file is None and self.texts is None:
+            yield from listing
+            return
+        texts = _text_lines(self.texts_file) if self.texts_file is not None else iter(self.texts)
+        count = 0
+        for entry in listing:
+            text = next(texts, None)
+            if text is None:
+                raise self._unpaired(count, count + 1 + sum(1 for _ in listing))
+            if not text.strip() and self.texts_file is None:
+                raise DataError(f"text {count + 1} is empty; give one non-empty text per image")
+            yield dataclasses.replace(entry, text=text)
+            count += 1
+        rest = sum(1 for _ in texts)
+        if rest:
+            raise self._unpaired(count + rest, count)
+
+    def _unpaired(self, texts: int, entries: int) -> DataError:
+        if self.texts_file is not None:
+            return DataError(f"holds {texts} texts for {entries} images; give one line per image", path=self.texts_file)
+        return DataError(f"got {texts} texts for {entries} images; give one text per image")
+
+    def _listing(self) -> Iterator[Entry]:
         index = 0
         for item in expand_images(self.images):
             yield Entry(index, item.name, path=item.path, error=item.error)
@@ -157,11 +193,20 @@ class Inputs:
         return count, digest.hexdigest()
 
 
-def _list_lines(path: str) -> Iterator[tuple[int, str]]:
+def _text_lines(path: str) -> Iterator[str]:
+    """The lines of a texts file, one text per entry: a blank line is refused (skipping it would
+    pair every later text with the wrong image)."""
+    for lineno, line in _list_lines(path, what="texts file", strip=False):
+        if not line.strip():
+            raise DataError("empty text; give one non-empty text per line", path=f"{path}:{lineno}")
+        yield line
+
+
+def _list_lines(path: str, what: str = "list file", strip: bool = True) -> Iterator[tuple[int, str]]:
     try:
         handle = open(path, "rb")
     except OSError as exc:
-        raise DataError(f"cannot read list file ({exc.strerror or exc})", path=path) from None
+        raise DataError(f"cannot read {what} ({exc.strerror or exc})", path=path) from None
     with handle:
         lineno = 0
         while True:
@@ -170,15 +215,16 @@ def _list_lines(path: str) -> Iterator[tuple[int, str]]:
                 return
             lineno += 1
             if len(raw) > _LINE_LIMIT:
-                raise DataError("line longer than 1 MiB; a list file holds one image path per line",
-                                path=f"{path}:{lineno}")
+                raise DataError(f"line longer than 1 MiB; a {what} holds one "
+                                f"{'image path' if strip else 'text'} per line", path=f"{path}:{lineno}")
             if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
                 raw = raw[3:]
             try:
-                line = raw.decode("utf-8").strip()
+                line = raw.decode("utf-8")
             except UnicodeDecodeError:
-                raise DataError("not UTF-8; save the list as UTF-8", path=f"{path}:{lineno}") from None
-            if line:
+                raise DataError(f"not UTF-8; save the {what.split()[0]} as UTF-8", path=f"{path}:{lineno}") from None
+            line = line.strip() if strip else line.rstrip("\r\n")
+            if line or not strip:
                 yield lineno, line
 
 
@@ -366,7 +412,7 @@ class RunFolder:
                 return self._done()
         self.path.mkdir()
         self.fresh = True
-        _write_atomic(self.path / "run.json", json.dumps({"schema": RUN_SCHEMA, **self.identity}, indent=1,
+        write_atomic(self.path / "run.json", json.dumps({"schema": RUN_SCHEMA, **self.identity}, indent=1,
                                                           ensure_ascii=False).encode())
         return set()
 
@@ -420,7 +466,7 @@ class RunFolder:
                                path=self.chunk(index, "json")) from None
 
     def commit_meta(self, index: int, meta: dict) -> None:
-        _write_atomic(self.chunk(index, "json"), json.dumps(meta, ensure_ascii=False).encode())
+        write_atomic(self.chunk(index, "json"), json.dumps(meta, ensure_ascii=False).encode())
         self.committed += 1
 
     # -- closing ------------------------------------------------------------------------------
@@ -447,18 +493,6 @@ def _changed_settings(recorded, now) -> str:
         return ""
     keys = sorted(k for k in set(recorded) | set(now) if recorded.get(k) != now.get(k))
     return f" ({', '.join(f'{k}: {recorded.get(k)!r} then, {now.get(k)!r} now' for k in keys)})" if keys else ""
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def _kill_hook(committed: int) -> bool:
@@ -512,15 +546,12 @@ class RecordSink:
 
     def commit(self, run: RunFolder, index: int, packed: dict, kill: bool = False) -> dict:
         data = packed["text"].encode("utf-8")
-        path = run.chunk(index, "jsonl")
-        tmp = path.with_name(f".{path.name}.tmp")
-        with open(tmp, "wb") as handle:
+        with atomic_file(run.chunk(index, "jsonl")) as handle:
             if kill:
                 handle.write(data[: len(data) // 2])
                 handle.flush()
                 os.kill(os.getpid(), signal.SIGKILL)
             handle.write(data)
-        os.replace(tmp, path)
         return _meta(packed)
 
     def emit(self, packed: dict) -> None:
@@ -532,18 +563,10 @@ class RecordSink:
 
     def finish(self, run: RunFolder, chunks: int) -> None:
         """Concatenate the chunks, in order, into a hidden sibling of OUT and rename it over OUT."""
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.out.name}.ofaconv-{os.getpid()}-", suffix=".tmp",
-                                   dir=self.out.parent)
-        try:
-            with os.fdopen(fd, "wb") as target:
-                for index in range(chunks):
-                    with open(run.chunk(index, "jsonl"), "rb") as source:
-                        shutil.copyfileobj(source, target, 1 << 20)
-            os.replace(tmp, self.out)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        with atomic_file(self.out) as target:
+            for index in range(chunks):
+                with open(run.chunk(index, "jsonl"), "rb") as source:
+                    shutil.copyfileobj(source, target, 1 << 20)
 
 
 def _stdout_write(text: str) -> None:
@@ -611,14 +634,12 @@ class ArraySink:
             self._vectors.append(packed["vectors"])
 
     def commit(self, run: RunFolder, index: int, packed: dict, kill: bool = False) -> dict:
-        path = run.chunk(index, self.fmt)
-        tmp = path.with_name(f".{path.name}.tmp")
-        if kill:
-            tmp.write_bytes(b"\x93NUMPY partial")
-            os.kill(os.getpid(), signal.SIGKILL)
-        if packed["vectors"] is not None:
-            _save_vectors(tmp, packed["vectors"], self.fmt)
-            os.replace(tmp, path)
+        if packed["vectors"] is not None or kill:
+            with atomic_path(run.chunk(index, self.fmt)) as tmp:
+                if kill:
+                    tmp.write_bytes(b"\x93NUMPY partial")
+                    os.kill(os.getpid(), signal.SIGKILL)
+                _save_vectors(tmp, packed["vectors"], self.fmt)
         meta = _meta(packed)
         meta["ids"] = packed["ids"]
         meta["dim"] = None if packed["vectors"] is None else int(packed["vectors"].shape[1])
@@ -678,38 +699,6 @@ def _save_vectors(path: Path, matrix, fmt: str) -> None:
         from safetensors.numpy import save
 
         path.write_bytes(save({"embeddings": np.ascontiguousarray(matrix)}, metadata={"schema": EMBEDDINGS_SCHEMA}))
-
-
-def place_folder(tmp: Path, out: Path) -> None:
-    """Rename the folder ``tmp`` over ``out`` (an existing ``out`` is moved aside, then removed)."""
-    from .writer import _sibling
-
-    if not os.path.lexists(out):
-        os.rename(tmp, out)
-        return
-    trash = _sibling(out, "old")
-    os.rename(out, trash)
-    try:
-        os.rename(tmp, out)
-    except BaseException:
-        os.rename(trash, out)
-        raise
-    shutil.rmtree(trash, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def output_lock(out):
-    """Hold ``.OUT.ofaconv.lock``, the lock of every ofaconv output, for the block."""
-    from .writer import _lock, _unlock
-
-    out = Path(os.path.abspath(out))
-    if not out.parent.is_dir():
-        raise OfaconvError("the output's folder does not exist; create it first", path=out.parent)
-    fd = _lock(out)
-    try:
-        yield
-    finally:
-        _unlock(out, fd)
 
 
 def read_embeddings_manifest(folder) -> dict:
@@ -797,8 +786,9 @@ def check_embeddings_out(out: Path, inputs: Iterable[str]) -> None:
 class _Decode:
     """The DataLoader's dataset: an entry in, (entry, pixels or None, error or None) out."""
 
-    def __init__(self, preprocess: Callable):
+    def __init__(self, preprocess: Callable, with_entry: bool = False):
         self.preprocess = preprocess
+        self.with_entry = with_entry
         self.handles: dict = {}
         self.pid = None
 
@@ -806,7 +796,8 @@ class _Decode:
         if self.pid != os.getpid():  # each worker opens TSVs itself
             self.handles, self.pid = {}, os.getpid()
         try:
-            return entry, self.preprocess(entry.open(self.handles)), None
+            image = entry.open(self.handles)
+            return entry, self.preprocess(image, entry) if self.with_entry else self.preprocess(image), None
         except ImageDecodeError as exc:
             return entry, None, exc.reason
 
@@ -860,12 +851,13 @@ def _is_oom(exc: BaseException) -> bool:
 
 def run_catalog(inputs: Inputs, sink, *, identity: dict, load: Callable, chunk_size: int, batch_size: int,
                 workers: Optional[int] = None, device: str = "cpu", restart: bool = False, progress: bool = False,
-                desc: str = "images", ranks: Optional[Ranks] = None) -> dict:
+                desc: str = "images", ranks: Optional[Ranks] = None, with_entry: bool = False) -> dict:
     """Process every input once, in chunks, on every rank; write through ``sink`` on rank 0.
 
     ``load(device) -> (preprocess, infer)``: ``preprocess(PIL image) -> tensor`` runs in the
-    DataLoader's workers, ``infer(list of tensors) -> list of results`` in this process; on an
-    out-of-memory error ``infer`` is retried on halves of the batch. ``identity`` (command, model,
+    DataLoader's workers (``preprocess(image, entry)`` with ``with_entry``, for inputs that depend
+    on the entry's :attr:`Entry.text`), ``infer(list of tensors) -> list of results`` in this
+    process; on an out-of-memory error ``infer`` is retried on halves of the batch. ``identity`` (command, model,
     settings) joins the inputs' fingerprint in ``run.json``. Returns (on every rank) ``{"images",
     "failed", "first_failure", "world_size"}``; ``first_failure`` is ``[name, reason]`` or None.
     """
@@ -876,12 +868,13 @@ def run_catalog(inputs: Inputs, sink, *, identity: dict, load: Callable, chunk_s
     ranks.start(device)
     try:
         return _run(inputs, sink, identity, load, chunk_size, batch_size, workers, device, restart, progress, desc,
-                    ranks)
+                    ranks, with_entry)
     finally:
         ranks.close()
 
 
-def _run(inputs, sink, identity, load, chunk_size, batch_size, workers, device, restart, progress, desc, ranks):
+def _run(inputs, sink, identity, load, chunk_size, batch_size, workers, device, restart, progress, desc, ranks,
+         with_entry=False):
     import torch
 
     count, fingerprint = ranks.agree(inputs.scan)
@@ -903,7 +896,7 @@ def _run(inputs, sink, identity, load, chunk_size, batch_size, workers, device, 
                        dynamic_ncols=True)
         workers = auto_workers(ranks.world) if workers is None else workers
         loader = torch.utils.data.DataLoader(
-            _Decode(preprocess), batch_sampler=_Batches(inputs, todo[ranks.rank::ranks.world], chunk_size, batch_size),
+            _Decode(preprocess, with_entry), batch_sampler=_Batches(inputs, todo[ranks.rank::ranks.world], chunk_size, batch_size),
             num_workers=workers, collate_fn=_as_list, pin_memory=device.startswith("cuda"),
             prefetch_factor=4 if workers else None)
         stream = ranks.world == 1 and not sink.resumable

@@ -32,6 +32,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .errors import OfaconvError
+from .writer import atomic_path, write_atomic
 
 __all__ = ["FeatureCache", "fingerprint", "CacheError"]
 
@@ -109,9 +110,7 @@ class FeatureCache:
             if found.get("schema") != _SCHEMA or found.get("fingerprint") != self.fingerprint:
                 raise CacheError("cache folder belongs to another fingerprint or schema", path=meta_path)
             return
-        tmp = meta_path.with_name(f".{_META}.{uuid.uuid4().hex}")
-        tmp.write_text(json.dumps(meta, indent=1))
-        os.replace(tmp, meta_path)
+        write_atomic(meta_path, json.dumps(meta, indent=1))
 
     def invalidate_stale(self) -> list[Path]:
         """Delete caches of this namespace whose fingerprint differs; returns what was removed."""
@@ -171,9 +170,8 @@ class FeatureCache:
                 t = t.to(self.dtype)
             payload[item_id] = t.contiguous().clone()
         name = f"{uuid.uuid4().hex}{_SHARD_SUFFIX}"
-        tmp = self.dir / f".{name}.tmp"
-        save_file(payload, str(tmp), metadata={"schema": _SCHEMA, "fingerprint": self.fingerprint})
-        os.replace(tmp, self.dir / name)
+        with atomic_path(self.dir / name) as tmp:
+            save_file(payload, str(tmp), metadata={"schema": _SCHEMA, "fingerprint": self.fingerprint})
         for item_id in payload:
             self._index[item_id] = name
         self._seen.add(name)

@@ -346,6 +346,77 @@ def _sibling(out: Path, kind: str) -> Path:
     return out.parent / f".{out.name}.{TEMP_TAG}-{os.getpid()}-{secrets.token_hex(4)}.{kind}"
 
 
+@contextlib.contextmanager
+def atomic_path(path):
+    """A temp sibling of ``path`` to write (by name: safetensors, numpy, a zip); renamed over ``path``
+    when the block ends without an error, removed when it does not: nothing half-written is ever
+    at ``path`` (the temp name, ``.NAME.ofaconv-<pid>-<random>.tmp``, says whose it was)."""
+    path = Path(path)
+    tmp = _sibling(path, "tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_file(path, mode: str = "wb", **open_kwargs):
+    """``open(path, mode)`` through :func:`atomic_path`; the file gets the umask's permissions."""
+    with atomic_path(path) as tmp, open(tmp, mode.replace("w", "x"), **open_kwargs) as handle:
+        yield handle
+
+
+def write_atomic(path, data: bytes | str, encoding: str = "utf-8") -> Path:
+    """Write ``data`` to ``path`` all at once or not at all (:func:`atomic_path`)."""
+    if isinstance(data, str):
+        data = data.encode(encoding)
+    with atomic_file(path) as handle:
+        handle.write(data)
+    return Path(path)
+
+
+def place_folder(tmp, out) -> None:
+    """Rename the finished folder ``tmp`` to ``out``; an existing ``out`` (already checked to be
+    replaceable) is moved aside first and removed only once ``tmp`` took its place."""
+    tmp, out = Path(tmp), Path(out)
+    if not os.path.lexists(out):
+        os.rename(tmp, out)
+        return
+    try:
+        os.rename(tmp, out)  # an empty folder is replaced in one step
+        return
+    except OSError as exc:
+        if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
+            raise
+    trash = _sibling(out, "old")
+    os.rename(out, trash)
+    try:
+        os.rename(tmp, out)
+    except BaseException:
+        os.rename(trash, out)
+        raise
+    if trash.is_dir() and not trash.is_symlink():
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        trash.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def output_lock(out):
+    """Hold ``.OUT.ofaconv.lock``, the lock of every ofaconv output, for the block."""
+    out = Path(os.path.abspath(out))
+    if not out.parent.is_dir():
+        raise OfaconvError("the output's folder does not exist; create it first", path=out.parent)
+    fd = _lock(out)
+    try:
+        yield
+    finally:
+        _unlock(out, fd)
+
+
 def _lock_path(out: Path) -> Path:
     return out.parent / f".{out.name}.{TEMP_TAG}.lock"
 
@@ -650,23 +721,7 @@ class OutputFolder:
         return report
 
     def _place(self) -> None:
-        if not os.path.lexists(self.out):
-            os.rename(self.path, self.out)
-            return
-        try:
-            os.rename(self.path, self.out)  # an empty folder is replaced in one step
-            return
-        except OSError as exc:
-            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
-                raise
-        trash = _sibling(self.out, "old")
-        os.rename(self.out, trash)
-        try:
-            os.rename(self.path, self.out)
-        except BaseException:
-            os.rename(trash, self.out)
-            raise
-        shutil.rmtree(trash, ignore_errors=True)
+        place_folder(self.path, self.out)
 
 
 def _report_text(report: dict) -> str:

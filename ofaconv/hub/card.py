@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -27,6 +26,7 @@ import yaml
 from ofaconv import __version__
 from ofaconv.core import registry
 from ofaconv.core.errors import OfaconvError
+from ofaconv.core.writer import atomic_file
 from ofaconv.core.report import (
     REPORT_NAME,
     covering_report,
@@ -169,14 +169,8 @@ def write_model_card(folder: str | os.PathLike, **kwargs) -> Path:
     root = Path(folder)
     text = str(build_model_card(root, **kwargs))
     path = root / CARD_NAME
-    tmp = root / f".{CARD_NAME}.{os.getpid()}-{secrets.token_hex(4)}.tmp"
-    try:
-        with open(tmp, "x", encoding="utf-8", newline="") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_file(path, "w", encoding="utf-8", newline="") as fh:
+        fh.write(text)
     return path
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import functools
 import os
-import tempfile
 import time
 import zlib
 from collections import OrderedDict
@@ -28,6 +27,7 @@ from typing import TYPE_CHECKING
 from . import layout
 from . import variants
 from ofaconv.core.errors import OfaconvError
+from ofaconv.core.writer import atomic_file
 
 if TYPE_CHECKING:  # torch loads when a checkpoint is made, not for `ofaconv synth --help`
     import torch
@@ -461,25 +461,11 @@ def write_synthetic_checkpoint(
         variant, size=size, seed=seed, optimizer_state=optimizer_state, layout_name=layout, dtype=dtype, ema=ema,
         flags=flags, vocab_size=vocab_size,
     )
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        # fairseq saves through a file object, which names the zip's root folder "archive"
-        # (a path would name it after the temporary file, making the bytes non-deterministic).
-        with os.fdopen(fd, "wb") as f:
-            torch.save(ckpt, f)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    # fairseq saves through a file object, which names the zip's root folder "archive" (a path
+    # would name it after the temporary file, making the bytes non-deterministic).
+    with atomic_file(path) as f:
+        torch.save(ckpt, f)
     return path
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 # --------------------------------------------------------------------------------------------
