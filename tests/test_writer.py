@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import os
 import weakref
 
 import numpy as np
@@ -238,3 +239,18 @@ def test_stem_names_shards_and_index(tmp_path):
     assert all(re.fullmatch(rf"adapter-\d{{5}}-of-{len(shards):05d}\.safetensors", n) for n in shards)
     assert set(result.index["weight_map"].values()) == set(shards)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(result.files)
+
+
+def test_atomic_file_follows_the_umask_and_leaves_nothing_on_failure(tmp_path):
+    from ofaconv.core.writer import atomic_file, write_atomic
+
+    old = os.umask(0o022)
+    try:
+        path = write_atomic(tmp_path / "a.json", "{}")
+    finally:
+        os.umask(old)
+    assert path.read_text() == "{}" and path.stat().st_mode & 0o777 == 0o644
+    with pytest.raises(RuntimeError), atomic_file(tmp_path / "b.bin") as handle:
+        handle.write(b"half")
+        raise RuntimeError("killed mid-write")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json"]
