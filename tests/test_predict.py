@@ -166,3 +166,99 @@ def test_task_text_rules_and_box_formula():
     assert box == pytest.approx([1024 * 100 / 999, 0.0, 1024.0, 256 * 500 / 999])
     assert bins_to_box([999] * 4, first_bin=0, num_bins=1000, max_image_size=640, image_size=512,
                        width=100, height=50) == [100.0, 50.0, 100.0, 50.0]
+
+
+def test_a_batch_computes_what_one_item_at_a_time_computes(upgraded, images):
+    """Prompts of different lengths in one batch: grouped by length, never padded."""
+    runner = _runner(upgraded("grounding_en"))
+    texts = ["a dog", "the man on the left", "a blue turtle-like pokemon with round head", "the cat"]
+    items = [runner.prepare(open_image(images[name]), text)
+             for name, text in zip(("square", "wide", "tall", "wide"), texts)]
+    assert len({len(item.input_ids) for item in items}) == 3
+    for one, batched in zip([runner.run(item) for item in items], runner.run_batch(items)):
+        assert batched["tokens"] == one["tokens"] and batched["box"] == one["box"]
+        assert batched["score"] == pytest.approx(one["score"], abs=1e-5)
+
+
+# -- catalog runs: texts stay paired with their images through chunks, a kill and a rerun ------------
+
+
+def _tsv_row(name: str, path: Path) -> str:
+    import base64
+
+    return f"{name}\t{base64.b64encode(path.read_bytes()).decode()}\n"
+
+
+@pytest.fixture()
+def catalog_inputs(images, tmp_path):
+    """7 inputs: 2 files, a list of 3 (one broken), a TSV of 2 rows; and one text per input."""
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{images['tall']}\n{broken}\n{images['square']}\n", encoding="utf-8")
+    tsv = tmp_path / "rows.tsv"
+    tsv.write_text(_tsv_row("row-wide", images["wide"]) + _tsv_row("row-tall", images["tall"]), encoding="utf-8")
+    texts = ["the red car", "a dog", "the man on the left", "a broken image", "two birds", "a blue sky", "the cat"]
+    texts_file = tmp_path / "texts.txt"
+    texts_file.write_text("\n".join(texts) + "\n", encoding="utf-8")
+    argv = [str(images["square"]), str(images["wide"]), "--list", str(listing), "--tsv", str(tsv),
+            "--texts", str(texts_file), "--chunk-size", "2", "--batch-size", "2", "--workers", "0", "--no-progress"]
+    names = [str(images["square"]), str(images["wide"]), str(images["tall"]), str(broken), str(images["square"]),
+             "row-wide", "row-tall"]
+    return argv, names, texts, texts_file
+
+
+def test_killed_predict_run_resumes_with_texts_paired(upgraded, catalog_inputs, tmp_path, capsys):
+    """SIGKILL while the third of four chunks is half written; the rerun does the rest: the output
+    equals the uninterrupted run's, every record carries its own image's text."""
+    import os
+    import subprocess
+    import sys
+
+    from ofaconv.core import catalog
+
+    folder = upgraded("grounding_en")
+    argv, names, texts, texts_file = catalog_inputs
+    reference, out = tmp_path / "ref.jsonl", tmp_path / "boxes.jsonl"
+    assert main(["predict", str(folder), *argv, "--out", str(reference)]) == 2  # the broken image
+    records = [json.loads(line) for line in reference.read_text(encoding="utf-8").splitlines()]
+    assert [r["image"] for r in records] == names and [r["query"] for r in records] == texts
+    assert "error" in records[3] and all("box" in r for i, r in enumerate(records) if i != 3)
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", catalog.KILL_AFTER_ENV: "2",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env.pop("OFACONV_DEBUG", None)
+    killed = subprocess.run([sys.executable, "-m", "ofaconv", "predict", str(folder), *argv, "--out", str(out)],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -9, killed.stderr
+    run = tmp_path / ".boxes.jsonl.ofaconv-run"
+    left = sorted(p.name for p in run.iterdir())
+    assert not out.exists() and left[1:] == ["chunk-00000000.json", "chunk-00000000.jsonl", "chunk-00000001.json",
+                                             "chunk-00000001.jsonl", "run.json"]
+    assert left[0].startswith(".chunk-00000002.jsonl.") and left[0].endswith(".tmp")  # the chunk it was writing
+    # other texts are other inputs: refused, the run folder untouched
+    before = sorted(p.name for p in run.iterdir())
+    other = tmp_path / "other.txt"
+    other.write_text("\n".join(reversed(texts)) + "\n", encoding="utf-8")
+    capsys.readouterr()
+    assert main(["predict", str(folder), *[str(other) if a == str(texts_file) else a for a in argv],
+                 "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "other inputs" in err[0] and "--restart" in err[0], err
+    assert sorted(p.name for p in run.iterdir()) == before
+    # the same command resumes
+    assert main(["predict", str(folder), *argv, "--out", str(out)]) == 2
+    assert out.read_bytes() == reference.read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_predict_api_runs_the_catalog(upgraded, images, tmp_path):
+    import ofaconv
+
+    folder = upgraded("grounding_en")
+    paths = [str(images[n]) for n in ("square", "wide", "tall")]
+    in_memory = ofaconv.predict(folder, paths, texts=["a dog", "the man", "a car"], batch_size=3, workers=0)
+    assert [r["query"] for r in in_memory] == ["a dog", "the man", "a car"] and in_memory.failed == 0
+    written = ofaconv.predict(folder, paths, text="a dog", out=tmp_path / "o.jsonl", chunk_size=2, workers=0)
+    assert list(written) == [json.loads(line) for line in (tmp_path / "o.jsonl").read_text("utf-8").splitlines()]
+    assert written[0] == in_memory[0]

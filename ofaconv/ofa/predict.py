@@ -4,40 +4,38 @@ converted folder.
 
 The task defaults to the folder's (config.json ``task``, caption when absent); another task is run
 with a note on stderr (the checkpoint was not finetuned for it). Tasks that take a text get it from
-``--text`` (the same for every image) or ``--texts FILE`` (one line per image, in input order).
+``--text`` (the same for every image) or ``--texts FILE`` (one line per image, paired with the
+images in input order: the catalog gives the n-th input the n-th line, whichever process runs it).
 One JSONL record per image, in input order: ``{"image", "task", "query"?, <the task's field>,
 "score"?}`` — ``caption``, ``answer`` (VQA), ``box`` ([x0, y0, x1, y1] in the image's pixels,
-grounding), ``scores`` and ``label`` (matching), ``text`` (OCR) — or ``{"image", "task", "error"}``
-for an image that cannot be read; the run goes on and ends with one ``N of M images failed`` line
-and exit 2. The output is written to a hidden sibling and renamed over ``--out`` at the end.
+grounding), ``scores`` and ``label`` (matching), ``text`` (OCR) — or ``{"image", "task", "query"?,
+"error"}`` for an image that cannot be read; the run goes on and ends with one ``N of M images
+failed`` line and exit 2.
+
+The run is a catalog run (``ofaconv.core.catalog``), exactly as ``ofaconv caption``'s: the same
+inputs (files, directories, globs, ``--list``, ``--tsv``), images decoded and prompts tokenized in
+DataLoader workers, resumable chunks, one process per device under ``torchrun``, the output renamed
+over ``--out`` when whole.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
 from pathlib import Path
-from typing import Iterable, Iterator, Optional
+from typing import Callable, Optional, Sequence
 
 from ofaconv.core.errors import DataError, OfaconvError
+
+from .caption import CHUNK_SIZE, CPU_BATCH, DTYPES, GPU_BATCH
 
 
 def _folder_config(folder) -> dict:
     from .caption import _json_object
 
     return _json_object(Path(folder) / "config.json")
-
-
-def read_texts(path) -> list[str]:
-    try:
-        with open(path, encoding="utf-8") as handle:
-            return [line.rstrip("\r\n") for line in handle]
-    except FileNotFoundError:
-        raise OfaconvError("no such texts file", path=path) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise OfaconvError(f"cannot read the texts ({getattr(exc, 'strerror', None) or exc}); give a UTF-8 text "
-                           "file with one text per line", path=path) from None
 
 
 def resolve_task(folder_config: dict, task: Optional[str]) -> tuple[str, Optional[str]]:
@@ -54,49 +52,17 @@ def resolve_task(folder_config: dict, task: Optional[str]) -> tuple[str, Optiona
     return task, None
 
 
-def _texts_for(task_needs_text: bool, n_images: int, text, texts, task: str) -> list[Optional[str]]:
-    if not task_needs_text:
+def _check_texts(task: str, needs_text: bool, text: Optional[str], texts) -> None:
+    if not needs_text:
         if text is not None or texts is not None:
             raise OfaconvError(f"the {task} task takes no text; drop --text/--texts")
-        return [None] * n_images
+        return
     if text is None and texts is None:
         raise OfaconvError(f"the {task} task needs a text per image: pass --text TEXT or --texts FILE")
     if text is not None and texts is not None:
         raise OfaconvError("pass --text or --texts, not both")
-    if text is not None:
-        if not text.strip():
-            raise OfaconvError("--text is empty")
-        return [text] * n_images
-    return texts
-
-
-def predict_items(runner, items: Iterable, texts: Iterable[Optional[str]], progress=None) -> Iterator[dict]:
-    """JSONL records for ``items`` (ImageInput) paired with ``texts``, in order."""
-    from ofaconv.core.images import ImageDecodeError, open_image
-
-    for item, text in zip(items, texts):
-        record = {"image": item.name, "task": runner.task}
-        if text is not None:
-            record["query"] = text
-        if item.error is not None:
-            record["error"] = item.error
-        else:
-            try:
-                image = open_image(item.path if item.path is not None else item.data, item.name)
-            except ImageDecodeError as exc:
-                record["error"] = exc.reason
-            else:
-                out = runner.run(runner.prepare(image, text))
-                out.pop("tokens", None)
-                out.pop("logprobs", None)
-                if "score" in out:
-                    out["score"] = round(out["score"], 6)
-                if "scores" in out:
-                    out["scores"] = {k: round(v, 6) for k, v in out["scores"].items()}
-                record.update(out)
-        if progress is not None:
-            progress.update(1)
-        yield record
+    if text is not None and not text.strip():
+        raise OfaconvError("--text is empty")
 
 
 def load_runner(folder, task: Optional[str] = None, *, answers=None, device: str = "cpu", dtype: str = "fp32",
@@ -112,31 +78,116 @@ def load_runner(folder, task: Optional[str] = None, *, answers=None, device: str
     return TaskRunner(model, processor, task, config, answers=answers, generate_kwargs=generate_kwargs), note
 
 
-def predict(folder, images, *, task: Optional[str] = None, text: Optional[str] = None,
-            texts: Optional[list[str]] = None, answers: Optional[list[str]] = None, device: str = "cpu",
-            dtype: str = "fp32", **generate_kwargs) -> list[dict]:
-    """``ofaconv predict`` as a function: one record per image (files, directories or globs), in order.
+class _Prepare:
+    """The catalog's preprocess (DataLoader workers): an image and its entry -> the task's inputs,
+    with the entry's own text (``--texts``) or the one ``--text``."""
 
-    ``text`` is used for every image, ``texts`` pairs one text with each image; ``answers``
-    overrides the task's answer list (VQA: constrain generation to it; matching: the labels
-    scored); ``generate_kwargs`` (``num_beams``, ``max_len_b``, ...) override the folder's
-    generation settings. A note is logged when ``task`` is not the folder's own.
+    def __init__(self, inputs, text: Optional[str]):
+        self.inputs, self.text = inputs, text
+
+    def __call__(self, image, entry):
+        return self.inputs(image, entry.text if entry.text is not None else self.text)
+
+
+def _record(task: str, text: Optional[str]) -> Callable:
+    def record(entry, result, error) -> dict:
+        out = {"image": entry.name, "task": task}
+        query = entry.text if entry.text is not None else text
+        if query is not None:
+            out["query"] = query
+        if error is not None:
+            out["error"] = error
+            return out
+        result = dict(result)
+        result.pop("tokens", None)
+        result.pop("logprobs", None)
+        if "score" in result:
+            result["score"] = round(result["score"], 6)
+        if "scores" in result:
+            result["scores"] = {k: round(v, 6) for k, v in result["scores"].items()}
+        out.update(result)
+        return out
+
+    return record
+
+
+def predict(folder, images: Sequence[str] = (), *, task: Optional[str] = None, text: Optional[str] = None,
+            texts=None, answers: Optional[list[str]] = None, out=None, lists: Sequence[str] = (),
+            tsv: Sequence[str] = (), batch_size: Optional[int] = None, device: str = "cpu", dtype: str = "fp32",
+            workers: Optional[int] = None, chunk_size: int = CHUNK_SIZE, restart: bool = False,
+            progress: bool = False, **generate_kwargs):
+    """``ofaconv predict`` as a function: one record per input (``images``: files, directories,
+    globs; the entries of ``lists``; the rows of the ``tsv`` files), in input order.
+
+    ``text`` is used for every image; ``texts`` (a list, or a file of one line per image) pairs
+    the n-th text with the n-th input. ``answers`` overrides the task's answer list (VQA: constrain
+    generation to it; matching: the labels scored); ``generate_kwargs`` (``num_beams``,
+    ``max_len_b``, ...) override the folder's generation settings. A note is logged when ``task``
+    is not the folder's own. Returns the records as a :class:`ofaconv.core.catalog.Records` (a
+    sequence; ``.failed``, ``.first_failure``); with ``out`` they are also written there, resumably,
+    as ``ofaconv caption`` writes its output. ``batch_size`` None: 8 on a CPU, 64 on a GPU.
     """
-    from ofaconv.core.images import expand_images
 
-    if isinstance(images, (str, os.PathLike)):
-        images = [images]
-    items = list(expand_images([os.fspath(i) for i in images]))
-    runner, note = load_runner(folder, task, answers=answers, device=device, dtype=dtype,
-                               generate_kwargs=generate_kwargs)
-    if note:
+    def log(note: str) -> None:
         from transformers.utils import logging
 
         logging.get_logger("ofaconv.predict").warning(note)
-    pairs = _texts_for(runner.needs_text, len(items), text, texts, runner.task)
-    if len(pairs) != len(items):
-        raise OfaconvError(f"got {len(pairs)} texts for {len(items)} images; give one text per image")
-    return list(predict_items(runner, items, pairs))
+
+    if isinstance(images, (str, os.PathLike)):
+        images = [images]
+    return _predict(folder, images, task=task, text=text, texts=texts, answers=answers, out=out, lists=lists,
+                    tsv=tsv, batch_size=batch_size, device=device, dtype=dtype, workers=workers,
+                    chunk_size=chunk_size, restart=restart, progress=progress, generate_kwargs=generate_kwargs,
+                    on_note=log)
+
+
+def _predict(folder, images, *, task, text, texts, answers, out, lists, tsv, batch_size, device, dtype, workers,
+             chunk_size, restart, progress, generate_kwargs, on_note, answers_file=None):
+    from ofaconv.core.catalog import Inputs, RecordSink, Records, model_fingerprint, run_catalog, torch_device
+
+    from .caption import check_ofa_folder
+    from .tasks import task_spec
+
+    inputs = Inputs(images, lists, tsv, texts=texts)
+    if not inputs:
+        raise OfaconvError("no images given (pass files, directories, globs, --list FILE or --tsv FILE)")
+    if task is not None:
+        task_spec(task)
+    if dtype not in DTYPES:
+        raise OfaconvError(f"unknown dtype {dtype!r} (choose from {', '.join(DTYPES)})")
+    kind = torch_device(device).type
+    batch_size = batch_size if batch_size is not None else (CPU_BATCH if kind == "cpu" else GPU_BATCH)
+    if batch_size < 1:
+        raise OfaconvError("--batch-size must be at least 1")
+    if chunk_size < 1:
+        raise OfaconvError("--chunk-size must be at least 1")
+    if workers is not None and workers < 0:
+        raise OfaconvError("--workers must be at least 0")
+    check_ofa_folder(folder, "predict")
+    task, note = resolve_task(_folder_config(folder), task)
+    _check_texts(task, task_spec(task).get("text") == "required", text, texts)
+    inputs.check()
+    target = _predict_output(out, [*inputs.paths(), *([answers_file] if answers_file else [])], folder) \
+        if out is not None else None
+
+    def load(on: str):
+        if note and int(os.environ.get("RANK", "0")) == 0:  # once the inputs passed their checks
+            on_note(note)
+        runner, _ = load_runner(folder, task, answers=answers, device=on, dtype=dtype,
+                                generate_kwargs=generate_kwargs)
+        return _Prepare(runner.inputs, text), runner.run_batch
+
+    sink = RecordSink("-" if out == "-" else target, _record(task, text))
+    listed = None if answers is None else hashlib.sha256(json.dumps(list(answers)).encode()).hexdigest()
+    identity = {"command": "predict", "model": model_fingerprint(folder),
+                "settings": {"task": task, "text": text, "answers_sha256": listed, "dtype": dtype,
+                             **{k: generate_kwargs[k] for k in sorted(generate_kwargs)}}}
+    summary = run_catalog(inputs, sink, identity=identity, load=load, chunk_size=chunk_size, batch_size=batch_size,
+                          workers=workers, device=device, restart=restart, progress=progress, desc=task,
+                          with_entry=True)
+    if target is not None:
+        return Records(summary, path=target)
+    return Records(summary, records=sink.records)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -151,22 +202,42 @@ def add_parser(sub) -> None:
         "predict",
         help="run an OFA task (caption, vqa, grounding, matching, ocr) on images (JSONL output)",
         description="Run one OFA task with a converted folder: caption, visual question answering, visual "
-        "grounding (boxes in pixels), image-text matching (yes/no/maybe scores) or OCR. The task defaults "
-        "to the folder's own (config.json `task`). One JSONL record per image; see docs/tasks.md.",
+        "grounding (boxes in pixels), image-text matching (yes/no/maybe scores) or OCR, on image files, "
+        "directories, globs, list files or MUGE-style base64 TSVs. The task defaults to the folder's own "
+        "(config.json `task`). One JSONL record per input; unreadable images give an error record, a summary "
+        "line and exit code 2. Resumable (rerun the same command after a crash); runs one process per device "
+        "under torchrun / accelerate launch. See docs/tasks.md.",
     )
     p.add_argument("folder", help="converted model folder")
     p.add_argument("images", nargs="*", help="image files, directories or glob patterns")
+    p.add_argument("--list", action="append", default=[], metavar="FILE",
+                   help="file of image paths, directories or globs, one per line (repeatable)")
+    p.add_argument("--tsv", action="append", default=[], metavar="FILE",
+                   help="MUGE-style TSV of image_id<TAB>base64 lines (repeatable)")
     p.add_argument("--task", help=f"one of {', '.join(task_names())} (default: the folder's task)")
     p.add_argument("--text", help="the text for every image (VQA question, grounding phrase, matching hypothesis)")
-    p.add_argument("--texts", metavar="FILE", help="one text per line, paired with the images in input order")
+    p.add_argument("--texts", metavar="FILE",
+                   help="one text per line, paired with the inputs in input order (images, then --list "
+                   "entries, then --tsv rows)")
     p.add_argument("--answers", metavar="FILE",
                    help="answer list (one per line, a JSON list, or ModelScope's ans2label.json): VQA answers "
                    "are constrained to it, matching scores its labels")
-    p.add_argument("--out", required=True, help="output JSONL file ('-' for stdout)")
+    p.add_argument("--out", required=True, help="output JSONL file ('-' for stdout, not resumable)")
     p.add_argument("--beams", type=int, help="beam size (default: generation_config.json)")
     p.add_argument("--max-len", type=int, help="at most this many generated tokens (fairseq max_len_b)")
-    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="model dtype (default fp32)")
+    p.add_argument("--batch-size", type=int,
+                   help=f"images per model call (default {CPU_BATCH} on a CPU, {GPU_BATCH} on a GPU; halved on an "
+                        "out-of-memory error; prompts of different lengths run in separate calls)")
+    p.add_argument("--workers", type=int,
+                   help="image-decoding processes per model process (default: the free CPUs, at most 8; 0 decodes "
+                        "in the model's process)")
+    p.add_argument("--chunk-size", type=int, default=CHUNK_SIZE,
+                   help=f"images per resumable chunk (default {CHUNK_SIZE})")
+    p.add_argument("--restart", action="store_true",
+                   help="discard an unfinished run recorded beside --out instead of resuming it")
+    p.add_argument("--device", default="cpu",
+                   help="torch device (default cpu; cuda under torchrun: each process its own GPU)")
+    p.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="model dtype (default fp32)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.set_defaults(func=_run)
 
@@ -206,44 +277,6 @@ def _predict_output(out: str, inputs: list, folder) -> Optional[Path]:
     return path
 
 
-class _Sink:
-    """JSONL lines to stdout, or to a hidden sibling of OUT renamed over it when the run completes
-    (an interrupted or failed run leaves nothing behind). A failed write names OUT."""
-
-    def __init__(self, out: Optional[Path]):
-        self.out, self.tmp, self.handle = out, None, sys.stdout
-
-    def __enter__(self) -> "_Sink":
-        if self.out is not None:
-            import tempfile
-
-            fd, self.tmp = tempfile.mkstemp(prefix=f".{self.out.name}.ofaconv-{os.getpid()}-", suffix=".tmp",
-                                            dir=self.out.parent)
-            self.handle = os.fdopen(fd, "w", encoding="utf-8")
-        return self
-
-    def write(self, text: str) -> None:
-        try:
-            self.handle.write(text)
-            self.handle.flush()
-        except BrokenPipeError:
-            raise
-        except OSError as exc:
-            raise OSError(exc.errno, exc.strerror, str(self.out) if self.out is not None else "<stdout>") from None
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if self.tmp is None:
-            return
-        try:
-            self.handle.close()
-            if exc_type is None:
-                os.replace(self.tmp, self.out)
-                self.tmp = None
-        finally:
-            if self.tmp is not None and os.path.exists(self.tmp):
-                os.unlink(self.tmp)
-
-
 def _generate_kwargs(args) -> dict:
     kwargs = {}
     if args.beams is not None:
@@ -258,60 +291,29 @@ def _generate_kwargs(args) -> dict:
 
 
 def _run(args) -> int:
-    from ofaconv.core.batch import failure_summary
-    from ofaconv.core.images import expand_images
-
-    from ofaconv.core.catalog import torch_device
-
-    from .caption import check_ofa_folder
     from .tasks import read_answers, task_spec
 
-    if not args.images:
-        raise OfaconvError("no images given (pass files, directories or globs)")
+    if not (args.images or args.list or args.tsv):
+        raise OfaconvError("no images given (pass files, directories, globs, --list FILE or --tsv FILE)")
     generate_kwargs = _generate_kwargs(args)
     if args.task is not None:
         task_spec(args.task)
-    torch_device(args.device)
-    check_ofa_folder(args.folder, "predict")
-    task, note = resolve_task(_folder_config(args.folder), args.task)
-    spec = task_spec(task)
     answers = read_answers(args.answers) if args.answers is not None else None
-    texts = read_texts(args.texts) if args.texts is not None else None
-    items = list(expand_images(args.images))
-    pairs = _texts_for(spec.get("text") == "required", len(items), args.text, texts, task)
-    if len(pairs) != len(items):
-        raise OfaconvError(f"holds {len(pairs)} texts for {len(items)} images; give one line per image",
-                           path=args.texts)
-    if texts is not None:
-        empty = next((n for n, t in enumerate(texts, 1) if not t.strip()), None)
-        if empty is not None:
-            raise OfaconvError("empty text; give one non-empty text per line", path=f"{args.texts}:{empty}")
-    out = _predict_output(args.out, [*args.images, args.texts, args.answers], args.folder)
-    if note:
-        print(f"ofaconv: note: {note}", file=sys.stderr)
-    failed = []
-    with _Sink(out) as sink:
-        if args.no_progress:
-            from transformers.utils import logging as hf_logging
+    if args.no_progress:
+        from transformers.utils import logging as hf_logging
 
-            hf_logging.disable_progress_bar()
-        runner, _ = load_runner(args.folder, task, answers=answers, device=args.device, dtype=args.dtype,
-                                generate_kwargs=generate_kwargs)
-        progress = None
-        if not args.no_progress:
-            from tqdm.auto import tqdm
+        hf_logging.disable_progress_bar()
+    result = _predict(args.folder, args.images, task=args.task, text=args.text, texts=args.texts, answers=answers,
+                      out=args.out, lists=args.list, tsv=args.tsv, batch_size=args.batch_size, device=args.device,
+                      dtype=args.dtype, workers=args.workers, chunk_size=args.chunk_size, restart=args.restart,
+                      progress=not args.no_progress, generate_kwargs=generate_kwargs, answers_file=args.answers,
+                      on_note=lambda note: print(f"ofaconv: note: {note}", file=sys.stderr))
+    if result.failed:
+        if int(os.environ.get("RANK", "0")) != 0:  # rank 0 says it, once
+            return 2
+        from ofaconv.core.catalog import failure_line
 
-            progress = tqdm(total=len(items), unit="img", desc=task, file=sys.stderr, dynamic_ncols=True)
-        try:
-            for record in predict_items(runner, items, pairs, progress):
-                if "error" in record:
-                    failed.append((record["image"], record["error"]))
-                sink.write(json.dumps(record, ensure_ascii=False) + "\n")
-        finally:
-            if progress is not None:
-                progress.close()
-    if failed:
-        where = f"written to {out}" if out is not None else "written"
-        raise DataError(f"{failure_summary(failed[:1], len(items), 'images', count=len(failed))}; the other "
-                        f"results and an error record per failed image were {where}")
+        where = f"written to {args.out}" if args.out != "-" else "written"
+        raise DataError(f"{failure_line(result.summary)}; the other results and an error record per failed image "
+                        f"were {where}")
     return 0

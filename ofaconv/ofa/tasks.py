@@ -2,9 +2,10 @@
 defines them: one mechanism that builds the prompt, prepares the image, decodes and post-processes
 the way the task's entry says, as OFA-Sys/OFA and ModelScope's OFA task pipelines do.
 
-``TaskRunner(model, processor, task, config)`` runs one task on PIL images; ``predict`` (the
-command and ``ofaconv.predict``) feeds it. Nothing here knows a task by name: every difference is
-a field of the YAML entry.
+``TaskRunner(model, processor, task, config)`` runs one task on PIL images; its
+:class:`TaskInputs` (no model: it runs in the catalog's DataLoader workers) turns an (image, text)
+pair into model inputs. ``predict`` (the command and ``ofaconv.predict``) feeds them through a
+catalog run. Nothing here knows a task by name: every difference is a field of the YAML entry.
 """
 
 from __future__ import annotations
@@ -238,6 +239,37 @@ class Prepared:
     query: Optional[str]
 
 
+class TaskInputs:
+    """(image, text) -> :class:`Prepared`: the task's prompt (template, text cleaning, the folder's
+    ``max_src_length`` truncation) and image rule. Holds the processor, never the model."""
+
+    def __init__(self, processor, spec: dict, template: str, max_src_length=None):
+        self.processor, self.spec, self.template = processor, spec, template
+        self.tokenizer = processor.tokenizer
+        self.max_src_length = max_src_length
+
+    @property
+    def needs_text(self) -> bool:
+        return self.spec.get("text") == "required"
+
+    def prompt(self, text: Optional[str]) -> str:
+        if not self.needs_text:
+            return self.template
+        return self.template.format(clean_text(text, self.spec.get("text_rule")))
+
+    def encode(self, text: str, *, special: bool = True) -> list[int]:
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if isinstance(self.max_src_length, int) and self.max_src_length > 0:
+            ids = ids[: self.max_src_length]  # ModelScope's tokenize_text truncation
+        t = self.tokenizer
+        return [t.bos_token_id, *ids, t.eos_token_id] if special else list(ids)
+
+    def __call__(self, image, text: Optional[str]) -> Prepared:
+        image = image.convert("RGB")
+        return Prepared(self.encode(self.prompt(text)), prepare_image(self.processor, image, self.spec.get("image", {})),
+                        image.width, image.height, text)
+
+
 class TaskRunner:
     """Runs ``task`` with a loaded model and processor. ``config`` is the folder's config.json (its
     ``task_prompt`` is used when the folder was finetuned for this task); ``answers`` overrides the
@@ -258,8 +290,8 @@ class TaskRunner:
         own_task = (config.get("task") or "caption") == task
         settings = config.get("task_settings") if own_task and isinstance(config.get("task_settings"), dict) else {}
         own_prompt = config.get("task_prompt") if own_task else None
-        self.max_src_length = settings.get("max_src_length")
-        self.template = own_prompt if isinstance(own_prompt, str) and own_prompt else self.spec["prompt"][self.family]
+        template = own_prompt if isinstance(own_prompt, str) and own_prompt else self.spec["prompt"][self.family]
+        self.inputs = TaskInputs(processor, self.spec, template, settings.get("max_src_length"))
         self.decode_spec = dict(self.spec.get("decode", {}))
         if settings.get("gen_type") == "traverse" and self.decode_spec.get("answers") == "trie":
             self.decode_spec["kind"] = "score"  # ModelScope's classification mode: every answer scored
@@ -284,30 +316,19 @@ class TaskRunner:
 
     @property
     def needs_text(self) -> bool:
-        return self.spec.get("text") == "required"
+        return self.inputs.needs_text
 
     def prompt(self, text: Optional[str]) -> str:
-        if not self.needs_text:
-            return self.template
-        return self.template.format(clean_text(text, self.spec.get("text_rule")))
-
-    def encode(self, text: str, *, special: bool = True) -> list[int]:
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        if isinstance(self.max_src_length, int) and self.max_src_length > 0:
-            ids = ids[: self.max_src_length]  # ModelScope's tokenize_text truncation
-        t = self.tokenizer
-        return [t.bos_token_id, *ids, t.eos_token_id] if special else list(ids)
+        return self.inputs.prompt(text)
 
     def prepare(self, image, text: Optional[str]) -> Prepared:
-        image = image.convert("RGB")
-        return Prepared(self.encode(self.prompt(text)), prepare_image(self.processor, image, self.spec.get("image", {})),
-                        image.width, image.height, text)
+        return self.inputs(image, text)
 
     def _trie(self, answers: list[str]) -> AnswerTrie:
         trie = AnswerTrie()
         self.answer_ids = []
         for answer in answers:
-            ids = self.encode(" " + answer, special=False)
+            ids = self.inputs.encode(" " + answer, special=False)
             self.answer_ids.append(ids)
             trie.insert([self.tokenizer.bos_token_id, *ids, self.tokenizer.eos_token_id])
         return trie
@@ -316,27 +337,42 @@ class TaskRunner:
 
     def run(self, item: Prepared) -> dict:
         """The task's output fields for one prepared pair (plus ``score`` where there is one)."""
+        return self.run_batch([item])[0]
+
+    def run_batch(self, items: list) -> list[dict]:
+        """:meth:`run` for each item, in order. Items whose prompts have the same length (every
+        item of a task without text, or with one ``--text``) share one encoder pass and one beam
+        search; prompts of other lengths run in their own group, never padded, so a batch computes
+        what one item at a time computes (up to float rounding of the wider matrices)."""
         import torch
 
+        groups: dict[int, list[int]] = {}
+        for i, item in enumerate(items):
+            groups.setdefault(len(item.input_ids), []).append(i)
+        results: list = [None] * len(items)
+        score = self.decode_spec.get("kind", "generate") == "score"
         with torch.inference_mode():
-            encoder_outputs = self._encode(item)
-            if self.decode_spec.get("kind", "generate") == "score":
-                return self._score(item, encoder_outputs)
-            return self._generate(item, encoder_outputs)
+            for indices in groups.values():
+                group = [items[i] for i in indices]
+                encoder_outputs = self._encode(group)
+                outs = self._score(group, encoder_outputs) if score else self._generate(group, encoder_outputs)
+                for i, out in zip(indices, outs):
+                    results[i] = out
+        return results
 
-    def _encode(self, item: Prepared):
+    def _encode(self, items: list):
         import torch
 
         device = next(self.model.parameters()).device
         dtype = next(self.model.parameters()).dtype
-        ids = torch.tensor([item.input_ids], device=device)
+        ids = torch.tensor([item.input_ids for item in items], device=device)
         return self.model.get_encoder()(
             input_ids=ids, attention_mask=torch.ones_like(ids),
-            patch_images=item.pixels[None].to(device=device, dtype=dtype),
-            patch_masks=torch.ones(1, dtype=torch.bool, device=device),
+            patch_images=torch.stack([item.pixels for item in items]).to(device=device, dtype=dtype),
+            patch_masks=torch.ones(len(items), dtype=torch.bool, device=device),
         )
 
-    def _generate(self, item: Prepared, encoder_outputs) -> dict:
+    def _generate(self, items: list, encoder_outputs) -> list[dict]:
         from transformers import LogitsProcessorList
 
         from .modeling.generation_ofa import SearchHooks, fairseq_search, resolve_settings
@@ -354,21 +390,34 @@ class TaskRunner:
             hooks.logits_processor = LogitsProcessorList([_OnlyIds(range(*bins), keep=settings.eos)])
         if spec.get("answers") == "trie" and self.trie is not None:
             settings.logits_mask = _TrieMask(self.trie, self.model.config.vocab_size)
-        best = fairseq_search(self.model, encoder_outputs, settings, src_len=len(item.input_ids), hooks=hooks)[0][0]
-        tokens = best["tokens"].tolist()
-        out = {"tokens": tokens, "score": float(best["score"])}
+        found = fairseq_search(self.model, encoder_outputs, settings, src_len=len(items[0].input_ids), hooks=hooks)
+        outs = []
         output = self.spec["output"]
-        if output.get("box"):
-            out[output["field"]] = bins_to_box(
-                tokens, first_bin=bins[0], num_bins=self.num_bins, max_image_size=self.max_image_size,
-                image_size=int(item.pixels.shape[-1]), width=item.width, height=item.height)
-        else:
-            text = decode_text(self.tokenizer, tokens, self.family)
-            out[output["field"]] = post_process(text, (output.get("post") or {}).get(self.family, []))
-        return out
+        for item, hypotheses in zip(items, found):
+            tokens = hypotheses[0]["tokens"].tolist()
+            out = {"tokens": tokens, "score": float(hypotheses[0]["score"])}
+            if output.get("box"):
+                out[output["field"]] = bins_to_box(
+                    tokens, first_bin=bins[0], num_bins=self.num_bins, max_image_size=self.max_image_size,
+                    image_size=int(item.pixels.shape[-1]), width=item.width, height=item.height)
+            else:
+                text = decode_text(self.tokenizer, tokens, self.family)
+                out[output["field"]] = post_process(text, (output.get("post") or {}).get(self.family, []))
+            outs.append(out)
+        return outs
 
-    def _score(self, item: Prepared, encoder_outputs) -> dict:
-        """ModelScope's traverse inference: every answer scored teacher-forced after the decoder prompt."""
+    def _score(self, items: list, encoder_outputs) -> list[dict]:
+        """ModelScope's traverse inference, item by item on the shared encoder pass."""
+        import torch
+
+        from .modeling.generation_ofa import _select_encoder_rows
+
+        device = encoder_outputs.last_hidden_state.device
+        return [self._score_one(item, _select_encoder_rows(encoder_outputs, torch.tensor([row], device=device)))
+                for row, item in enumerate(items)]
+
+    def _score_one(self, item: Prepared, encoder_outputs) -> dict:
+        """Every answer scored teacher-forced after the decoder prompt."""
         import torch
         import torch.nn.functional as F
 
