@@ -1,5 +1,6 @@
-"""Two CPU processes (torchrun, gloo) caption and embed exactly what one process does, in input
-order: the chunks are dealt to the ranks and rank 0 writes them back in order."""
+"""Two CPU processes (torchrun, gloo) caption, embed and predict exactly what one process does, in
+input order: the chunks are dealt to the ranks and rank 0 writes them back in order (predict's
+``--texts`` stay paired with their images)."""
 
 from __future__ import annotations
 
@@ -86,3 +87,23 @@ def test_two_processes_resume_what_one_process_left(ofa_verified_folder, photos,
     proc = _torchrun(["caption", str(ofa_verified_folder), str(photos), "--out", str(two), *common])
     assert "1 of 11 images failed" in proc.stderr, proc.stderr
     assert two.read_bytes() == one.read_bytes()
+
+
+def test_two_processes_predict_like_one(ofa_verified_folder, photos, tmp_path):
+    """VQA with one question per image (of different token lengths): the same records, each with its own text."""
+    texts = [f"what is in picture {i}" + " and why" * (i % 3) for i in range(11)]
+    texts_file = tmp_path / "texts.txt"
+    texts_file.write_text("\n".join(texts) + "\n", encoding="utf-8")
+    common = ["--task", "vqa", "--texts", str(texts_file), "--max-len", "3", "--beams", "2", "--chunk-size", "2",
+              "--batch-size", "2", "--workers", "1", "--no-progress"]
+    one, two = tmp_path / "one.jsonl", tmp_path / "two.jsonl"
+    assert main(["predict", str(ofa_verified_folder), str(photos), "--out", str(one), *common]) == 2
+    proc = _torchrun(["predict", str(ofa_verified_folder), str(photos), "--out", str(two), *common])
+    assert proc.returncode != 0 and proc.stderr.count("ofaconv: error: 1 of 11 images failed") == 1, proc.stderr
+    assert proc.stderr.count("ofaconv: note:") == 1, proc.stderr  # rank 0 says it, once
+    assert two.read_bytes() == one.read_bytes()
+    records = [json.loads(line) for line in one.read_text(encoding="utf-8").splitlines()]
+    assert [Path(r["image"]).name for r in records] == [f"{i:02d}.png" for i in range(11)]
+    assert [r["query"] for r in records] == texts
+    assert "error" in records[4] and all("answer" in r for i, r in enumerate(records) if i != 4)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one.jsonl", "texts.txt", "two.jsonl"]
