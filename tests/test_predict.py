@@ -262,3 +262,21 @@ def test_predict_api_runs_the_catalog(upgraded, images, tmp_path):
     written = ofaconv.predict(folder, paths, text="a dog", out=tmp_path / "o.jsonl", chunk_size=2, workers=0)
     assert list(written) == [json.loads(line) for line in (tmp_path / "o.jsonl").read_text("utf-8").splitlines()]
     assert written[0] == in_memory[0]
+
+
+@pytest.mark.parametrize("content, said", [("a dog\n\nthe man\n", ":2: empty text"),
+                                           ("a dog\nthe man\n", "holds 2 texts for 3 images"),
+                                           (None, "no such texts file")])
+def test_texts_that_cannot_pair_are_refused_before_anything_is_written(upgraded, images, tmp_path, capsys, content,
+                                                                       said):
+    texts = tmp_path / "texts.txt"
+    if content is not None:
+        texts.write_text(content, encoding="utf-8")
+    paths = [str(images[n]) for n in ("square", "wide", "tall")]
+    before = sorted(p.name for p in tmp_path.iterdir())
+    capsys.readouterr()
+    assert main(["predict", str(upgraded("grounding_en")), *paths, "--texts", str(texts), "--out",
+                 str(tmp_path / "o.jsonl"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"ofaconv: error: {texts}") and said in err[0], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
