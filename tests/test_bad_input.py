@@ -168,7 +168,7 @@ class Inputs:
         self.recipe_no_tab = self._recipe("no_tab", images="muge/notab.tsv")
         self.recipe_clip_model = self._recipe("clip_model", model=str(clip_folder))
         self.recipe_no_model = self._recipe("no_model", model="no-such-model")
-        self.recipe_into_model = self._recipe("into_model", output=str(folder))
+        self.recipe_into_model = self._recipe("into_model", output=str(self.folder))
         self.recipe_into_user_dir = self._recipe("into_user_dir", output=str(self.user_dir))
 
     def _recipe(self, name: str, *, model=None, output="out", captions="muge/IC_train.jsonl",
