@@ -6,10 +6,18 @@ import ipaddress
 import os
 import shutil
 import socket
+import sys
 from pathlib import Path
 
 import pytest
 
+# One intra-op thread, in this process and the commands tests start: results recorded from other
+# code (fairseq, ModelScope, earlier runs) are compared bit for bit, and a reduction split over
+# threads can move the last bit (as verify runs its checks single-threaded for the same reason); on
+# two cores, tiny models run no slower.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+if "torch" in sys.modules:  # imported before this file (a plugin): the variable came too late
+    sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("HF_HUB_DISABLE_XET", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -590,6 +590,7 @@ def test_build_generation_config_rejects_bad_settings():
         build_generation_config({"temperature": 0})
 
 
+@pytest.mark.slow
 def test_remote_code_folder_generates_without_ofaconv(converted, tmp_path):
     folder, _ = converted("ofa-cn-base")
     script = (

@@ -305,6 +305,7 @@ _CLEAN_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_loads_without_ofaconv(tmp_path, folders):
     """A clean interpreter (no site hooks, so no editable ofaconv) loads the folder with Auto*."""
     image_path = tmp_path / "photo.png"

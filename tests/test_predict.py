@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 import modelscope_tasks as cases
 from ofaconv.cli import main
@@ -25,14 +24,6 @@ from ofaconv.core.images import open_image
 
 FIXTURE = json.loads((Path(__file__).resolve().parents[1] / "fixtures" / "modelscope_tasks.json").read_text("utf-8"))
 FAST = ("grounding_en", "ocr_cn")  # the default tier; the other cases run in the slow tier
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

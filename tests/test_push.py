@@ -493,6 +493,7 @@ CLEAN_VENV_CHECK = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 @pytest.mark.hub
 def test_convert_verify_push_load_in_clean_venv(hub, tmp_path, capsys, official_micro, official_io_path):
     """The folder the Hub received loads with plain transformers + trust_remote_code in a virtualenv
@@ -517,6 +518,7 @@ def test_convert_verify_push_load_in_clean_venv(hub, tmp_path, capsys, official_
     assert result["max_abs_diff"] <= 1e-5, result
 
 
+@pytest.mark.slow
 @pytest.mark.hub
 def test_card_snippet_runs_on_pushed_synthetic_checkpoint(hub, tmp_path, capsys):
     """``convert synth:ofa-cn-base --verify`` -> push -> the card's trust_remote_code snippet, as

@@ -10,6 +10,7 @@ import sysconfig
 import textwrap
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors import safe_open
 
@@ -51,6 +52,7 @@ _CLEAN = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_folder_works_without_ofaconv(tmp_path):
     from PIL import Image
 
