@@ -15,7 +15,8 @@ import torch
 from PIL import Image
 
 from ofaconv.core.images import decode_base64
-from ofaconv.ofa.caption import caption_items, expand_images, load_captioner, read_tsv
+from ofaconv.core.images import expand_images
+from ofaconv.ofa.caption import caption_items, load_captioner, read_tsv
 from ofaconv.cli import main
 from ofaconv.ofa.modeling.tokenization_ofa import CJK_CHARACTERS
 from ofaconv.ofa.tokenization import decode_caption

@@ -17,6 +17,7 @@ import os
 from pathlib import Path
 from typing import Optional, Sequence
 
+from ofaconv.core.catalog import add_input_arguments, add_run_arguments
 from ofaconv.core.errors import DataError, OfaconvError
 
 __all__ = ["embed", "add_parser"]
@@ -110,26 +111,12 @@ def add_parser(sub) -> None:
     p = sub.add_parser("embed", help="embed a catalog of images into .npy/safetensors shards (resumable, torchrun)",
                        description=__doc__.split("\n\n")[0])
     p.add_argument("model", help="CLIP package folder (or a legacy BertCLIP folder / Chinese-CLIP .pt)")
-    p.add_argument("images", nargs="*", help="image files, directories or glob patterns")
-    p.add_argument("--list", action="append", default=[], metavar="FILE",
-                   help="file of image paths, directories or globs, one per line (repeatable)")
-    p.add_argument("--tsv", action="append", default=[], metavar="FILE",
-                   help="MUGE / Chinese-CLIP TSV of image_id<TAB>base64 lines (repeatable)")
+    add_input_arguments(p, tsv_help="MUGE / Chinese-CLIP TSV of image_id<TAB>base64 lines (repeatable)")
     p.add_argument("--out", required=True, help="output folder (shards, ids.jsonl, failed.jsonl, embeddings.json)")
     p.add_argument("--format", choices=["npy", "safetensors"], default="npy", help="shard format (default npy)")
-    p.add_argument("--batch-size", type=int,
-                   help=f"images per forward (default {CPU_BATCH} on a CPU, {GPU_BATCH} on a GPU; halved on an "
-                        "out-of-memory error)")
-    p.add_argument("--workers", type=int,
-                   help="image-decoding processes per model process (default: the free CPUs, at most 8)")
-    p.add_argument("--chunk-size", type=int, default=CHUNK_SIZE,
-                   help=f"images per resumable chunk and rows per shard (default {CHUNK_SIZE})")
-    p.add_argument("--restart", action="store_true",
-                   help="discard an unfinished run recorded beside --out instead of resuming it")
-    p.add_argument("--device", default="cpu",
-                   help="torch device (default cpu; cuda under torchrun: each process its own GPU)")
+    add_run_arguments(p, batch=(CPU_BATCH, GPU_BATCH), chunk_size=CHUNK_SIZE, batch_help="images per forward",
+                      chunk_help="images per resumable chunk and rows per shard")
     p.add_argument("--arch")
     p.add_argument("--vocab")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.set_defaults(func=_run)
 

@@ -49,7 +49,7 @@ from .errors import DataError, OfaconvError
 from .images import ImageDecodeError, decode_base64, expand_images, open_image, tsv_rows
 from .writer import atomic_file, atomic_path, place_folder, write_atomic
 
-__all__ = ["Entry", "Inputs", "Ranks", "RunFolder", "RecordSink", "ArraySink", "CatalogTally", "Records", "run_catalog",
+__all__ = ["add_input_arguments", "add_run_arguments", "Entry", "Inputs", "Ranks", "RunFolder", "RecordSink", "ArraySink", "CatalogTally", "Records", "run_catalog",
            "auto_workers", "torch_device", "model_fingerprint", "check_embeddings_out", "RUN_SCHEMA", "EMBEDDINGS_SCHEMA", "read_embeddings_manifest", "iter_embedding_shards"]
 
 RUN_SCHEMA = "ofaconv/catalog-run@1"
@@ -63,6 +63,37 @@ KILL_AFTER_ENV = "OFACONV_CATALOG_KILL_AFTER"
 # Benchmark hook: rank 0 writes {"images", "seconds", "world_size"} of the processing loop here
 # (from rank 0's first decoded batch, whose images are not counted, to the last chunk written).
 STATS_ENV = "OFACONV_CATALOG_STATS"
+
+
+# ---------------------------------------------------------------------------------------------
+# Command-line flags: the same names and meanings for every catalog command
+# ---------------------------------------------------------------------------------------------
+
+
+def add_input_arguments(p, tsv_help: str = "MUGE-style TSV of image_id<TAB>base64 lines (repeatable)") -> None:
+    """IMAGES..., --list and --tsv."""
+    p.add_argument("images", nargs="*", help="image files, directories or glob patterns")
+    p.add_argument("--list", action="append", default=[], metavar="FILE",
+                   help="file of image paths, directories or globs, one per line (repeatable)")
+    p.add_argument("--tsv", action="append", default=[], metavar="FILE", help=tsv_help)
+
+
+def add_run_arguments(p, *, batch: tuple[int, int], chunk_size: int, batch_help: str = "images per model call",
+                      chunk_help: str = "images per resumable chunk") -> None:
+    """--batch-size, --workers, --chunk-size, --restart, --device and --no-progress (``batch``: the
+    CPU and GPU defaults of --batch-size)."""
+    p.add_argument("--batch-size", type=int,
+                   help=f"{batch_help} (default {batch[0]} on a CPU, {batch[1]} on a GPU; halved on an "
+                        "out-of-memory error)")
+    p.add_argument("--workers", type=int,
+                   help="image-decoding processes per model process (default: the free CPUs, at most 8; 0 decodes "
+                        "in the model's process)")
+    p.add_argument("--chunk-size", type=int, default=chunk_size, help=f"{chunk_help} (default {chunk_size})")
+    p.add_argument("--restart", action="store_true",
+                   help="discard an unfinished run recorded beside --out instead of resuming it")
+    p.add_argument("--device", default="cpu",
+                   help="torch device (default cpu; cuda under torchrun: each process its own GPU)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -25,9 +25,10 @@ import os
 from pathlib import Path
 from typing import Iterable, Iterator, Optional, Sequence
 
+from ofaconv.core.catalog import add_input_arguments, add_run_arguments
 from ofaconv.core.catalog import torch_device  # noqa: F401 - --device, checked the same way by every command
 from ofaconv.core.errors import DataError, OfaconvError
-from ofaconv.core.images import ImageDecodeError, ImageInput, decode_base64, expand_images, open_image, tsv_rows
+from ofaconv.core.images import ImageDecodeError, ImageInput, decode_base64, open_image, tsv_rows
 
 DTYPES = ("fp32", "fp16", "bf16")
 CPU_BATCH, GPU_BATCH = 8, 64  # --batch-size default: the CPU's cores are busy at 8; a GPU wants more
@@ -281,31 +282,15 @@ def add_parser(sub) -> None:
         "under torchrun / accelerate launch.",
     )
     p.add_argument("folder", help="converted model folder")
-    p.add_argument("images", nargs="*", help="image files, directories or glob patterns")
-    p.add_argument("--list", action="append", default=[], metavar="FILE",
-                   help="file of image paths, directories or globs, one per line (repeatable)")
-    p.add_argument("--tsv", action="append", default=[], metavar="FILE",
-                   help="MUGE-style TSV of image_id<TAB>base64 lines (repeatable)")
+    add_input_arguments(p)
     p.add_argument("--out", required=True, help="output JSONL file ('-' for stdout, not resumable)")
     p.add_argument("--prompt", help="encoder prompt (default: the folder's, i.e. fairseq's caption prompt)")
     p.add_argument("--beams", type=int, help="beam size (default: generation_config.json)")
     p.add_argument("--max-len", type=int, help="at most this many caption tokens (fairseq max_len_b)")
     p.add_argument("--min-len", type=int, help="at least this many caption tokens (fairseq min_len)")
     p.add_argument("--text-only", action="store_true", help="never emit <code_*>/<bin_*> tokens")
-    p.add_argument("--batch-size", type=int,
-                   help=f"images per generate call (default {CPU_BATCH} on a CPU, {GPU_BATCH} on a GPU; halved "
-                        "on an out-of-memory error)")
-    p.add_argument("--workers", type=int,
-                   help="image-decoding processes per model process (default: the free CPUs, at most 8; 0 decodes "
-                        "in the model's process)")
-    p.add_argument("--chunk-size", type=int, default=CHUNK_SIZE,
-                   help=f"images per resumable chunk (default {CHUNK_SIZE})")
-    p.add_argument("--restart", action="store_true",
-                   help="discard an unfinished run recorded beside --out instead of resuming it")
-    p.add_argument("--device", default="cpu",
-                   help="torch device (default cpu; cuda under torchrun: each process its own GPU)")
+    add_run_arguments(p, batch=(CPU_BATCH, GPU_BATCH), chunk_size=CHUNK_SIZE, batch_help="images per generate call")
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="model dtype (default fp32)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.set_defaults(func=_run)
 
 

@@ -27,6 +27,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+from ofaconv.core.catalog import add_input_arguments, add_run_arguments
 from ofaconv.core.errors import DataError, OfaconvError
 
 from .caption import CHUNK_SIZE, CPU_BATCH, DTYPES, GPU_BATCH
@@ -209,11 +210,7 @@ def add_parser(sub) -> None:
         "under torchrun / accelerate launch. See docs/tasks.md.",
     )
     p.add_argument("folder", help="converted model folder")
-    p.add_argument("images", nargs="*", help="image files, directories or glob patterns")
-    p.add_argument("--list", action="append", default=[], metavar="FILE",
-                   help="file of image paths, directories or globs, one per line (repeatable)")
-    p.add_argument("--tsv", action="append", default=[], metavar="FILE",
-                   help="MUGE-style TSV of image_id<TAB>base64 lines (repeatable)")
+    add_input_arguments(p)
     p.add_argument("--task", help=f"one of {', '.join(task_names())} (default: the folder's task)")
     p.add_argument("--text", help="the text for every image (VQA question, grounding phrase, matching hypothesis)")
     p.add_argument("--texts", metavar="FILE",
@@ -225,20 +222,9 @@ def add_parser(sub) -> None:
     p.add_argument("--out", required=True, help="output JSONL file ('-' for stdout, not resumable)")
     p.add_argument("--beams", type=int, help="beam size (default: generation_config.json)")
     p.add_argument("--max-len", type=int, help="at most this many generated tokens (fairseq max_len_b)")
-    p.add_argument("--batch-size", type=int,
-                   help=f"images per model call (default {CPU_BATCH} on a CPU, {GPU_BATCH} on a GPU; halved on an "
-                        "out-of-memory error; prompts of different lengths run in separate calls)")
-    p.add_argument("--workers", type=int,
-                   help="image-decoding processes per model process (default: the free CPUs, at most 8; 0 decodes "
-                        "in the model's process)")
-    p.add_argument("--chunk-size", type=int, default=CHUNK_SIZE,
-                   help=f"images per resumable chunk (default {CHUNK_SIZE})")
-    p.add_argument("--restart", action="store_true",
-                   help="discard an unfinished run recorded beside --out instead of resuming it")
-    p.add_argument("--device", default="cpu",
-                   help="torch device (default cpu; cuda under torchrun: each process its own GPU)")
+    add_run_arguments(p, batch=(CPU_BATCH, GPU_BATCH), chunk_size=CHUNK_SIZE,
+                      batch_help="images per model call; prompts of different lengths run in separate calls")
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="model dtype (default fp32)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.set_defaults(func=_run)
 
 
