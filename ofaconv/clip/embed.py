@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 from typing import Optional, Sequence
 
-from ofaconv.core.catalog import add_input_arguments, add_run_arguments
+from ofaconv.core.catalog import add_input_arguments, add_run_arguments, check_run_arguments
 from ofaconv.core.errors import DataError, OfaconvError
 
 __all__ = ["embed", "add_parser"]
@@ -48,7 +48,7 @@ def embed(model, images: Sequence[str] = (), *, out, tsv: Sequence[str] = (), li
     embeds only the chunks that were not done. ``batch_size`` None: 32 on a CPU, 256 on a GPU.
     """
     from ofaconv.core.catalog import (ArraySink, Inputs, check_embeddings_out, model_fingerprint,
-                                      read_embeddings_manifest, run_catalog, torch_device)
+                                      read_embeddings_manifest, run_catalog)
 
     from .towers import ClipTowers
 
@@ -58,12 +58,8 @@ def embed(model, images: Sequence[str] = (), *, out, tsv: Sequence[str] = (), li
     if format not in ("npy", "safetensors"):
         raise OfaconvError(f"--format {format!r}: choose npy or safetensors")
     inputs.check()
-    kind = torch_device(device).type
-    batch_size = batch_size if batch_size is not None else (CPU_BATCH if kind == "cpu" else GPU_BATCH)
-    for flag, value, low in (("--batch-size", batch_size, 1), ("--chunk-size", chunk_size, 1),
-                             ("--workers", workers, 0)):
-        if value is not None and value < low:
-            raise OfaconvError(f"{flag} must be at least {low}, got {value}")
+    batch_size = check_run_arguments(device=device, batch_size=batch_size, chunk_size=chunk_size, workers=workers,
+                                     batch=(CPU_BATCH, GPU_BATCH))
     if not Path(model).exists():
         raise OfaconvError("no such model folder or checkpoint", path=model)
     out = Path(out)

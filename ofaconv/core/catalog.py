@@ -49,7 +49,7 @@ from .errors import DataError, OfaconvError
 from .images import ImageDecodeError, decode_base64, expand_images, open_image, tsv_rows
 from .writer import atomic_file, atomic_path, place_folder, write_atomic
 
-__all__ = ["add_input_arguments", "add_run_arguments", "Entry", "Inputs", "Ranks", "RunFolder", "RecordSink", "ArraySink", "CatalogTally", "Records", "run_catalog",
+__all__ = ["add_input_arguments", "add_run_arguments", "check_run_arguments", "check_jsonl_output", "Entry", "Inputs", "Ranks", "RunFolder", "RecordSink", "ArraySink", "CatalogTally", "Records", "run_catalog",
            "auto_workers", "torch_device", "model_fingerprint", "check_embeddings_out", "RUN_SCHEMA", "EMBEDDINGS_SCHEMA", "read_embeddings_manifest", "iter_embedding_shards"]
 
 RUN_SCHEMA = "ofaconv/catalog-run@1"
@@ -94,6 +94,56 @@ def add_run_arguments(p, *, batch: tuple[int, int], chunk_size: int, batch_help:
     p.add_argument("--device", default="cpu",
                    help="torch device (default cpu; cuda under torchrun: each process its own GPU)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+
+
+def check_run_arguments(*, device: str, batch_size: Optional[int], chunk_size: int, workers: Optional[int],
+                        batch: tuple[int, int]) -> int:
+    """The flags of :func:`add_run_arguments`, checked before anything loads; returns the batch size
+    (``batch``: its CPU and GPU defaults)."""
+    kind = torch_device(device).type
+    batch_size = batch_size if batch_size is not None else (batch[0] if kind == "cpu" else batch[1])
+    for flag, value, low in (("--batch-size", batch_size, 1), ("--chunk-size", chunk_size, 1),
+                             ("--workers", workers, 0)):
+        if value is not None and value < low:
+            raise OfaconvError(f"{flag} must be at least {low}, got {value}")
+    return batch_size
+
+
+def check_jsonl_output(out: str, inputs: Sequence[str], folder, *, command: str,
+                       ours: Callable[[dict], bool]) -> Optional[Path]:
+    """``--out`` of a JSONL command as a path ofaconv may write (None: stdout), checked before anything
+    is loaded: not a link or a folder, not inside the model folder, not an input, and, if it exists,
+    an earlier output of ``command`` (its first line a record for which ``ours`` holds)."""
+    if out == "-":
+        return None
+    path = Path(out)
+    if not path.parent.is_dir():
+        raise OfaconvError("the output's folder does not exist; create it first", path=path.parent)
+    if path.is_symlink() or (path.exists() and not path.is_file()):
+        raise OfaconvError("exists and is not a regular file; give a new file name (or '-' for stdout)", path=path)
+    real, model = Path(os.path.realpath(path)), Path(os.path.realpath(folder))
+    if real == model or model in real.parents:
+        raise OfaconvError("lies inside the model folder (its manifest lists every file); write it elsewhere",
+                           path=path)
+    for name in inputs:
+        if name and os.path.exists(name) and os.path.realpath(name) == str(real):
+            raise OfaconvError("is also an input; choose another --out", path=path)
+    if path.exists() and not _earlier_output(path, ours):
+        raise OfaconvError(f"exists and is not an earlier `ofaconv {command}` output; move it away or choose "
+                           "another --out", path=path)
+    return path
+
+
+def _earlier_output(path: Path, ours: Callable[[dict], bool]) -> bool:
+    with open(path, "rb") as handle:
+        first = handle.readline(_LINE_LIMIT)
+    if not first.strip():
+        return True
+    try:
+        record = json.loads(first)
+    except (ValueError, RecursionError):
+        return False
+    return isinstance(record, dict) and ours(record)
 
 
 # ---------------------------------------------------------------------------------------------

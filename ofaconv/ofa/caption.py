@@ -25,7 +25,7 @@ import os
 from pathlib import Path
 from typing import Iterable, Iterator, Optional, Sequence
 
-from ofaconv.core.catalog import add_input_arguments, add_run_arguments
+from ofaconv.core.catalog import add_input_arguments, add_run_arguments, check_jsonl_output, check_run_arguments
 from ofaconv.core.catalog import torch_device  # noqa: F401 - --device, checked the same way by every command
 from ofaconv.core.errors import DataError, OfaconvError
 from ofaconv.core.images import ImageDecodeError, ImageInput, decode_base64, open_image, tsv_rows
@@ -227,16 +227,11 @@ def caption(folder, images: Sequence[str] = (), *, out=None, tsv: Sequence[str] 
     if dtype not in DTYPES:
         raise OfaconvError(f"unknown dtype {dtype!r} (choose from {', '.join(DTYPES)})")
     inputs.check()
-    kind = torch_device(device).type
-    batch_size = batch_size if batch_size is not None else (CPU_BATCH if kind == "cpu" else GPU_BATCH)
-    if batch_size < 1:
-        raise OfaconvError("--batch-size must be at least 1")
-    if chunk_size < 1:
-        raise OfaconvError("--chunk-size must be at least 1")
-    if workers is not None and workers < 0:
-        raise OfaconvError("--workers must be at least 0")
+    batch_size = check_run_arguments(device=device, batch_size=batch_size, chunk_size=chunk_size, workers=workers,
+                                     batch=(CPU_BATCH, GPU_BATCH))
     check_ofa_folder(folder, "caption")
-    target = _caption_output(out, inputs.paths(), folder) if out is not None else None
+    target = None if out is None else check_jsonl_output(out, inputs.paths(), folder, command="caption",
+                                                         ours=lambda r: "image" in r and ("caption" in r or "error" in r))
 
     def load(on: str):
         model, processor = load_captioner(folder, on, dtype)
@@ -310,42 +305,6 @@ def _generate_kwargs(beams, max_len, min_len, text_only) -> dict:
     if text_only:
         kwargs["text_only"] = True
     return kwargs
-
-
-def _caption_output(out: str, inputs: list, folder) -> Optional[Path]:
-    """``--out`` as a path ofaconv may write (None: stdout), checked before anything is loaded."""
-    if out == "-":
-        return None
-    path = Path(out)
-    if not path.parent.is_dir():
-        raise OfaconvError("the output's folder does not exist; create it first", path=path.parent)
-    if path.is_symlink() or (path.exists() and not path.is_file()):
-        raise OfaconvError("exists and is not a regular file; give a new file name (or '-' for stdout)", path=path)
-    real = Path(os.path.realpath(path))
-    model = Path(os.path.realpath(folder))
-    if real == model or model in real.parents:
-        raise OfaconvError("lies inside the model folder (its manifest lists every file); write it elsewhere",
-                           path=path)
-    for name in inputs:
-        if os.path.exists(name) and os.path.realpath(name) == str(real):
-            raise OfaconvError("is also an input; choose another --out", path=path)
-    if path.exists() and not _earlier_output(path):
-        raise OfaconvError("exists and is not an earlier `ofaconv caption` output; move it away or choose another "
-                           "--out", path=path)
-    return path
-
-
-def _earlier_output(path: Path) -> bool:
-    """Empty, or its first line is a caption record: a file this command wrote."""
-    with open(path, "rb") as handle:
-        first = handle.readline(1 << 20)
-    if not first.strip():
-        return True
-    try:
-        record = json.loads(first)
-    except (ValueError, RecursionError):
-        return False
-    return isinstance(record, dict) and "image" in record and ("caption" in record or "error" in record)
 
 
 def _run(args) -> int:

@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from ofaconv.core.catalog import add_input_arguments, add_run_arguments
+from ofaconv.core.catalog import add_input_arguments, add_run_arguments, check_jsonl_output, check_run_arguments
 from ofaconv.core.errors import DataError, OfaconvError
 
 from .caption import CHUNK_SIZE, CPU_BATCH, DTYPES, GPU_BATCH
@@ -144,7 +144,7 @@ def predict(folder, images: Sequence[str] = (), *, task: Optional[str] = None, t
 
 def _predict(folder, images, *, task, text, texts, answers, out, lists, tsv, batch_size, device, dtype, workers,
              chunk_size, restart, progress, generate_kwargs, on_note, answers_file=None):
-    from ofaconv.core.catalog import Inputs, RecordSink, Records, model_fingerprint, run_catalog, torch_device
+    from ofaconv.core.catalog import Inputs, RecordSink, Records, model_fingerprint, run_catalog
 
     from .caption import check_ofa_folder
     from .tasks import task_spec
@@ -156,20 +156,15 @@ def _predict(folder, images, *, task, text, texts, answers, out, lists, tsv, bat
         task_spec(task)
     if dtype not in DTYPES:
         raise OfaconvError(f"unknown dtype {dtype!r} (choose from {', '.join(DTYPES)})")
-    kind = torch_device(device).type
-    batch_size = batch_size if batch_size is not None else (CPU_BATCH if kind == "cpu" else GPU_BATCH)
-    if batch_size < 1:
-        raise OfaconvError("--batch-size must be at least 1")
-    if chunk_size < 1:
-        raise OfaconvError("--chunk-size must be at least 1")
-    if workers is not None and workers < 0:
-        raise OfaconvError("--workers must be at least 0")
+    batch_size = check_run_arguments(device=device, batch_size=batch_size, chunk_size=chunk_size, workers=workers,
+                                     batch=(CPU_BATCH, GPU_BATCH))
     check_ofa_folder(folder, "predict")
     task, note = resolve_task(_folder_config(folder), task)
     _check_texts(task, task_spec(task).get("text") == "required", text, texts)
     inputs.check()
-    target = _predict_output(out, [*inputs.paths(), *([answers_file] if answers_file else [])], folder) \
-        if out is not None else None
+    target = None if out is None else check_jsonl_output(
+        out, [*inputs.paths(), *([answers_file] if answers_file else [])], folder, command="predict",
+        ours=lambda r: "image" in r and "task" in r)
 
     def load(on: str):
         if note and int(os.environ.get("RANK", "0")) == 0:  # once the inputs passed their checks
@@ -226,41 +221,6 @@ def add_parser(sub) -> None:
                       batch_help="images per model call; prompts of different lengths run in separate calls")
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="model dtype (default fp32)")
     p.set_defaults(func=_run)
-
-
-def _earlier_output(path: Path) -> bool:
-    """Empty, or its first line is a predict record: a file this command wrote."""
-    with open(path, "rb") as handle:
-        first = handle.readline(1 << 20)
-    if not first.strip():
-        return True
-    try:
-        record = json.loads(first)
-    except (ValueError, RecursionError):
-        return False
-    return isinstance(record, dict) and "image" in record and "task" in record
-
-
-def _predict_output(out: str, inputs: list, folder) -> Optional[Path]:
-    """``--out`` as a path ofaconv may write (None: stdout), checked before anything is loaded."""
-    if out == "-":
-        return None
-    path = Path(out)
-    if not path.parent.is_dir():
-        raise OfaconvError("the output's folder does not exist; create it first", path=path.parent)
-    if path.is_symlink() or (path.exists() and not path.is_file()):
-        raise OfaconvError("exists and is not a regular file; give a new file name (or '-' for stdout)", path=path)
-    real, model = Path(os.path.realpath(path)), Path(os.path.realpath(folder))
-    if real == model or model in real.parents:
-        raise OfaconvError("lies inside the model folder (its manifest lists every file); write it elsewhere",
-                           path=path)
-    for name in inputs:
-        if name and os.path.exists(name) and os.path.realpath(name) == str(real):
-            raise OfaconvError("is also an input; choose another --out", path=path)
-    if path.exists() and not _earlier_output(path):
-        raise OfaconvError("exists and is not an earlier `ofaconv predict` output; move it away or choose another "
-                           "--out", path=path)
-    return path
 
 
 def _generate_kwargs(args) -> dict:
