@@ -71,6 +71,39 @@ def test_convert_verify_every_variant(variant, converted):
     assert result.report["variant"] == variant
 
 
+@pytest.mark.parametrize("variant", variant_names())
+def test_config_files_are_what_the_classes_write(variant, converted, micro_checkpoint, tmp_path):
+    """convert writes config.json and generation_config.json without importing transformers: they
+    must be byte-identical to OFAConfig's and GenerationConfig's own save_pretrained output."""
+    import ofaconv.ofa.convert as conv
+    from ofaconv.ofa.checkpoint import infer_config, load_checkpoint, read_flags
+    from ofaconv.ofa.modeling.configuration_ofa import build_generation_config
+    from ofaconv.ofa.variants import family_info, get_variant
+
+    ckpt = load_checkpoint(micro_checkpoint(variant))
+    shape, flags = infer_config(ckpt.state_dict), read_flags(ckpt)
+    config = conv.build_config(shape, flags)
+    config.dtype = torch.bfloat16
+    config.task = {"name": "caption", "prompt": "图片描述了什么内容?"}
+    config.save_pretrained(tmp_path)
+    ours = conv.json_file(conv.config_json(shape, flags, "bfloat16", {"task": config.task}))
+    assert ours == (tmp_path / "config.json").read_bytes()
+    folder = converted(variant).out_dir
+    del config.task
+    config.dtype = torch.float32
+    config.save_pretrained(tmp_path)
+    assert (folder / "config.json").read_bytes() == (tmp_path / "config.json").read_bytes()
+
+    family = converted(variant).report["family"]
+    settings = {**family_info(family)["generation"], **get_variant(variant).get("generation", {})}
+    build_generation_config(settings, config).save_pretrained(tmp_path)
+    assert (folder / "generation_config.json").read_bytes() == (tmp_path / "generation_config.json").read_bytes()
+    greedy = {"num_beams": 1, "max_len_b": 20, "temperature": 0.7, "text_token_range": [4, 40]}
+    build_generation_config(greedy, config).save_pretrained(tmp_path)
+    ours = conv.json_file(conv.generation_config_json(greedy, json.loads((folder / "config.json").read_text())))
+    assert ours == (tmp_path / "generation_config.json").read_bytes()
+
+
 def test_golden_outputs(converted):
     """Logit slices and greedy ids of each micro fixture are pinned, so a drift that hits the
     model and the reference alike is still caught."""
@@ -301,14 +334,12 @@ def test_wrong_config_flag_fails_verification(flag, value, micro_checkpoint, tmp
     src = tmp_path / "src.pt"
     overrides = {"disable_entangle": False} if flag == "disable_entangle" else {}
     write_synthetic_checkpoint(src, variant, size="micro", seed=1, flags=overrides)
-    real = conv.build_config
+    real = conv.config_arguments
 
     def broken(shape, flags):
-        config = real(shape, flags)
-        setattr(config, flag, value)
-        return config
+        return {**real(shape, flags), flag: value}
 
-    monkeypatch.setattr(conv, "build_config", broken)
+    monkeypatch.setattr(conv, "config_arguments", broken)
     result = convert_checkpoint(src, tmp_path / "out", verify=True)
     assert not result.passed, f"ignoring {flag} went unnoticed"
 

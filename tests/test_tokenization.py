@@ -419,6 +419,18 @@ def test_save_and_autotokenizer_round_trip(tmp_path, family, tokenizers):
     assert batch["input_ids"][0, -1].item() in (1, 2)  # right padding
 
 
+@pytest.mark.parametrize("family, source", [("en", None), ("cn", None), ("en", "hf")])
+def test_save_processing_writes_what_transformers_writes(tmp_path, family, source, en):
+    """``ofaconv convert`` writes the tokenizer files without importing transformers: they must be
+    byte-identical to the tokenizer's own save_pretrained output (with ofaconv's class names)."""
+    source = _hf_en_folder(tmp_path, en) if source == "hf" else None
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    tokenization.save_processing(ours, family, 64, tokenizer_source=source)
+    save_tokenizer(build_tokenizer(family, source), theirs, processor_class="OFAProcessor")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (ours / name).read_bytes() == (theirs / name).read_bytes(), name
+
+
 # ---------------------------------------------------------------------------------------------
 # Decoding
 

@@ -214,14 +214,12 @@ def test_interpolation_lost_in_the_converted_config_fails_verify(modelscope_fold
     fails instead of checking the translation against itself."""
     import ofaconv.ofa.convert as convert
 
-    build_config = convert.build_config
+    config_arguments = convert.config_arguments
 
     def lossy(shape, flags):
-        config = build_config(shape, flags)
-        config.interpolate_position = False
-        return config
+        return {**config_arguments(shape, flags), "interpolate_position": False}
 
-    monkeypatch.setattr(convert, "build_config", lossy)
+    monkeypatch.setattr(convert, "config_arguments", lossy)
     folder, _ = modelscope_folder
     out = tmp_path / "lossy"
     assert cli(["upgrade", str(folder), str(out), "--verify"]) == 3

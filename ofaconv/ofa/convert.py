@@ -15,10 +15,14 @@ Invariants:
 from __future__ import annotations
 
 import argparse
+import ast
 import copy
 import functools
+import importlib.metadata
+import json
 import sys
 import tempfile
+import types
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -29,6 +33,7 @@ from ofaconv.core.errors import CheckpointError, OfaconvError
 from ofaconv.core.keymap import KeyMap
 from ofaconv.core.report import SCHEMA, is_weight_file
 from ofaconv.core.writer import OutputFolder, check_output
+from .modeling.settings_ofa import AUTO_MAP, CUSTOM_PIPELINES, generation_fields
 from .variants import family_info, get_variant
 
 # torch, transformers and the checkpoint reader are imported where used: the CLI starts hashing
@@ -38,6 +43,7 @@ DEFAULT_KEYMAP = "ofa/fairseq"
 # Files copied next to the weights so the folder works with trust_remote_code and no ofaconv.
 REMOTE_CODE_FILES = [
     "configuration_ofa.py",
+    "settings_ofa.py",
     "buckets_ofa.py",
     "modeling_ofa.py",
     "generation_ofa.py",
@@ -98,12 +104,18 @@ def check_supported(shape: dict, flags: dict, path=None) -> None:
                               "are not supported: every released OFA has them", path=path)
 
 
-def build_config(shape: dict, flags: dict):
-    """OFAConfig from inferred shapes plus the checkpoint's non-shape flags (``check_supported`` first)."""
-    from .modeling import OFAConfig
-    from .modeling.configuration_ofa import AUTO_MAP, CUSTOM_PIPELINES
+# What every converted config.json names besides the model's fields.
+_CONFIG_CLASS_FIELDS = {
+    "architectures": ["OFAForConditionalGeneration"],
+    "auto_map": AUTO_MAP,
+    "custom_pipelines": CUSTOM_PIPELINES,
+}
 
-    return OFAConfig(
+
+def config_arguments(shape: dict, flags: dict) -> dict:
+    """The ``OFAConfig`` arguments of a checkpoint: inferred shapes plus its non-shape flags
+    (``check_supported`` first); every other field keeps the class default."""
+    return dict(
         vocab_size=shape["vocab_size"],
         max_position_embeddings=shape["max_source_positions"],
         d_model=shape["d_model"],
@@ -114,7 +126,7 @@ def build_config(shape: dict, flags: dict):
         encoder_attention_heads=shape["encoder_attention_heads"],
         decoder_attention_heads=shape["decoder_attention_heads"],
         resnet_type=shape.get("resnet_type") or "custom",
-        resnet_layers=shape["resnet_layers"],
+        resnet_layers=list(shape["resnet_layers"]),
         token_bucket_size=shape["token_bucket_size"],
         image_bucket_size=shape["image_bucket_size"],
         normformer=shape["scale_attn"],
@@ -132,10 +144,57 @@ def build_config(shape: dict, flags: dict):
         orig_patch_image_size=int(flags["orig_patch_image_size"]),
         patch_image_size=int(flags["patch_image_size"]),
         code_image_size=int(flags.get("code_image_size", 128)),
-        architectures=["OFAForConditionalGeneration"],
-        auto_map=dict(AUTO_MAP),
-        custom_pipelines=copy.deepcopy(CUSTOM_PIPELINES),
     )
+
+
+def build_config(shape: dict, flags: dict):
+    """The ``OFAConfig`` of a checkpoint (imports transformers; ``config_json`` writes the same file
+    without it)."""
+    from .modeling import OFAConfig
+
+    return OFAConfig(**config_arguments(shape, flags), **copy.deepcopy(_CONFIG_CLASS_FIELDS))
+
+
+@functools.lru_cache(maxsize=None)
+def _config_defaults() -> dict:
+    # OFAConfig's keyword defaults, read from the source of configuration_ofa.py (the file the
+    # folder ships): importing it would import transformers, most of a second of a conversion.
+    source = resources.files("ofaconv.ofa.modeling").joinpath("configuration_ofa.py").read_text(encoding="utf-8")
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ClassDef) and node.name == "OFAConfig":
+            init = next(n for n in node.body if isinstance(n, ast.FunctionDef) and n.name == "__init__")
+            names = [a.arg for a in init.args.args[-len(init.args.defaults):]]
+            return {name: ast.literal_eval(value) for name, value in zip(names, init.args.defaults)}
+    raise RuntimeError("configuration_ofa.py defines no OFAConfig")
+
+
+def transformers_version() -> str:
+    """The installed transformers' version, without importing it."""
+    return importlib.metadata.version("transformers")
+
+
+def config_json(shape: dict, flags: dict, dtype: str = "float32", fields: dict | None = None) -> dict:
+    """``config.json`` of a checkpoint exactly as ``build_config(...).save_pretrained`` writes it
+    (tests/test_convert.py holds the two equal for every variant), without importing transformers.
+    ``fields``: extra keys (``ofaconv upgrade``'s ``task``)."""
+    values = {**_config_defaults(), **config_arguments(shape, flags)}
+    if values["resnet_layers"] is None:  # OFAConfig derives them from resnet_type
+        raise ValueError("resnet_layers must be given")
+    values.update(copy.deepcopy(_CONFIG_CLASS_FIELDS), dtype=dtype, model_type="ofa",
+                  transformers_version=transformers_version(), **(fields or {}))
+    return dict(sorted(values.items()))
+
+
+def generation_config_json(settings: dict, config: dict) -> dict:
+    """``generation_config.json`` exactly as ``build_generation_config(settings, config).save_pretrained``
+    writes it (tests/test_convert.py holds the two equal), without importing transformers."""
+    hf, fairseq = generation_fields(settings, types.SimpleNamespace(**config))
+    return dict(sorted({**hf, **fairseq, "transformers_version": transformers_version()}.items()))
+
+
+def json_file(data: dict) -> bytes:
+    """A config file as transformers writes one."""
+    return (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
 
 
 def keymap_counts(shape: dict) -> dict:
@@ -256,26 +315,25 @@ def copy_remote_code(folder: OutputFolder) -> None:
 
 def _versions() -> dict:
     import torch
-    import transformers
 
     return {
         "ofaconv": __version__,
         "torch": torch.__version__.split("+")[0],
-        "transformers": transformers.__version__,
+        "transformers": transformers_version(),
         "python": ".".join(map(str, sys.version_info[:3])),
     }
 
 
-def _write_generation_config(folder: OutputFolder, family: str | None, variant: str | None, config,
+def _write_generation_config(folder: OutputFolder, family: str | None, variant: str | None, config: dict,
                               settings: dict | None = None) -> None:
-    from .modeling.configuration_ofa import build_generation_config
-
     if settings is None:  # the family's fairseq defaults, with the variant's overrides
         settings = dict(family_info(family)["generation"]) if family else {}
         if variant:
             settings.update(get_variant(variant).get("generation", {}))
-    with folder.recording():
-        build_generation_config(settings, config).save_pretrained(folder.path)
+    try:
+        folder.write_bytes("generation_config.json", json_file(generation_config_json(settings, config)))
+    except ValueError as exc:
+        raise OfaconvError(f"bad generation settings: {exc}") from None
 
 
 def convert_checkpoint(
@@ -406,15 +464,11 @@ def _convert(
         # The small files first: their Python work (transformers imports, tokenizer) overlaps the
         # source hash instead of trailing after the weights on one core, and a bad --tokenizer
         # fails before any weight is written.
-        config = build_config(shape, flags)
-        config.dtype = target_dtype
-        for key, value in (config_fields or {}).items():
-            setattr(config, key, value)
-        with folder.recording():
-            config.save_pretrained(tmp)
+        config = config_json(shape, flags, DTYPES[dtype], config_fields)
+        folder.write_bytes("config.json", json_file(config))
         copy_remote_code(folder)
         _write_generation_config(folder, family, variant, config, generation)
-        processing_note = _save_processing(folder, family, config.patch_image_size, tokenizer, prompt, image_stats)
+        processing_note = _save_processing(folder, family, config["patch_image_size"], tokenizer, prompt, image_stats)
 
         sources = dict(plan.entries)
         items = [

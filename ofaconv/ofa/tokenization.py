@@ -354,14 +354,14 @@ def _chinese_backend(tokens: list[str]):
     return backend
 
 
-def build_tokenizer(family: str = "en", source=None):
-    """The OFA tokenizer of `family` ("en" | "cn") as a `PreTrainedTokenizerFast`.
+def build_backend(family: str = "en", source=None):
+    """The OFA tokenizer of `family` ("en" | "cn") as a stock `tokenizers.Tokenizer` (what
+    `tokenizer.json` holds), built without importing transformers.
 
     `source`: see `read_vocabulary` (default: the vocabulary files shipped with ofaconv; a Hub id
     is downloaded with huggingface_hub only when given).
     """
     from tokenizers import AddedToken
-    from transformers import PreTrainedTokenizerFast
 
     text_tokens, merges = read_vocabulary(family, source)
     tokens = ofa_tokens(family, text_tokens)
@@ -377,26 +377,35 @@ def build_tokenizer(family: str = "en", source=None):
     if family == "cn":
         plain += [AddedToken(t, special=False, normalized=False) for t in BERT_SPECIAL_TOKENS if t != BERT_UNK]
     backend.add_tokens(plain)
-
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="<pad>",
-        unk_token="<unk>" if family == "en" else BERT_UNK,
-        mask_token=MASK_TOKEN,
-        cls_token="<s>",
-        sep_token="</s>",
-        model_max_length=MODEL_MAX_LENGTH,
-        padding_side="right",
-        clean_up_tokenization_spaces=False,
-        model_input_names=["input_ids", "attention_mask"],
-    )
-    _check_layout(tokenizer, family)
-    return tokenizer
+    _check_layout(backend, family)
+    return backend
 
 
-def _check_layout(tokenizer, family: str) -> None:
+def tokenizer_settings(family: str) -> dict:
+    """The `PreTrainedTokenizerFast` arguments of `family`'s tokenizer."""
+    return {
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "pad_token": "<pad>",
+        "unk_token": "<unk>" if _check_family(family) == "en" else BERT_UNK,
+        "mask_token": MASK_TOKEN,
+        "cls_token": "<s>",
+        "sep_token": "</s>",
+        "model_max_length": MODEL_MAX_LENGTH,
+        "padding_side": "right",
+        "clean_up_tokenization_spaces": False,
+        "model_input_names": ["input_ids", "attention_mask"],
+    }
+
+
+def build_tokenizer(family: str = "en", source=None):
+    """The OFA tokenizer of `family` ("en" | "cn") as a `PreTrainedTokenizerFast` (see `build_backend`)."""
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(tokenizer_object=build_backend(family, source), **tokenizer_settings(family))
+
+
+def _check_layout(backend, family: str) -> None:
     layout = vocab_layout(family)
     expected = {
         "<s>": 0,
@@ -407,9 +416,24 @@ def _check_layout(tokenizer, family: str) -> None:
         "<code_0>": layout.code_ids.start,
         f"<bin_{NUM_BINS - 1}>": layout.bin_ids.stop - 1,
     }
-    got = {t: tokenizer.convert_tokens_to_ids(t) for t in expected}
-    if got != expected or len(tokenizer) != layout.vocab_size:
-        raise OfaconvError(f"{family} tokenizer layout is off: {got} (size {len(tokenizer)}), expected {expected}")
+    got = {t: backend.token_to_id(t) for t in expected}
+    size = backend.get_vocab_size(with_added_tokens=True)
+    if got != expected or size != layout.vocab_size:
+        raise OfaconvError(f"{family} tokenizer layout is off: {got} (size {size}), expected {expected}")
+
+
+# transformers 5 names the class "TokenizersBackend"; 4.x only knows the old name of the same class.
+TOKENIZER_CLASS = "PreTrainedTokenizerFast"
+
+
+def tokenizer_config_dict(family: str, processor_class: str | None = None) -> dict:
+    """``tokenizer_config.json`` as `save_tokenizer` writes it (tests/test_tokenization.py holds the
+    two equal), with a `tokenizer_class` every transformers release resolves."""
+    config = {"backend": "tokenizers", **tokenizer_settings(family), "tokenizer_class": TOKENIZER_CLASS}
+    config = dict(sorted(config.items()))
+    if processor_class is not None:
+        config["processor_class"] = processor_class
+    return config
 
 
 def save_tokenizer(tokenizer, folder, processor_class: str | None = None) -> None:
@@ -419,8 +443,7 @@ def save_tokenizer(tokenizer, folder, processor_class: str | None = None) -> Non
     tokenizer.save_pretrained(folder)
     config_path = folder / "tokenizer_config.json"
     config = json.loads(config_path.read_text(encoding="utf-8"))
-    # transformers 5 writes "TokenizersBackend"; 4.x only knows the old name of the same class.
-    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    config["tokenizer_class"] = TOKENIZER_CLASS
     if processor_class is not None:
         config["processor_class"] = processor_class
     config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
@@ -475,13 +498,14 @@ def save_processing(folder, family: str, image_size: int, tokenizer_source=None,
     ofaconv. `prompt` defaults to the family's fairseq caption prompt (mappings/variants.yaml);
     `image_mean` / `image_std` to fairseq's 0.5 / 0.5.
     `folder` is an ``OutputFolder`` (the files go into its manifest; it makes the whole folder
-    appear at once) or a plain directory.
+    appear at once) or a plain directory. Every file is written as the classes' own
+    ``save_pretrained`` writes it, without importing transformers (about a second of a conversion).
     """
     from ofaconv.core.writer import OutputFolder
 
     _check_family(family)
     prompt = prompt if prompt is not None else _families()[family]["prompt"]
-    tokenizer = build_tokenizer(family, tokenizer_source)
+    backend = build_backend(family, tokenizer_source)
     output = folder if isinstance(folder, OutputFolder) else None
     root = output.path if output is not None else Path(folder)
     try:
@@ -491,7 +515,10 @@ def save_processing(folder, family: str, image_size: int, tokenizer_source=None,
                 _json_file(image_processor_dict(image_size, image_mean, image_std)), encoding="utf-8")
             (root / "processor_config.json").write_text(
                 _json_file(processor_dict(family, image_size, prompt, image_mean, image_std)), encoding="utf-8")
-            save_tokenizer(tokenizer, root, processor_class="OFAProcessor")
+            (root / "tokenizer.json").write_text(backend.to_str(pretty=True), encoding="utf-8")
+            (root / "tokenizer_config.json").write_text(
+                json.dumps(tokenizer_config_dict(family, "OFAProcessor"), indent=2, ensure_ascii=False) + "\n",
+                encoding="utf-8")
             code = files("ofaconv.ofa.modeling")
             for name in PROCESSING_CODE:
                 (root / name).write_bytes(code.joinpath(name).read_bytes())
@@ -504,6 +531,7 @@ __all__ = [
     "NUM_BINS",
     "NUM_CODES",
     "VocabLayout",
+    "build_backend",
     "build_tokenizer",
     "decode_caption",
     "decode_captions",
@@ -512,6 +540,8 @@ __all__ = [
     "read_vocabulary",
     "save_processing",
     "save_tokenizer",
+    "tokenizer_config_dict",
+    "tokenizer_settings",
     "text_token_mask",
     "vocab_layout",
 ]

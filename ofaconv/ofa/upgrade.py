@@ -219,12 +219,12 @@ def _generation(beam_search, path) -> dict:
         default = settings.get(key)
         settings[key] = value if default is None else _typed(value, default, path=path, key=where)
     out = {table["names"][key]: value for key, value in settings.items()}
-    from .modeling.configuration_ofa import build_generation_config
     from .modeling.generation_ofa import parse_constraint_range
+    from .modeling.settings_ofa import generation_fields
 
     try:
         parse_constraint_range(out["constraint_range"])
-        build_generation_config(out)
+        generation_fields(out)
     except ValueError as exc:
         raise OfaconvError(f"{exc}; restore the folder's configuration.json", path=path,
                            key="model.beam_search") from None

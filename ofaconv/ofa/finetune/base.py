@@ -122,8 +122,8 @@ def init_random_folder(init, folder: str | os.PathLike) -> Path:
     """Write a randomly initialised model in the converted-folder format (idempotent per settings)."""
     from ofaconv.ofa.convert import copy_remote_code
     from ofaconv.ofa.modeling import OFAConfig, OFAForConditionalGeneration
-    from ofaconv.ofa.modeling.configuration_ofa import AUTO_MAP, CUSTOM_PIPELINES
     from ofaconv.ofa.modeling.configuration_ofa import build_generation_config
+    from ofaconv.ofa.modeling.settings_ofa import AUTO_MAP, CUSTOM_PIPELINES
     from ofaconv.ofa.tokenization import save_processing
     from ofaconv.ofa.variants import family_info
 

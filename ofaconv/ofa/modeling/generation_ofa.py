@@ -1,7 +1,7 @@
 """Generation for OFA as fairseq's SequenceGenerator runs it (OFA-Sys/OFA ``models/sequence_generator.py``),
 with transformers' ``generate`` arguments on top.
 
-Self-contained (imports only torch, transformers and ``configuration_ofa.py``, which builds
+Self-contained (imports only torch, transformers and ``settings_ofa.py``, which holds the fields of
 ``generation_config.json``): ofaconv copies this file into every converted folder next to
 ``modeling_ofa.py``, which imports it for ``trust_remote_code=True``.
 
@@ -79,7 +79,7 @@ from transformers.generation import LogitsProcessorList, MaxTimeCriteria, StopSt
 from transformers.generation.utils import GenerateBeamEncoderDecoderOutput
 from transformers.utils import logging
 
-from .configuration_ofa import BOS, EOS, FAIRSEQ_DEFAULTS, PAD, UNK, default_text_token_range
+from .settings_ofa import BOS, EOS, FAIRSEQ_DEFAULTS, PAD, UNK, default_text_token_range
 
 logger = logging.get_logger(__name__)
 
