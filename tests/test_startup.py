@@ -110,16 +110,39 @@ print(json.dumps([type(AutoConfig.from_pretrained(folder)).__module__,
     ]
 
 
-def test_convert_command_skips_the_heavy_imports(cn_checkpoint, tmp_path):
+def test_convert_command_does_not_import_transformers(cn_checkpoint, tmp_path):
+    """config, generation config, tokenizer and processor files are written without it."""
     src = cn_checkpoint
     out = run_python(f"""
 import sys
 from ofaconv.cli import main
 assert main(["convert", {str(src)!r}, {str(tmp_path / "out")!r}]) == 0
-print(sorted(m for m in {HEAVY!r} if m in sys.modules))
+print(sorted(m for m in ("transformers", *{HEAVY!r}) if m in sys.modules))
 """)
     assert out.strip().splitlines()[-1] == "[]"
     assert (tmp_path / "out" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("argv, code", [(["inspect"], 0), (["convert", "--dtype", "fp64"], 2)])
+def test_cli_exit_after_torch_runs_the_python_side_of_exit(cn_checkpoint, tmp_path, argv, code):
+    """The entry point skips libtorch's teardown, not Python's: the exit code, everything printed
+    (to a pipe, so block-buffered), atexit handlers and non-daemon threads all survive."""
+    argv = [argv[0], str(cn_checkpoint), *([str(tmp_path / "out")] if argv[0] == "convert" else []), *argv[1:]]
+    proc = subprocess.run([sys.executable, "-c", f"""
+import atexit, sys, threading, time
+import torch  # the fast exit is taken once torch is imported
+from ofaconv.cli import run
+atexit.register(lambda: print("atexit ran", flush=True))
+threading.Thread(target=lambda: (time.sleep(0.5), print("thread finished", flush=True))).start()
+sys.stdout.write("x" * 100000 + "\\n")
+sys.argv = ["ofaconv", *{argv!r}]
+run()
+"""], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == code, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "x" * 100000 and lines[-2:] == ["thread finished", "atexit ran"], lines[-3:]
+    assert (code == 0) == (len(lines) > 3)  # inspect's table, or convert's one-line error on stderr
+    assert code == 0 or proc.stderr.count("\n") == 1
 
 
 @pytest.fixture(scope="module")

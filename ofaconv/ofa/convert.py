@@ -470,6 +470,10 @@ def _convert(
         _write_generation_config(folder, family, variant, config, generation)
         processing_note = _save_processing(folder, family, config["patch_image_size"], tokenizer, prompt, image_stats)
 
+        if verify:
+            from .verify import import_in_background
+
+            import_in_background()
         sources = dict(plan.entries)
         items = [
             (target, tuple(state[key].shape), state[key].dtype, functools.partial(state.__getitem__, key))

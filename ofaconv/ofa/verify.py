@@ -29,6 +29,7 @@ import concurrent.futures
 import contextlib
 import json
 import math
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -116,6 +117,21 @@ def _check(name, passed, *, metric=None, value=None, gate=None, detail="", gate_
     if gate_reason is not None:
         row["gate_reason"] = gate_reason
     return row
+
+
+def import_in_background() -> None:
+    """Start importing the model code (transformers' model machinery, seconds) on a daemon thread,
+    for a caller that will verify a folder it is still writing: the import then overlaps the
+    weights' I/O instead of following it. A failure is left to the real import to report."""
+
+    def load():
+        with contextlib.suppress(Exception):
+            from transformers.utils import logging  # noqa: F401
+
+            from .modeling import modeling_ofa  # noqa: F401
+            from .reference import forward  # noqa: F401
+
+    threading.Thread(target=load, name="ofaconv-import", daemon=True).start()
 
 
 def load_converted(folder: Path):
