@@ -8,6 +8,7 @@ from __future__ import annotations
 import concurrent.futures
 import hashlib
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -143,6 +144,17 @@ run()
     assert lines[0] == "x" * 100000 and lines[-2:] == ["thread finished", "atexit ran"], lines[-3:]
     assert (code == 0) == (len(lines) > 3)  # inspect's table, or convert's one-line error on stderr
     assert code == 0 or proc.stderr.count("\n") == 1
+
+
+@pytest.mark.slow
+def test_convert_verify_with_cold_imports(cn_checkpoint, tmp_path):
+    """--verify imports the model code on a thread while the weights are written; with no bytecode
+    cached (a fresh install) that import is still running when the checks start, and transformers'
+    lazy module must not be imported from two threads at once."""
+    env = {**os.environ, "PYTHONPYCACHEPREFIX": str(tmp_path / "pycache"), "PYTHONDONTWRITEBYTECODE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "ofaconv", "convert", str(cn_checkpoint), str(tmp_path / "out"),
+                           "--verify"], capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import copy
 import functools
 import importlib.metadata
@@ -470,21 +471,24 @@ def _convert(
         _write_generation_config(folder, family, variant, config, generation)
         processing_note = _save_processing(folder, family, config["patch_image_size"], tokenizer, prompt, image_stats)
 
-        if verify:
-            from .verify import import_in_background
-
-            import_in_background()
         sources = dict(plan.entries)
         items = [
             (target, tuple(state[key].shape), state[key].dtype, functools.partial(state.__getitem__, key))
             for target, key in plan.entries
         ]
+        if verify:
+            from .verify import imports_in_background
+
+            overlap = imports_in_background()
+        else:
+            overlap = contextlib.nullcontext()
         # The writer refuses NaN/Inf (and fp16 overflow) per tensor, naming the source key.
-        written = write_shards(
-            tmp, items, max_shard_size=parse_size(max_shard_size), dtype=target_dtype,
-            source_path=src, progress=progress,
-            written=(lambda name: release_pages(state[sources[name]])) if ckpt.mmapped else None,
-        )
+        with overlap:
+            written = write_shards(
+                tmp, items, max_shard_size=parse_size(max_shard_size), dtype=target_dtype,
+                source_path=src, progress=progress,
+                written=(lambda name: release_pages(state[sources[name]])) if ckpt.mmapped else None,
+            )
         folder.add_entries(written.files)
 
         report = {

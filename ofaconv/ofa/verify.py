@@ -119,10 +119,13 @@ def _check(name, passed, *, metric=None, value=None, gate=None, detail="", gate_
     return row
 
 
-def import_in_background() -> None:
-    """Start importing the model code (transformers' model machinery, seconds) on a daemon thread,
-    for a caller that will verify a folder it is still writing: the import then overlaps the
-    weights' I/O instead of following it. A failure is left to the real import to report."""
+@contextlib.contextmanager
+def imports_in_background():
+    """Import the model code (transformers' model machinery, seconds) on a daemon thread for the
+    duration of the block: a caller that will verify a folder it is still writing overlaps that
+    import with the weights' I/O instead of following it. The block must not touch transformers
+    (its lazy module is not safe to import from two threads at once); leaving it waits for the
+    import. A failure is left to the real import to report."""
 
     def load():
         with contextlib.suppress(Exception):
@@ -131,7 +134,12 @@ def import_in_background() -> None:
             from .modeling import modeling_ofa  # noqa: F401
             from .reference import forward  # noqa: F401
 
-    threading.Thread(target=load, name="ofaconv-import", daemon=True).start()
+    thread = threading.Thread(target=load, name="ofaconv-import", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        thread.join()
 
 
 def load_converted(folder: Path):
