@@ -179,8 +179,6 @@ def config_json(shape: dict, flags: dict, dtype: str = "float32", fields: dict |
     (tests/test_convert.py holds the two equal for every variant), without importing transformers.
     ``fields``: extra keys (``ofaconv upgrade``'s ``task``)."""
     values = {**_config_defaults(), **config_arguments(shape, flags)}
-    if values["resnet_layers"] is None:  # OFAConfig derives them from resnet_type
-        raise ValueError("resnet_layers must be given")
     values.update(copy.deepcopy(_CONFIG_CLASS_FIELDS), dtype=dtype, model_type="ofa",
                   transformers_version=transformers_version(), **(fields or {}))
     return dict(sorted(values.items()))
@@ -331,10 +329,7 @@ def _write_generation_config(folder: OutputFolder, family: str | None, variant: 
         settings = dict(family_info(family)["generation"]) if family else {}
         if variant:
             settings.update(get_variant(variant).get("generation", {}))
-    try:
-        folder.write_bytes("generation_config.json", json_file(generation_config_json(settings, config)))
-    except ValueError as exc:
-        raise OfaconvError(f"bad generation settings: {exc}") from None
+    folder.write_bytes("generation_config.json", json_file(generation_config_json(settings, config)))
 
 
 def convert_checkpoint(
@@ -462,9 +457,9 @@ def _convert(
     with OutputFolder(out_dir, force=force, protect=[src, *protect]) as folder:
         tmp = folder.path
         target_dtype = getattr(torch, DTYPES[dtype])
-        # The small files first: their Python work (transformers imports, tokenizer) overlaps the
-        # source hash instead of trailing after the weights on one core, and a bad --tokenizer
-        # fails before any weight is written.
+        # The small files first: their Python work (the tokenizer) overlaps the source fingerprint
+        # instead of trailing after the weights on one core, and a bad --tokenizer fails before any
+        # weight is written.
         config = config_json(shape, flags, DTYPES[dtype], config_fields)
         folder.write_bytes("config.json", json_file(config))
         copy_remote_code(folder)

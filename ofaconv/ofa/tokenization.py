@@ -446,7 +446,11 @@ def save_tokenizer(tokenizer, folder, processor_class: str | None = None) -> Non
     config["tokenizer_class"] = TOKENIZER_CLASS
     if processor_class is not None:
         config["processor_class"] = processor_class
-    config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    config_path.write_text(_tokenizer_config_text(config), encoding="utf-8")
+
+
+def _tokenizer_config_text(config: dict) -> str:
+    return json.dumps(config, indent=2, ensure_ascii=False) + "\n"
 
 
 # The processing files of a converted folder, written as the classes' own ``save_pretrained`` would
@@ -517,8 +521,7 @@ def save_processing(folder, family: str, image_size: int, tokenizer_source=None,
                 _json_file(processor_dict(family, image_size, prompt, image_mean, image_std)), encoding="utf-8")
             (root / "tokenizer.json").write_text(backend.to_str(pretty=True), encoding="utf-8")
             (root / "tokenizer_config.json").write_text(
-                json.dumps(tokenizer_config_dict(family, "OFAProcessor"), indent=2, ensure_ascii=False) + "\n",
-                encoding="utf-8")
+                _tokenizer_config_text(tokenizer_config_dict(family, "OFAProcessor")), encoding="utf-8")
             code = files("ofaconv.ofa.modeling")
             for name in PROCESSING_CODE:
                 (root / name).write_bytes(code.joinpath(name).read_bytes())
