@@ -1,9 +1,10 @@
 """OFA configuration: ``config.json`` (``OFAConfig``) and ``generation_config.json`` (fairseq's caption
 search settings, see ``generation_ofa.py`` for what each knob does).
 
-Self-contained (imports only transformers and ``settings_ofa.py``): ofaconv copies this file into every converted folder
-so that ``trust_remote_code=True`` works where ofaconv is not installed. Field names follow the
-existing OFA transformers ports, so their ``config.json`` files load here unchanged.
+Self-contained (imports only transformers and ``settings_ofa.py``): ofaconv copies this file into
+every converted folder so that ``trust_remote_code=True`` works where ofaconv is not installed.
+Field names follow the existing OFA transformers ports, so their ``config.json`` files load here
+unchanged.
 """
 
 from transformers import GenerationConfig, PretrainedConfig
