@@ -77,6 +77,7 @@ def test_config_files_are_what_the_classes_write(variant, converted, micro_check
     must be byte-identical to OFAConfig's and GenerationConfig's own save_pretrained output."""
     import ofaconv.ofa.convert as conv
     from ofaconv.ofa.checkpoint import infer_config, load_checkpoint, read_flags
+    from ofaconv.ofa.tokenization import config_file_text
     from ofaconv.ofa.modeling.configuration_ofa import build_generation_config
     from ofaconv.ofa.variants import family_info, get_variant
 
@@ -86,8 +87,8 @@ def test_config_files_are_what_the_classes_write(variant, converted, micro_check
     config.dtype = torch.bfloat16
     config.task = {"name": "caption", "prompt": "图片描述了什么内容?"}
     config.save_pretrained(tmp_path)
-    ours = conv.json_file(conv.config_json(shape, flags, "bfloat16", {"task": config.task}))
-    assert ours == (tmp_path / "config.json").read_bytes()
+    ours = config_file_text(conv.config_json(shape, flags, "bfloat16", {"task": config.task}))
+    assert ours.encode() == (tmp_path / "config.json").read_bytes()
     folder = converted(variant).out_dir
     del config.task
     config.dtype = torch.float32
@@ -100,8 +101,8 @@ def test_config_files_are_what_the_classes_write(variant, converted, micro_check
     assert (folder / "generation_config.json").read_bytes() == (tmp_path / "generation_config.json").read_bytes()
     greedy = {"num_beams": 1, "max_len_b": 20, "temperature": 0.7, "text_token_range": [4, 40]}
     build_generation_config(greedy, config).save_pretrained(tmp_path)
-    ours = conv.json_file(conv.generation_config_json(greedy, json.loads((folder / "config.json").read_text())))
-    assert ours == (tmp_path / "generation_config.json").read_bytes()
+    ours = config_file_text(conv.generation_config_json(greedy, json.loads((folder / "config.json").read_text())))
+    assert ours.encode() == (tmp_path / "generation_config.json").read_bytes()
 
 
 def test_golden_outputs(converted):

@@ -20,7 +20,6 @@ import contextlib
 import copy
 import functools
 import importlib.metadata
-import json
 import sys
 import tempfile
 import types
@@ -35,6 +34,7 @@ from ofaconv.core.keymap import KeyMap
 from ofaconv.core.report import SCHEMA, is_weight_file
 from ofaconv.core.writer import OutputFolder, check_output
 from .modeling.settings_ofa import AUTO_MAP, CUSTOM_PIPELINES, generation_fields
+from .tokenization import config_file_text
 from .variants import family_info, get_variant
 
 # torch, transformers and the checkpoint reader are imported where used: the CLI starts hashing
@@ -169,6 +169,7 @@ def _config_defaults() -> dict:
     raise RuntimeError("configuration_ofa.py defines no OFAConfig")
 
 
+@functools.lru_cache(maxsize=None)
 def transformers_version() -> str:
     """The installed transformers' version, without importing it."""
     return importlib.metadata.version("transformers")
@@ -189,11 +190,6 @@ def generation_config_json(settings: dict, config: dict) -> dict:
     writes it (tests/test_convert.py holds the two equal), without importing transformers."""
     hf, fairseq = generation_fields(settings, types.SimpleNamespace(**config))
     return dict(sorted({**hf, **fairseq, "transformers_version": transformers_version()}.items()))
-
-
-def json_file(data: dict) -> bytes:
-    """A config file as transformers writes one."""
-    return (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
 
 
 def keymap_counts(shape: dict) -> dict:
@@ -329,7 +325,7 @@ def _write_generation_config(folder: OutputFolder, family: str | None, variant: 
         settings = dict(family_info(family)["generation"]) if family else {}
         if variant:
             settings.update(get_variant(variant).get("generation", {}))
-    folder.write_bytes("generation_config.json", json_file(generation_config_json(settings, config)))
+    folder.write_text("generation_config.json", config_file_text(generation_config_json(settings, config)))
 
 
 def convert_checkpoint(
@@ -461,7 +457,7 @@ def _convert(
         # instead of trailing after the weights on one core, and a bad --tokenizer fails before any
         # weight is written.
         config = config_json(shape, flags, DTYPES[dtype], config_fields)
-        folder.write_bytes("config.json", json_file(config))
+        folder.write_text("config.json", config_file_text(config))
         copy_remote_code(folder)
         _write_generation_config(folder, family, variant, config, generation)
         processing_note = _save_processing(folder, family, config["patch_image_size"], tokenizer, prompt, image_stats)

@@ -489,7 +489,8 @@ def processor_dict(family: str, image_size: int, prompt: str, image_mean=None, i
     }
 
 
-def _json_file(data: dict) -> str:
+def config_file_text(data: dict) -> str:
+    """A ``*_config.json`` as transformers' ``save_pretrained`` writes one."""
     return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
 
@@ -516,9 +517,9 @@ def save_processing(folder, family: str, image_size: int, tokenizer_source=None,
         root.mkdir(parents=True, exist_ok=True)
         with output.recording() if output is not None else contextlib.nullcontext():
             (root / "preprocessor_config.json").write_text(
-                _json_file(image_processor_dict(image_size, image_mean, image_std)), encoding="utf-8")
+                config_file_text(image_processor_dict(image_size, image_mean, image_std)), encoding="utf-8")
             (root / "processor_config.json").write_text(
-                _json_file(processor_dict(family, image_size, prompt, image_mean, image_std)), encoding="utf-8")
+                config_file_text(processor_dict(family, image_size, prompt, image_mean, image_std)), encoding="utf-8")
             (root / "tokenizer.json").write_text(backend.to_str(pretty=True), encoding="utf-8")
             (root / "tokenizer_config.json").write_text(
                 _tokenizer_config_text(tokenizer_config_dict(family, "OFAProcessor")), encoding="utf-8")
@@ -536,6 +537,7 @@ __all__ = [
     "VocabLayout",
     "build_backend",
     "build_tokenizer",
+    "config_file_text",
     "decode_caption",
     "decode_captions",
     "non_text_token_ids",
