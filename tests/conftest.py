@@ -60,6 +60,8 @@ def _private_hf_home(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(home))
     monkeypatch.setenv("HF_HUB_OFFLINE", os.environ.get("OFACONV_TEST_HF_OFFLINE", "1"))
     monkeypatch.delenv("HF_TOKEN", raising=False)
+    # torch.compile's C++ cache (hundreds of MB) stays with the run's temp files, not in /tmp.
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "torchinductor"))
     yield
 
 
