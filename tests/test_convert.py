@@ -58,8 +58,12 @@ def test_convert_verify_every_variant(variant, converted):
     result = converted(variant)
     checks = {c["name"]: c for c in result.report["checks"]}
     assert result.passed, [c for c in result.report["checks"] if not c["passed"]]
-    for name in ("structure", "tensors", "encoder_states", "decoder_logits", "greedy", "beam5", "beam8"):
-        assert checks[name]["passed"], checks[name]
+    # greedy, and the beam search the folder is configured for (OFA-CN's 8, OFA-Huge's 10, else 5)
+    beams = json.loads((result.out_dir / "generation_config.json").read_text())["num_beams"]
+    assert beams == {"ofa-huge": 10, "ofa-cn-base": 8, "ofa-cn-large": 8}.get(variant, 5)
+    assert [c["name"] for c in result.report["checks"]] == [
+        "structure", "tensors", "encoder_states", "decoder_logits", "greedy", f"beam{beams}"]
+    assert all(c["passed"] for c in checks.values()), checks
     # A faithful fp32 port is bit-exact on CPU, and the gate says so.
     for name in ("encoder_states", "decoder_logits"):
         assert checks[name]["value"] == 0.0 and checks[name]["gate"] == 0.0, checks[name]
@@ -69,6 +73,16 @@ def test_convert_verify_every_variant(variant, converted):
                  "preprocessor_config.json", "tokenizer_config.json"):
         assert (out / name).exists(), name
     assert result.report["variant"] == variant
+
+
+@pytest.mark.parametrize("saved,beams", [({"num_beams": 8}, 8), ({"num_beams": 10}, 10), ({"num_beams": 1}, 5),
+                                         ({"num_beams": "8"}, 5), ({"num_beams": True}, 5), ({}, 5), (None, 5)])
+def test_probe_searches_are_greedy_and_the_folders_own_beam_size(saved, beams, tmp_path):
+    from ofaconv.ofa.verify import probe_modes
+
+    if saved is not None:
+        (tmp_path / "generation_config.json").write_text(json.dumps(saved))
+    assert probe_modes(tmp_path) == {"greedy": 1, f"beam{beams}": beams}
 
 
 @pytest.mark.parametrize("variant", variant_names())

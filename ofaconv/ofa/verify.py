@@ -5,9 +5,10 @@ Levels (each a row of ``conversion_report.json``):
   tensors         every stored tensor is bit-identical to its source (or to the source cast)
   encoder_states  encoder output vs the independent fairseq reference (max-abs-diff <= gate)
   decoder_logits  teacher-forced logits vs the reference (max-abs-diff <= gate)
-  greedy, beam5, beam8
-                  generated token ids vs the reference's own fairseq-style generator (exact);
-                  greedy also without the model's key/value cache
+  greedy, beam<n> generated token ids vs the reference's own fairseq-style generator (exact):
+                  greedy (also without the model's key/value cache) and the beam search the
+                  folder is configured for (its ``num_beams``: 5 for English captions, 8 for
+                  OFA-CN, 10 for OFA-Huge; 5 where the folder's default is greedy)
 
 The gate is exact (0.0) wherever both sides compute in the same dtype on the same device, which
 is how verification runs (fp32, CPU, the model's eager attention): a faithful port then repeats
@@ -36,7 +37,7 @@ from types import SimpleNamespace
 import torch
 
 from ofaconv.core.errors import OfaconvError, VerificationError
-from .generation_parity import MODES, compare_hypotheses, model_hypotheses, reference_hypotheses
+from .generation_parity import compare_hypotheses, model_hypotheses, reference_hypotheses
 from ofaconv.core.writer import CASTS
 
 # The fp32 gate where the two sides' arithmetic legitimately differs (another device's kernels);
@@ -48,6 +49,8 @@ PROBE_MAX_LEN_B = 4
 # (incremental decoding, the shrinking batch), while the beam reorders of the cache are proven by
 # the cached beam searches matching the reference.
 UNCACHED_MODES = ("greedy",)
+# The probe's beam search where the folder's own default is greedy.
+PROBE_BEAMS = 5
 # An 8 x 8 patch grid runs every image weight and position path; a 480 px image (30 x 30) costs
 # ~13x more per encoder pass and, under an exact gate, proves nothing more about the weights.
 PROBE_IMAGE_SIZE = 128
@@ -258,28 +261,34 @@ def reference_outputs(reference, inputs: dict) -> dict:
         return {"encoded": encoded, "logits": reference._decode(inputs["decoder_input_ids"], encoded)}
 
 
-def numeric_checks(model, inputs: dict, theirs: dict) -> tuple[list[dict], object]:
-    """The encoder_states and decoder_logits rows against :func:`reference_outputs`' ``theirs``, and
-    the model's encoding of ``inputs`` (reused by the generation checks)."""
+def model_outputs(model, inputs: dict) -> dict:
+    """The model's encoding of ``inputs`` (reused by the generation checks) and its teacher-forced
+    logits: :func:`reference_outputs`' counterpart."""
     with torch.no_grad():
         encoded = model.get_encoder()(
             input_ids=inputs["input_ids"], patch_images=inputs["patch_images"], patch_masks=inputs["patch_masks"]
         )
-        rows = [_compare("encoder_states", encoded.last_hidden_state, theirs["encoded"]["encoder_out"].transpose(0, 1))]
-        logits = model(decoder_input_ids=inputs["decoder_input_ids"], encoder_outputs=encoded).logits
-        rows.append(_compare("decoder_logits", logits, theirs["logits"]))
-    return rows, encoded
+        return {"encoded": encoded,
+                "logits": model(decoder_input_ids=inputs["decoder_input_ids"], encoder_outputs=encoded).logits}
 
 
-def generation_checks(model, inputs: dict, settings: dict, encoded, expected) -> list[dict]:
-    """Greedy, beam 5 and beam 8 token ids vs the reference generator's, and uncached = cached for
-    :data:`UNCACHED_MODES`. ``encoded``: the model's encoding of ``inputs``, reused instead of
-    encoding again; ``expected``: a future of
+def numeric_checks(ours: dict, theirs: dict) -> list[dict]:
+    """The encoder_states and decoder_logits rows: :func:`model_outputs` against
+    :func:`reference_outputs`."""
+    return [_compare("encoder_states", ours["encoded"].last_hidden_state,
+                     theirs["encoded"]["encoder_out"].transpose(0, 1)),
+            _compare("decoder_logits", ours["logits"], theirs["logits"])]
+
+
+def generation_checks(model, inputs: dict, settings: dict, modes: dict, encoded, expected) -> list[dict]:
+    """The ``modes``' token ids (:func:`probe_modes`) vs the reference generator's, and uncached =
+    cached for :data:`UNCACHED_MODES`. ``encoded``: the model's encoding of ``inputs``, reused
+    instead of encoding again; ``expected``: a future of
     :func:`~ofaconv.ofa.generation_parity.reference_hypotheses`, still running meanwhile."""
-    ours = model_hypotheses(model, inputs, settings, check_cache=UNCACHED_MODES, encoder_outputs=encoded)
+    ours = model_hypotheses(model, inputs, settings, modes, check_cache=UNCACHED_MODES, encoder_outputs=encoded)
     report = compare_hypotheses(ours, expected.result())
     rows = []
-    for mode in MODES:
+    for mode in modes:
         entry = report["modes"][mode]
         misses = [m for m in report["mismatches"] if m["mode"] == mode]
         detail = f"{entry['identical']}/{entry['total']} identical top hypotheses"
@@ -301,6 +310,15 @@ def generation_settings(folder: Path) -> dict:
             "temperature": float(saved.get("fairseq_temperature") or 1.0)}
 
 
+def probe_modes(folder: Path) -> dict[str, int]:
+    """``{name: beam size}`` of the probe searches: greedy, and the beam search the folder's
+    ``generation_config.json`` asks for (:data:`PROBE_BEAMS` where that is greedy or unreadable).
+    Every beam size runs the same search code; the folder's own is the one its users run."""
+    beams = _read_json(folder / "generation_config.json").get("num_beams")
+    beams = beams if isinstance(beams, int) and not isinstance(beams, bool) and beams > 1 else PROBE_BEAMS
+    return {"greedy": 1, f"beam{beams}": beams}
+
+
 def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
@@ -311,9 +329,9 @@ def _read_json(path: Path) -> dict:
 def run_checks(folder: Path, ckpt, *, plan=None, dtype: str = "fp32", generation: bool = True) -> list[dict]:
     """All levels for a folder converted from ``ckpt`` (a loaded ``FairseqCheckpoint``).
 
-    The reference needs nothing from the model: its outputs and searches run on a worker thread
-    while the model loads and runs (torch releases the GIL: two cores, each single-threaded, see
-    :func:`_one_thread`).
+    The reference needs nothing from the model: its outputs and searches, then the tensors check,
+    run on a worker thread while the model loads and runs (torch releases the GIL: two cores, each
+    single-threaded, see :func:`_one_thread`).
     """
     from .checkpoint import infer_config, read_flags
     from .convert import DEFAULT_KEYMAP, keymap_counts
@@ -330,27 +348,28 @@ def run_checks(folder: Path, ckpt, *, plan=None, dtype: str = "fp32", generation
         probe = {**_read_json(folder / "config.json"),
                  **{k: flags[k] for k in ("interpolate_position", "orig_patch_image_size", "patch_image_size")}}
         inputs = probe_inputs(SimpleNamespace(**probe), folder)
-        settings = generation_settings(folder)
+        settings, modes = generation_settings(folder), probe_modes(folder)
         reference = _reference(state, ckpt, flags, dtype)
         theirs = pool.submit(reference_outputs, reference, inputs)
-        expected = pool.submit(lambda: reference_hypotheses(reference, inputs, settings,
+        expected = pool.submit(lambda: reference_hypotheses(reference, inputs, settings, modes,
                                                             encoder_out=theirs.result()["encoded"]))
         try:
             model, row = structure_check(folder)
         except Exception as exc:  # noqa: BLE001 - any loading failure is the finding
             expected.cancel()
             return [_check("structure", False, detail=f"{type(exc).__name__}: {exc}")]
-        checks = [row, tensors_check(folder, model, state, plan, dtype)]
-        rows, encoded = numeric_checks(model, inputs, theirs.result())
-        checks += rows
+        # queued behind the reference's searches, it evens out the two threads' work
+        tensors = pool.submit(tensors_check, folder, model, state, plan, dtype)
+        ours = model_outputs(model, inputs)
+        rows = numeric_checks(ours, theirs.result())
         if not generation:
             expected.cancel()
-        elif all(c["passed"] for c in checks):
-            checks += generation_checks(model, inputs, settings, encoded, expected)
+        elif all(r["passed"] for r in rows):
+            rows += generation_checks(model, inputs, settings, modes, ours["encoded"], expected)
         else:  # token ids cannot agree when the logits do not; do not spend time proving it
             expected.cancel()
-            checks += [_check(name, False, detail="not run: an earlier check failed") for name in MODES]
-    return checks
+            rows += [_check(name, False, detail="not run: an earlier check failed") for name in modes]
+        return [row, tensors.result(), *rows]
 
 
 @contextlib.contextmanager
