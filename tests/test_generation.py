@@ -171,6 +171,7 @@ SCRIPTED_CASES = {
     "greedy": dict(beam=1),
     "beam5": dict(beam=5),
     "beam8": dict(beam=8, bsz=3),
+    "beam10": dict(beam=10, bsz=2),  # OFA-Huge's width, the one its folders' verify searches with
     "uncached": dict(beam=5, use_cache=False),
     "early-eos": dict(beam=5, eos_bias=2.0, bsz=4, max_len_b=10),
     "min-len": dict(beam=3, eos_bias=3.0, min_len=3),
