@@ -78,11 +78,11 @@ def test_convert_verify_every_variant(variant, converted):
 @pytest.mark.parametrize("saved,beams", [({"num_beams": 8}, 8), ({"num_beams": 10}, 10), ({"num_beams": 1}, 5),
                                          ({"num_beams": "8"}, 5), ({"num_beams": True}, 5), ({}, 5), (None, 5)])
 def test_probe_searches_are_greedy_and_the_folders_own_beam_size(saved, beams, tmp_path):
-    from ofaconv.ofa.verify import probe_modes
+    from ofaconv.ofa.verify import probe_searches
 
     if saved is not None:
         (tmp_path / "generation_config.json").write_text(json.dumps(saved))
-    assert probe_modes(tmp_path) == {"greedy": 1, f"beam{beams}": beams}
+    assert probe_searches(tmp_path)[1] == {"greedy": 1, f"beam{beams}": beams}
 
 
 @pytest.mark.parametrize("variant", variant_names())

@@ -281,7 +281,7 @@ def numeric_checks(ours: dict, theirs: dict) -> list[dict]:
 
 
 def generation_checks(model, inputs: dict, settings: dict, modes: dict, encoded, expected) -> list[dict]:
-    """The ``modes``' token ids (:func:`probe_modes`) vs the reference generator's, and uncached =
+    """The ``modes``' token ids (:func:`probe_searches`) vs the reference generator's, and uncached =
     cached for :data:`UNCACHED_MODES`. ``encoded``: the model's encoding of ``inputs``, reused
     instead of encoding again; ``expected``: a future of
     :func:`~ofaconv.ofa.generation_parity.reference_hypotheses`, still running meanwhile."""
@@ -302,21 +302,18 @@ def generation_checks(model, inputs: dict, settings: dict, modes: dict, encoded,
     return rows
 
 
-def generation_settings(folder: Path) -> dict:
-    """The probe searches' knobs: :data:`PROBE_MAX_LEN_B`, and the folder's own length penalty and
-    temperature (OFA-Huge's recipe is 0.98 / 0.98)."""
+def probe_searches(folder: Path) -> tuple[dict, dict[str, int]]:
+    """The probe searches, from the folder's ``generation_config.json``: their knobs
+    (:data:`PROBE_MAX_LEN_B`, the folder's own length penalty and temperature: OFA-Huge's recipe is
+    0.98 / 0.98) and ``{name: beam size}``: greedy, and the beam search the folder asks for
+    (:data:`PROBE_BEAMS` where that is greedy or unreadable). Every beam size runs the same search
+    code; the folder's own is the one its users run."""
     saved = _read_json(folder / "generation_config.json")
-    return {"max_len_b": PROBE_MAX_LEN_B, "lenpen": float(saved.get("lenpen") or 1.0),
-            "temperature": float(saved.get("fairseq_temperature") or 1.0)}
-
-
-def probe_modes(folder: Path) -> dict[str, int]:
-    """``{name: beam size}`` of the probe searches: greedy, and the beam search the folder's
-    ``generation_config.json`` asks for (:data:`PROBE_BEAMS` where that is greedy or unreadable).
-    Every beam size runs the same search code; the folder's own is the one its users run."""
-    beams = _read_json(folder / "generation_config.json").get("num_beams")
-    beams = beams if isinstance(beams, int) and not isinstance(beams, bool) and beams > 1 else PROBE_BEAMS
-    return {"greedy": 1, f"beam{beams}": beams}
+    settings = {"max_len_b": PROBE_MAX_LEN_B, "lenpen": float(saved.get("lenpen") or 1.0),
+                "temperature": float(saved.get("fairseq_temperature") or 1.0)}
+    beams = saved.get("num_beams")
+    beams = beams if type(beams) is int and beams > 1 else PROBE_BEAMS
+    return settings, {"greedy": 1, f"beam{beams}": beams}
 
 
 def _read_json(path: Path) -> dict:
@@ -348,7 +345,7 @@ def run_checks(folder: Path, ckpt, *, plan=None, dtype: str = "fp32", generation
         probe = {**_read_json(folder / "config.json"),
                  **{k: flags[k] for k in ("interpolate_position", "orig_patch_image_size", "patch_image_size")}}
         inputs = probe_inputs(SimpleNamespace(**probe), folder)
-        settings, modes = generation_settings(folder), probe_modes(folder)
+        settings, modes = probe_searches(folder)
         reference = _reference(state, ckpt, flags, dtype)
         theirs = pool.submit(reference_outputs, reference, inputs)
         expected = pool.submit(lambda: reference_hypotheses(reference, inputs, settings, modes,
