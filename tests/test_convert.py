@@ -436,7 +436,7 @@ def test_convert_and_verify_end_to_end(case, tmp_path):
     header = _safetensors_header(tmp_path / "out" / "model.safetensors")
     assert {v["dtype"] for k, v in header.items() if k != "__metadata__" and "num_batches" not in k} == {written}
     report = json.loads((tmp_path / "out" / "conversion_report.json").read_text())
-    assert report["source"]["fingerprint"]["scheme"] == "ofaconv/state-sha256@1"
+    assert report["source"]["fingerprint"]["scheme"] == "ofaconv/state-sha256@2"
     assert "sha256" not in report["source"]  # the whole file (optimizer state too) only when asked
     assert report["source"]["fingerprint"]["sha256"] in (tmp_path / "out" / "README.md").read_text()
     assert report["source"]["ema"] is bool(convert_options.get("ema"))
@@ -462,6 +462,43 @@ def test_verify_against_reads_the_report_and_rewrites_it(tmp_path, capsys):
     report = json.loads((out / "conversion_report.json").read_text())
     failed = {c["name"] for c in report["checks"] if not c["passed"]}
     assert not report["passed"] and {"source", "tensors"} <= failed
+
+
+def _set_first_element(path: Path, tensor: torch.Tensor, value: float) -> None:
+    """Overwrite, in the file itself, the first element of ``tensor``'s bytes (found by its first
+    64): the pickle record stays as it was, only the tensor's bytes change."""
+    data = bytearray(path.read_bytes())
+    first = tensor.contiguous().reshape(-1).view(torch.uint8)[:64].numpy().tobytes()
+    at = data.find(first)
+    assert at > 0 and data.find(first, at + 1) < 0
+    data[at : at + 4] = torch.tensor([value], dtype=torch.float32).view(torch.uint8).numpy().tobytes()
+    path.write_bytes(bytes(data))
+
+
+def test_verify_against_binds_the_written_bytes_not_just_their_values(micro_checkpoint, tmp_path, capsys):
+    """The fingerprint names each tensor written unchanged and leaves its bytes to the weight files'
+    sha256; verify --against compares those tensors with the folder's byte for byte. A source that
+    differs from the converted one only by -0.0 for 0.0 in one weight (equal values: the tensors
+    check passes) is refused by the source check."""
+    from ofaconv.ofa.checkpoint import load_checkpoint
+
+    src = tmp_path / "src.pt"
+    src.write_bytes(micro_checkpoint("ofa-tiny").read_bytes())
+    key = "encoder.layers.0.fc1.weight"
+    _set_first_element(src, load_checkpoint(src).state_dict[key], 0.0)
+    assert load_checkpoint(src).state_dict[key].reshape(-1)[0].item() == 0.0
+    out = tmp_path / "out"
+    assert convert_checkpoint(src, out).passed
+    assert cli(["verify", str(out), "--against", str(src)]) == 0
+    negative = tmp_path / "negative.pt"
+    negative.write_bytes(src.read_bytes())
+    _set_first_element(negative, load_checkpoint(negative).state_dict[key], -0.0)
+    assert torch.signbit(load_checkpoint(negative).state_dict[key].reshape(-1)[0])
+    capsys.readouterr()
+    assert cli(["verify", str(out), "--against", str(negative)]) == 3
+    checks = {c["name"]: c for c in json.loads((out / "conversion_report.json").read_text())["checks"]}
+    assert checks["tensors"]["passed"] and not checks["source"]["passed"]
+    assert key in checks["source"]["detail"] and "byte for byte" in checks["source"]["detail"]
 
 
 def test_source_sha256_records_the_whole_file_and_verify_checks_both(micro_checkpoint, tmp_path, capsys):

@@ -174,6 +174,18 @@ def test_non_finite_is_refused_with_key_and_path(tmp_path, value, dtype, message
     assert load_file(tmp_path / "model.safetensors")["ok"].sum() == 4
 
 
+def test_non_finite_early_in_a_tensor_stops_the_write(tmp_path, chunk):
+    """The uncast NaN/Inf check runs on the hashing thread, a chunk behind the writes: a NaN in the
+    first chunk of a tensor with more chunks and more shards after it still fails the write, names
+    its key and leaves nothing."""
+    bad = torch.ones(40)
+    bad[0] = float("nan")
+    state = {"a": torch.ones(4), "bad": bad, **{f"later{i}": torch.ones(40) for i in range(3)}}
+    with pytest.raises(OfaconvError, match="key 'bad': tensor holds NaN or Inf values"):
+        write_shards(tmp_path, items_of(state), max_shard_size=200, source_path="ckpt.pt")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_failure_mid_way_leaves_nothing(tmp_path):
     state = {f"t{i}": torch.zeros(100) for i in range(6)}
     items = items_of(state)

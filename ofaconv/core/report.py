@@ -15,8 +15,9 @@ Schema ``ofaconv/report@1`` (keys this module relies on are marked *)::
     ofaconv_version   version that wrote the report
     source            {"file", "size", "layout", "fingerprint", "sha256"} of the checkpoint converted
                       from. "fingerprint" {"scheme", "sha256"} (OFA): the sha256 of exactly the bytes
-                      the conversion read (the pickle record, then every converted tensor; scheme
-                      "ofaconv/state-sha256@1", "file-sha256" for files without a pickle record; see
+                      the conversion read (the pickle record, then every converted tensor, those written
+                      unchanged through the weight files' entries; scheme "ofaconv/state-sha256@2",
+                      "@1" in older reports, "file-sha256" for files without a pickle record; see
                       core/digest.state_fingerprint): binding, and it skips the optimizer state (63%
                       of an OFA-Large trainer file), so it is the default. "sha256": the whole
                       file's, comparable with a published checksum; OFA records it only with

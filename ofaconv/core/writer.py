@@ -4,8 +4,8 @@ Invariants:
 - shard membership, file names and every header are fixed from the items' shapes and dtypes before
   any tensor is read (greedy in item order, like ``huggingface_hub``'s splitter, but never reordered);
 - each tensor comes from its thunk and is copied (cast) chunk by chunk through two reusable staging
-  buffers, checked, written and hashed (on a worker thread) before the next thunk runs, so peak
-  memory is two chunks plus what the thunk maps, never a tensor copy or a shard;
+  buffers and written, while a worker thread hashes it and looks for NaN/Inf one chunk behind, so
+  peak memory is two chunks plus what the thunk maps, never a tensor copy or a shard;
 - identical input gives byte-identical files: fixed header order and metadata, no timestamps;
 - files appear under their final names only when complete (written as hidden ``.partial`` siblings)
   and a failure removes whatever this call wrote.
@@ -29,13 +29,14 @@ import re
 import secrets
 import shutil
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Callable, Iterable, Mapping, Sequence
 
 from . import registry
-from .digest import file_sha256
+from .digest import check_stop, file_sha256
 from .errors import OfaconvError
 from .report import REPORT_NAME, SCHEMA, load_report
 
@@ -179,7 +180,8 @@ def _source(t: _Planned, source_path) -> torch.Tensor:
 
 
 class _Staging:
-    """Two reusable buffers: chunk i is hashed on a worker thread while chunk i+1 is filled and written.
+    """Two reusable buffers: chunk i is hashed (and checked) on a worker thread while chunk i+1 is
+    filled and written.
 
     Filling a buffer with ``copy_`` reads a memory-mapped source much faster than computing on its
     pages directly, casts on the way, and keeps memory at two chunks whatever the tensor size.
@@ -200,8 +202,10 @@ class _Staging:
             self.pending[self.turn].result()  # that buffer's hash is done: it may be refilled
         return self.buffers[self.turn]
 
-    def hash(self, digest, data) -> None:
-        self.pending[self.turn] = self.hasher.submit(digest.update, data)
+    def hash(self, digest, data, check: Callable[[], None] | None = None) -> None:
+        """Hash the current buffer's ``data`` (in submission order), then run ``check`` on it: its
+        error is raised by the ``next`` or ``drain`` that waits for this buffer."""
+        self.pending[self.turn] = self.hasher.submit(_hash_and_check, digest, data, check)
 
     def drain(self) -> None:
         for i, future in enumerate(self.pending):
@@ -213,6 +217,24 @@ class _Staging:
         self.hasher.shutdown(wait=True)
 
 
+def _hash_and_check(digest, data, check) -> None:
+    digest.update(data)
+    if check is not None:
+        check()
+
+
+def _check_finite(t: _Planned, out: torch.Tensor, src: torch.Tensor | None, source_path) -> None:
+    """``src``: the chunk before a cast (None without one), to tell an overflow from NaN/Inf."""
+    if _all_finite(out):
+        return
+    if src is not None and _all_finite(src):
+        message = (f"tensor overflows {str(t.dtype).removeprefix('torch.')} "
+                   f"(finite in {str(t.source_dtype).removeprefix('torch.')})")
+    else:
+        message = "tensor holds NaN or Inf values"
+    raise OfaconvError(message, path=source_path, key=t.name)
+
+
 def _write_tensor(f, t: _Planned, digest, staging: _Staging, check_finite: bool, source_path) -> None:
     import torch
 
@@ -222,20 +244,21 @@ def _write_tensor(f, t: _Planned, digest, staging: _Staging, check_finite: bool,
         src = flat[start : start + per_chunk]
         out = staging.next()[: src.numel() * t.dtype.itemsize].view(t.dtype)
         out.copy_(src)  # the cast, if any, happens here
-        if check_finite and out.is_floating_point() and not _all_finite(out):
-            if out.dtype != src.dtype and _all_finite(src):
-                message = (f"tensor overflows {str(t.dtype).removeprefix('torch.')} "
-                           f"(finite in {str(t.source_dtype).removeprefix('torch.')})")
-            else:
-                message = "tensor holds NaN or Inf values"
-            raise OfaconvError(message, path=source_path, key=t.name)
         data = memoryview(out.view(torch.uint8).numpy())
-        staging.hash(digest, data)
+        check = None
+        if check_finite and out.is_floating_point():
+            if out.dtype != src.dtype:
+                _check_finite(t, out, src, source_path)
+            else:
+                # on the hashing thread, which has time to spare (the source chunk is not kept alive
+                # for it): a chunk with NaN/Inf fails the write when its buffer is next waited for
+                check = functools.partial(_check_finite, t, out, None, source_path)
+        staging.hash(digest, data, check)
         f.write(data)
 
 
 def _write_file(path: Path, header: bytes, order: list[_Planned], check_finite, source_path, bar, written,
-                staging: _Staging) -> dict:
+                staging: _Staging, stop) -> dict:
     # No fsync, like save_pretrained: the rename makes a complete file appear at once, durability
     # across a power cut is the file system's business (fsync cost ~10% of a conversion).
     digest = hashlib.sha256(header)
@@ -243,6 +266,7 @@ def _write_file(path: Path, header: bytes, order: list[_Planned], check_finite, 
         with open(path, "wb") as f:
             f.write(header)
             for t in order:
+                check_stop(stop, path)
                 _write_tensor(f, t, digest, staging, check_finite, source_path)
                 if written is not None:
                     written(t.name)  # its bytes are all copied out of the source
@@ -263,6 +287,7 @@ def write_shards(
     progress: bool = False,
     written=None,
     stem: str = "model",
+    stop: threading.Event | None = None,
 ) -> WriteResult:
     """Write ``items`` — ``(name, shape, dtype, thunk)`` in the order wanted — as safetensors shards.
 
@@ -272,6 +297,8 @@ def write_shards(
     are all copied out of its source (the converter drops the source's memory-mapped pages there).
     ``out_dir`` should be fresh: same-named files are replaced, stale shards of another split are
     not removed. ``stem`` names the files (``model.safetensors``, ``model-00001-of-00002...``).
+    ``stop``: an event another thread sets to end the write early (checked before each tensor):
+    ``CancelledError`` is raised and what this call wrote is removed.
     """
     import torch
     from tqdm.auto import tqdm
@@ -297,7 +324,7 @@ def write_shards(
                 header, order = _layout(shard)
                 partial = out_dir / f".{name}.partial"
                 result.files[name] = _write_file(partial, header, order, check_finite, source_path, bar, written,
-                                                 staging)
+                                                 staging, stop)
                 partial.replace(out_dir / name)
                 partial = None
         if len(shards) > 1:

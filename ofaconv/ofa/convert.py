@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import argparse
 import ast
+import concurrent.futures
 import contextlib
 import copy
 import functools
 import importlib.metadata
 import sys
 import tempfile
+import threading
 import types
 from dataclasses import dataclass, field
 from importlib import resources
@@ -34,7 +36,7 @@ from ofaconv.core.keymap import KeyMap
 from ofaconv.core.report import SCHEMA, is_weight_file
 from ofaconv.core.writer import OutputFolder, check_output
 from .modeling.settings_ofa import AUTO_MAP, CUSTOM_PIPELINES, generation_fields
-from .tokenization import config_file_text
+from .tokenization import config_file_text, processing_files, read_vocabulary
 from .variants import family_info, get_variant
 
 # torch, transformers and the checkpoint reader are imported where used: the CLI starts hashing
@@ -280,6 +282,21 @@ def check_derived(plan, state: dict, shape: dict, flags: dict, path) -> list[dic
     return results
 
 
+def written_unchanged(plan, state: dict, dtype: str) -> dict[str, str]:
+    """Source key -> output name of every tensor a conversion at ``dtype`` writes byte for byte (no
+    cast, as the writer decides): the fingerprint names these, the weight files' sha256 covers them."""
+    import torch
+
+    cast = getattr(torch, DTYPES[dtype])
+    return {key: target for target, key in plan.entries
+            if not state[key].is_floating_point() or state[key].dtype == cast}
+
+
+def weight_entries(files: dict) -> dict:
+    """The manifest entries the fingerprint ends with: the weight files'."""
+    return {name: entry for name, entry in files.items() if is_weight_file(name)}
+
+
 def check_tied(plan, state: dict, path) -> None:
     import torch
 
@@ -387,21 +404,15 @@ def convert_loaded(
     own generation settings instead of the family's), ``image_stats`` ((mean, std) of its image
     preprocessing), ``config_fields`` (extra config.json keys, e.g. ``task``).
     """
-    from .checkpoint import release_pages
-
     if source_sha256 is True:
         source_sha256 = BackgroundSha256(ckpt.path)
-    # The fingerprint hashes exactly the bytes converted (never the optimizer state), on a worker
-    # thread beside everything else.
-    fingerprint = BackgroundFingerprint(ckpt.path, ckpt.state_dict, release=release_pages if ckpt.mmapped else None)
     try:
-        return _convert(ckpt, out_dir, source_sha256=source_sha256, fingerprint=fingerprint, force=force, dtype=dtype,
+        return _convert(ckpt, out_dir, source_sha256=source_sha256, force=force, dtype=dtype,
                         max_shard_size=max_shard_size, keymap=keymap, tokenizer=tokenizer, prompt=prompt,
                         verify=verify, license=license, progress=progress, kind=kind, protect=protect,
                         family=family, generation=generation, image_stats=image_stats,
                         config_fields=config_fields)
     except BaseException:
-        fingerprint.cancel()
         if source_sha256:
             source_sha256.cancel()
         raise
@@ -412,7 +423,6 @@ def _convert(
     out_dir,
     *,
     source_sha256,
-    fingerprint,
     force: bool,
     dtype: str,
     max_shard_size,
@@ -445,22 +455,29 @@ def _convert(
     family = family or detected
     km, plan = plan_conversion(keymap, state, shape, flags, src)
     check_tied(plan, state, src)
-    derived = check_derived(plan, state, shape, flags, src)
     if ckpt.mmapped:
-        for key in [*plan.tied_sources, *plan.tied_sources.values(), *plan.derived.values()]:
+        for key in [*plan.tied_sources, *plan.tied_sources.values()]:
             release_pages(state[key])
 
-    with OutputFolder(out_dir, force=force, protect=[src, *protect]) as folder:
+    # The fingerprint hashes exactly the bytes converted (never the optimizer state) that the weight
+    # files' sha256 does not already cover, on a worker thread beside everything else.
+    fingerprint = BackgroundFingerprint(src, state, written=written_unchanged(plan, state, dtype),
+                                        release=release_pages if ckpt.mmapped else None)
+    with fingerprint, OutputFolder(out_dir, force=force, protect=[src, *protect]) as folder, _Aside() as aside:
         tmp = folder.path
         target_dtype = getattr(torch, DTYPES[dtype])
-        # The small files first: their Python work (the tokenizer) overlaps the source fingerprint
-        # instead of trailing after the weights on one core, and a bad --tokenizer fails before any
-        # weight is written.
         config = config_json(shape, flags, DTYPES[dtype], config_fields)
+        # What the weights do not need runs beside them on a worker thread (0.6 s of a real-size
+        # conversion, where the main thread's writes leave the second core room): the derived tables'
+        # check and the processing files (the tokenizer). Either failing stops the write. A bad
+        # --tokenizer is refused before any weight is written: its vocabulary is read here.
+        vocabulary = read_vocabulary(family, tokenizer) if family is not None else None
+        derived_check = aside.submit(_check_derived, plan, state, shape, flags, src, ckpt.mmapped)
+        processing = aside.submit(_processing_files, family, config["patch_image_size"], vocabulary, prompt,
+                                  image_stats)
         folder.write_text("config.json", config_file_text(config))
         copy_remote_code(folder)
         _write_generation_config(folder, family, variant, config, generation)
-        processing_note = _save_processing(folder, family, config["patch_image_size"], tokenizer, prompt, image_stats)
 
         sources = dict(plan.entries)
         items = [
@@ -474,12 +491,16 @@ def _convert(
         else:
             overlap = contextlib.nullcontext()
         # The writer refuses NaN/Inf (and fp16 overflow) per tensor, naming the source key.
-        with overlap:
+        with overlap, aside.failures():
             written = write_shards(
                 tmp, items, max_shard_size=parse_size(max_shard_size), dtype=target_dtype,
-                source_path=src, progress=progress,
+                source_path=src, progress=progress, stop=aside.failed,
                 written=(lambda name: release_pages(state[sources[name]])) if ckpt.mmapped else None,
             )
+        for name, data in processing.result().items():
+            folder.write_bytes(name, data)
+        derived = derived_check.result()
+        processing_note = _processing_note(family, config["patch_image_size"], prompt, image_stats)
         folder.add_entries(written.files)
 
         report = {
@@ -487,7 +508,8 @@ def _convert(
             "kind": kind,
             "model_family": "ofa",
             "ofaconv_version": __version__,
-            "source": {"file": src.name, "fingerprint": fingerprint.result(), "size": src.stat().st_size,
+            "source": {"file": src.name, "fingerprint": fingerprint.result(weight_entries(folder.files)),
+                       "size": src.stat().st_size,
                        "layout": ckpt.layout, "ema": ema, **({"sha256": source_sha256.result()} if source_sha256 else {})},
             "variant": variant,
             "family": family,
@@ -515,19 +537,68 @@ def _convert(
     return ConversionResult(out_dir, report, report["passed"], lines)
 
 
-def _save_processing(folder: OutputFolder, family, image_size: int, tokenizer_source, prompt, image_stats=None) -> dict:
+def _check_derived(plan, state: dict, shape: dict, flags: dict, path, mmapped: bool) -> list[dict]:
+    results = check_derived(plan, state, shape, flags, path)
+    if mmapped:
+        from .checkpoint import release_pages
+
+        for key in plan.derived.values():
+            release_pages(state[key])
+    return results
+
+
+def _processing_files(family, image_size: int, vocabulary, prompt, image_stats=None) -> dict[str, bytes]:
+    if family is None:
+        return {}
+    mean, std = image_stats if image_stats is not None else (None, None)
+    return processing_files(family, image_size, prompt=prompt, image_mean=mean, image_std=std, vocabulary=vocabulary)
+
+
+def _processing_note(family, image_size: int, prompt, image_stats=None) -> dict:
     if family is None:
         return {"saved": False, "reason": "vocabulary matches no OFA family; no tokenizer or processor written"}
-    from .tokenization import save_processing
-
-    mean, std = image_stats if image_stats is not None else (None, None)
-    save_processing(folder, family, image_size, tokenizer_source=tokenizer_source, prompt=prompt,
-                    image_mean=mean, image_std=std)
     note = {"saved": True, "family": family, "image_size": image_size,
             "prompt": prompt if prompt is not None else family_info(family)["prompt"]}
     if image_stats is not None:
+        mean, std = image_stats
         note.update(image_mean=list(mean), image_std=list(std))
     return note
+
+
+class _Aside:
+    """Tasks on one worker thread beside the main thread's work; ``failed`` is set as soon as one
+    raises, and ``failures()`` turns the ``CancelledError`` of work stopped by it into that error."""
+
+    def __init__(self):
+        self.failed = threading.Event()
+        self._futures: list[concurrent.futures.Future] = []
+
+    def __enter__(self) -> "_Aside":
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="ofaconv-aside")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def submit(self, function, *args) -> concurrent.futures.Future:
+        future = self._pool.submit(function, *args)
+        future.add_done_callback(self._done)
+        self._futures.append(future)
+        return future
+
+    def _done(self, future: concurrent.futures.Future) -> None:
+        if not future.cancelled() and future.exception() is not None:
+            self.failed.set()
+
+    @contextlib.contextmanager
+    def failures(self):
+        try:
+            yield
+        except concurrent.futures.CancelledError:
+            for future in self._futures:
+                if future.done() and not future.cancelled() and future.exception() is not None:
+                    raise future.exception() from None
+            raise
 
 
 def add_parser(sub) -> None:

@@ -16,7 +16,6 @@ folder loads with `AutoTokenizer.from_pretrained` from plain transformers, witho
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import re
@@ -354,16 +353,17 @@ def _chinese_backend(tokens: list[str]):
     return backend
 
 
-def build_backend(family: str = "en", source=None):
+def build_backend(family: str = "en", source=None, vocabulary=None):
     """The OFA tokenizer of `family` ("en" | "cn") as a stock `tokenizers.Tokenizer` (what
     `tokenizer.json` holds), built without importing transformers.
 
     `source`: see `read_vocabulary` (default: the vocabulary files shipped with ofaconv; a Hub id
-    is downloaded with huggingface_hub only when given).
+    is downloaded with huggingface_hub only when given); `vocabulary`: what `read_vocabulary`
+    returned, where it was read already.
     """
     from tokenizers import AddedToken
 
-    text_tokens, merges = read_vocabulary(family, source)
+    text_tokens, merges = vocabulary if vocabulary is not None else read_vocabulary(family, source)
     tokens = ofa_tokens(family, text_tokens)
     layout = vocab_layout(family)
     backend = _english_backend(tokens, merges) if family == "en" else _chinese_backend(tokens)
@@ -494,38 +494,48 @@ def config_file_text(data: dict) -> str:
     return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
 
-def save_processing(folder, family: str, image_size: int, tokenizer_source=None, prompt: str | None = None,
-                    image_mean=None, image_std=None) -> None:
-    """Write the tokenizer, image processor and processor of an OFA checkpoint into `folder`.
+def processing_files(family: str, image_size: int, tokenizer_source=None, prompt: str | None = None,
+                     image_mean=None, image_std=None, vocabulary=None) -> dict[str, bytes]:
+    """The tokenizer, image processor and processor files of an OFA checkpoint, by file name.
 
-    Also copies `image_processing_ofa.py`, `processing_ofa.py` and `tokenization_ofa.py` there and names them in
-    `auto_map`, so `AutoProcessor.from_pretrained(folder, trust_remote_code=True)` works without
-    ofaconv. `prompt` defaults to the family's fairseq caption prompt (mappings/variants.yaml);
-    `image_mean` / `image_std` to fairseq's 0.5 / 0.5.
-    `folder` is an ``OutputFolder`` (the files go into its manifest; it makes the whole folder
-    appear at once) or a plain directory. Every file is written as the classes' own
-    ``save_pretrained`` writes it, without importing transformers (about a second of a conversion).
+    Also the code files `image_processing_ofa.py`, `processing_ofa.py` and `tokenization_ofa.py`,
+    which `auto_map` names, so `AutoProcessor.from_pretrained(folder, trust_remote_code=True)` works
+    without ofaconv. `prompt` defaults to the family's fairseq caption prompt
+    (mappings/variants.yaml); `image_mean` / `image_std` to fairseq's 0.5 / 0.5. Every file is what
+    the classes' own ``save_pretrained`` writes, built without importing transformers (about a
+    second of a conversion) and without writing anything, so a converter can build them on a worker
+    thread beside its weights. `vocabulary`: see `build_backend`.
     """
-    from ofaconv.core.writer import OutputFolder
-
     _check_family(family)
     prompt = prompt if prompt is not None else _families()[family]["prompt"]
-    backend = build_backend(family, tokenizer_source)
-    output = folder if isinstance(folder, OutputFolder) else None
-    root = output.path if output is not None else Path(folder)
+    backend = build_backend(family, tokenizer_source, vocabulary)
+    texts = {
+        "preprocessor_config.json": config_file_text(image_processor_dict(image_size, image_mean, image_std)),
+        "processor_config.json": config_file_text(processor_dict(family, image_size, prompt, image_mean, image_std)),
+        "tokenizer.json": backend.to_str(pretty=True),
+        "tokenizer_config.json": _tokenizer_config_text(tokenizer_config_dict(family, "OFAProcessor")),
+    }
+    code = files("ofaconv.ofa.modeling")
+    return {**{name: text.encode("utf-8") for name, text in texts.items()},
+            **{name: code.joinpath(name).read_bytes() for name in PROCESSING_CODE}}
+
+
+def save_processing(folder, family: str, image_size: int, tokenizer_source=None, prompt: str | None = None,
+                    image_mean=None, image_std=None) -> None:
+    """Write :func:`processing_files` into `folder`: an ``OutputFolder`` (the files go into its
+    manifest; it makes the whole folder appear at once) or a plain directory."""
+    from ofaconv.core.writer import OutputFolder
+
+    built = processing_files(family, image_size, tokenizer_source, prompt, image_mean, image_std)
+    if isinstance(folder, OutputFolder):
+        for name, data in built.items():
+            folder.write_bytes(name, data)
+        return
+    root = Path(folder)
     try:
         root.mkdir(parents=True, exist_ok=True)
-        with output.recording() if output is not None else contextlib.nullcontext():
-            (root / "preprocessor_config.json").write_text(
-                config_file_text(image_processor_dict(image_size, image_mean, image_std)), encoding="utf-8")
-            (root / "processor_config.json").write_text(
-                config_file_text(processor_dict(family, image_size, prompt, image_mean, image_std)), encoding="utf-8")
-            (root / "tokenizer.json").write_text(backend.to_str(pretty=True), encoding="utf-8")
-            (root / "tokenizer_config.json").write_text(
-                _tokenizer_config_text(tokenizer_config_dict(family, "OFAProcessor")), encoding="utf-8")
-            code = files("ofaconv.ofa.modeling")
-            for name in PROCESSING_CODE:
-                (root / name).write_bytes(code.joinpath(name).read_bytes())
+        for name, data in built.items():
+            (root / name).write_bytes(data)
     except OSError as exc:
         raise OfaconvError(f"cannot write the processing files ({exc})", path=root) from None
 
@@ -542,6 +552,7 @@ __all__ = [
     "decode_captions",
     "non_text_token_ids",
     "ofa_tokens",
+    "processing_files",
     "read_vocabulary",
     "save_processing",
     "save_tokenizer",

@@ -323,6 +323,16 @@ def _read_json(path: Path) -> dict:
         return {}
 
 
+def default_plan(ckpt):
+    """The shipped key map's plan for ``ckpt`` (a loaded ``FairseqCheckpoint``)."""
+    from .checkpoint import infer_config
+    from .convert import DEFAULT_KEYMAP, keymap_counts
+    from ofaconv.core.keymap import KeyMap
+
+    state = ckpt.state_dict
+    return KeyMap.load(DEFAULT_KEYMAP).plan(state, keymap_counts(infer_config(state)), source_path=ckpt.path)
+
+
 def run_checks(folder: Path, ckpt, *, plan=None, dtype: str = "fp32", generation: bool = True) -> list[dict]:
     """All levels for a folder converted from ``ckpt`` (a loaded ``FairseqCheckpoint``).
 
@@ -330,14 +340,11 @@ def run_checks(folder: Path, ckpt, *, plan=None, dtype: str = "fp32", generation
     run on a worker thread while the model loads and runs (torch releases the GIL: two cores, each
     single-threaded, see :func:`_one_thread`).
     """
-    from .checkpoint import infer_config, read_flags
-    from .convert import DEFAULT_KEYMAP, keymap_counts
-    from ofaconv.core.keymap import KeyMap
+    from .checkpoint import read_flags
 
     folder = Path(folder)
     state = ckpt.state_dict
-    if plan is None:
-        plan = KeyMap.load(DEFAULT_KEYMAP).plan(state, keymap_counts(infer_config(state)), source_path=ckpt.path)
+    plan = plan if plan is not None else default_plan(ckpt)
     with _one_thread(), concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ofaconv-reference") as pool:
         flags = read_flags(ckpt)
         # The probe's size follows the source's own image-position settings, not the folder's: a
@@ -406,18 +413,20 @@ def verify_folder(folder, against=None, *, ema: bool | None = None) -> tuple[lis
         ema = bool(report is not None and (report.get("source") or {}).get("ema"))
     if against is not None:
         from .checkpoint import load_checkpoint
-        from ofaconv.core.digest import BackgroundFingerprint, BackgroundSha256
+        from ofaconv.core.digest import Background, BackgroundSha256
 
         ckpt = load_checkpoint(against, ema=ema)
+        plan = default_plan(ckpt)
         source = (report or {}).get("source") or {}
         # the digests the report recorded, recomputed on worker threads while the checks run
         digests = {}
-        if source.get("fingerprint"):
-            digests["fingerprint"] = BackgroundFingerprint(against, ckpt.state_dict)
+        if isinstance(source.get("fingerprint"), dict):
+            digests["fingerprint"] = Background(source_fingerprint, folder, ckpt, plan, dtype,
+                                                source["fingerprint"].get("scheme"), report.get("files") or {})
         if source.get("sha256"):
             digests["sha256"] = BackgroundSha256(against)
         try:
-            checks = run_checks(folder, ckpt, dtype=dtype)
+            checks = run_checks(folder, ckpt, plan=plan, dtype=dtype)
         except BaseException:
             for digest in digests.values():
                 digest.cancel()
@@ -444,11 +453,51 @@ def verify_folder(folder, against=None, *, ema: bool | None = None) -> tuple[lis
     return checks, all(c["passed"] for c in checks)
 
 
+def source_fingerprint(folder: Path, ckpt, plan, dtype: str, scheme, files: dict, *, stop=None) -> dict:
+    """The fingerprint of ``ckpt`` in the report's ``scheme``, finished with the manifest's weight
+    files (``files``: the report's manifest, which the ``manifest`` check holds the folder to).
+
+    The current scheme names, rather than hashes, the tensors a conversion writes unchanged: those
+    are compared with the folder's byte for byte here, and the first that differs is returned as
+    ``{"differs": [source key, output name]}``.
+    """
+    from safetensors import safe_open
+
+    from .convert import weight_entries, written_unchanged
+    from ofaconv.core.digest import FINGERPRINT_SCHEME, LEGACY_SCHEME, check_stop, state_fingerprint
+
+    state = ckpt.state_dict
+    if scheme == LEGACY_SCHEME:
+        return state_fingerprint(ckpt.path, state, stop=stop, scheme=LEGACY_SCHEME)
+    written = written_unchanged(plan, state, dtype)
+    targets = {target: key for key, target in written.items()}
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            for target in f.keys():
+                check_stop(stop, ckpt.path)
+                if target not in targets:
+                    continue
+                key = targets.pop(target)
+                ours, theirs = f.get_tensor(target), state[key]
+                if ours.dtype != theirs.dtype or ours.shape != theirs.shape or not torch.equal(
+                        ours.reshape(-1).view(torch.uint8), theirs.contiguous().reshape(-1).view(torch.uint8)):
+                    return {"differs": [key, target]}
+    if targets:
+        target = sorted(targets)[0]
+        return {"differs": [targets[target], target]}
+    return state_fingerprint(ckpt.path, state, written=written, files=weight_entries(files), stop=stop,
+                             scheme=FINGERPRINT_SCHEME)
+
+
 def _source_check(source: dict, against: Path, actual: dict) -> dict:
     """``actual``: the digests of ``against`` that the report's ``source`` records (``fingerprint``
     as ``{"scheme", "sha256"}``, ``sha256`` of the whole file)."""
     if not actual:
         return _check("source", True, detail=f"report records no source digest; {against.name} not compared")
+    differs = (actual.get("fingerprint") or {}).get("differs")
+    if differs:
+        return _check("source", False, detail=f"{against.name}'s {differs[0]} is not the folder's {differs[1]}, "
+                                               "byte for byte")
     for name, value in actual.items():
         recorded = source[name]
         if value != recorded:
