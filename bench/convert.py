@@ -15,6 +15,7 @@ runs alternate, so both see the same drift of the machine).
 
   python bench/convert.py --smoke            # micro checkpoint, seconds (CI)
   python bench/convert.py --variants ofa-base,ofa-large --busy 3
+  python bench/convert.py --variants ofa-large --repeat 2 --settle 10 --busy 3 --reset 8
 Targets: peak RSS <= 0.15x naive; wall <= 1.5x the I/O floor; CPU below naive; --verify wall
 <= 3x plain ofaconv.
 """
@@ -137,8 +138,14 @@ class Spinners:
             proc.wait()
 
 
+def reset_memory(gib: float) -> None:
+    """A child that touches ``gib`` GiB and exits: whatever ran before, the next run follows this."""
+    if gib > 0:
+        subprocess.run([sys.executable, "-c", f"bytearray(b'x') * {int(gib * 2**30)}"], check=True)
+
+
 def measure(src: Path, work: Path, repeat: int, settle: float,
-            busy: int = 0) -> dict[tuple[str, str], tuple[float, int, float]]:
+            busy: int = 0, reset: float = 0.0) -> dict[tuple[str, str], tuple[float, int, float]]:
     """``{(condition, approach): (median wall s, max peak RSS bytes, median CPU s)}``, condition
     ``idle`` (and ``busy``: ``busy`` spinning processes beside each run, alternating with idle).
 
@@ -152,6 +159,10 @@ def measure(src: Path, work: Path, repeat: int, settle: float,
                   approach that writes earlier after its start gets warmer pages.
     An approach that overwrote its previous output in place (truncate, then write) would always
     get warm pages, so outputs are deleted by the harness, never overwritten.
+    How much memory the previous run freed matters as much: 10 s after the naive path (8 GB) the
+    floor ran in 4.1-5.3 s, 10 s after another floor run in 5.6 s, 30-60 s after the naive path in
+    6.3-6.7 s. ``reset`` > 0: before every run (then ``settle``) a child touches ``reset`` GiB and
+    exits, so every approach follows the same predecessor whatever the order.
     """
     conditions = {"as found": 0, **({"busy": busy} if busy else {})}
     samples: dict[tuple[str, str], list[tuple[float, int, float]]] = {}
@@ -159,6 +170,7 @@ def measure(src: Path, work: Path, repeat: int, settle: float,
         for name, argv in approaches(src, work).items():
             for condition, spinners in conditions.items():
                 clear_outputs(work)
+                reset_memory(reset)
                 if settle:
                     time.sleep(settle)
                 prime(src)
@@ -179,6 +191,9 @@ def main() -> int:
     parser.add_argument("--busy", type=int, default=0, metavar="N",
                         help="also run everything with N processes spinning on the CPUs (alternating with idle runs)")
     parser.add_argument("--workdir", help="where to put checkpoints and outputs (default: a temp dir)")
+    parser.add_argument("--reset", type=float, default=0.0, metavar="GIB",
+                        help="before every run, a child touches GIB GiB and exits (see measure(); 8 covers the "
+                             "naive path's peak on OFA-Large)")
     parser.add_argument("--settle", default="10,0",
                         help="seconds to wait after deleting outputs, one table per value (see measure())")
     args = parser.parse_args()
@@ -199,7 +214,8 @@ def main() -> int:
                 synth = [sys.executable, "-m", "ofaconv", "synth", variant, str(src)] + (["--full"] if size == "full" else [])
                 subprocess.run(synth, check=True, stdout=subprocess.DEVNULL)
             for settle in settles:
-                rows.append((settle, variant, src.stat().st_size, measure(src, work, repeat, settle, args.busy)))
+                rows.append((settle, variant, src.stat().st_size,
+                             measure(src, work, repeat, settle, args.busy, 0.0 if args.smoke else args.reset)))
     finally:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)
@@ -208,6 +224,8 @@ def main() -> int:
         memory = (f"outputs deleted {settle:g} s before each run (cold memory)" if settle
                   else "outputs deleted right before each run (memory just freed)")
         busy = f"; busy = {args.busy} processes spinning beside each run" if args.busy else ""
+        if args.reset and not args.smoke:
+            memory = f"{args.reset:g} GiB touched and freed, then {memory}"
         print(f"\nconversion, {size} synthetic checkpoints with optimizer state, median of {repeat} "
               f"(wall, CPU) / max (peak RSS), page cache primed, {memory}{busy}\n")
         print("| variant | file | machine | approach | wall s | CPU s | peak RSS MiB | RSS vs naive | wall vs floor | "

@@ -34,7 +34,7 @@ class BadFile:
 BAD_KINDS = (
     "empty", "random_bytes", "truncated", "zip_not_torch", "malicious_pickle", "malicious_legacy", "not_ofa",
     "no_model", "no_args", "text_only_fairseq", "nan_weight", "inf_weight", "missing_key", "missing_layer",
-    "extra_key", "misshaped_key", "expanded_weight", "legacy_torch_format",
+    "extra_key", "misshaped_key", "expanded_weight", "wrong_derived_table", "legacy_torch_format",
 )
 
 
@@ -115,5 +115,9 @@ def write_bad_checkpoint(path, kind: str, *, base=None, marker=None) -> BadFile:
         elif kind == "expanded_weight":
             result.key = "encoder.layers.0.fc1.weight"
             state[result.key] = expanded_like(state[result.key])
+        elif kind == "wrong_derived_table":
+            result.key = "decoder.token_rp_bucket"
+            state[result.key] = state[result.key].clone()
+            state[result.key].view(-1)[5] += 1
         torch.save(ckpt, path, _use_new_zipfile_serialization=kind != "legacy_torch_format")
     return result

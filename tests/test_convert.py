@@ -3,6 +3,7 @@ golden outputs, bad inputs, and mutation tests proving the parity checker bites.
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import json
 from pathlib import Path
@@ -12,6 +13,7 @@ import torch
 import yaml
 
 from ofaconv.cli import main as cli
+from ofaconv.core.errors import OfaconvError
 from ofaconv.ofa.convert import convert_checkpoint
 from badfiles import write_bad_checkpoint
 from ofaconv.ofa.synth import write_synthetic_checkpoint
@@ -178,7 +180,7 @@ def test_fp16_and_sharding_are_deterministic(micro_checkpoint, tmp_path):
 
 
 BAD_INPUTS = ["truncated", "random_bytes", "malicious_pickle", "not_ofa", "nan_weight", "missing_key",
-              "extra_key", "misshaped_key"]
+              "extra_key", "misshaped_key", "wrong_derived_table"]
 
 
 @pytest.mark.parametrize("kind", BAD_INPUTS)
@@ -208,6 +210,35 @@ def test_bad_tokenizer_source_fails_before_any_weight_is_written(micro_checkpoin
     assert code != 0 and len(err.splitlines()) == 1 and "no-such-folder" in err, err
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
+
+
+def test_work_beside_the_weights_that_fails_stops_the_write(micro_checkpoint, tmp_path, capsys, monkeypatch):
+    """The processing files and the derived tables' check run on a worker thread beside the weights:
+    when one fails, the write stops at its next tensor and the run ends with that error, one line,
+    and no output."""
+    import ofaconv.core.writer
+    import ofaconv.ofa.convert as conv
+
+    def broken(*args):
+        raise OfaconvError("tokenizer.json: cannot be built; check the vocabulary")
+
+    real, stopped = ofaconv.core.writer.write_shards, []
+
+    def write_after_the_failure(*args, stop, **kwargs):
+        assert stop.wait(10), "the worker's failure did not signal the write"
+        try:
+            return real(*args, stop=stop, **kwargs)
+        except concurrent.futures.CancelledError:
+            stopped.append(True)  # at its first tensor, not after writing them all
+            raise
+
+    monkeypatch.setattr(conv, "_processing_files", broken)
+    monkeypatch.setattr(ofaconv.core.writer, "write_shards", write_after_the_failure)
+    out = tmp_path / "out"
+    code = cli(["convert", str(micro_checkpoint("ofa-tiny")), str(out)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and stopped and err == "ofaconv: error: tokenizer.json: cannot be built; check the vocabulary"
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
 
 
 # -- mutation tests: a deliberately broken mapping or flag must make --verify fail -------------
@@ -499,6 +530,27 @@ def test_verify_against_binds_the_written_bytes_not_just_their_values(micro_chec
     checks = {c["name"]: c for c in json.loads((out / "conversion_report.json").read_text())["checks"]}
     assert checks["tensors"]["passed"] and not checks["source"]["passed"]
     assert key in checks["source"]["detail"] and "byte for byte" in checks["source"]["detail"]
+
+
+def test_verify_against_recomputes_a_first_scheme_fingerprint(micro_checkpoint, tmp_path, capsys):
+    """Reports written before the @2 scheme hashed every converted tensor: verify --against still
+    recomputes those (and refuses another checkpoint by them)."""
+    from ofaconv.core.digest import LEGACY_SCHEME, state_fingerprint
+    from ofaconv.ofa.checkpoint import load_checkpoint
+
+    src = micro_checkpoint("ofa-tiny")
+    out = tmp_path / "out"
+    assert convert_checkpoint(src, out).passed
+    report_path = out / "conversion_report.json"
+    report = json.loads(report_path.read_text())
+    report["source"]["fingerprint"] = state_fingerprint(src, load_checkpoint(src).state_dict, scheme=LEGACY_SCHEME)
+    report_path.write_text(json.dumps(report))
+    assert cli(["verify", str(out), "--against", str(src)]) == 0
+    other = write_synthetic_checkpoint(tmp_path / "other.pt", "ofa-tiny", size="micro", seed=11)
+    capsys.readouterr()
+    assert cli(["verify", str(out), "--against", str(other)]) == 3
+    source = json.loads(report_path.read_text())["checks"][0]
+    assert source["name"] == "source" and not source["passed"] and "fingerprint" in source["detail"]
 
 
 def test_source_sha256_records_the_whole_file_and_verify_checks_both(micro_checkpoint, tmp_path, capsys):

@@ -122,6 +122,7 @@ def fingerprint_prefix(path, state: Mapping, *, written: Mapping[str, str] | Non
 
 
 def finish_fingerprint(prefix, files: Mapping[str, dict] | None = None) -> dict:
+    """``{"scheme", "sha256"}`` from a :func:`fingerprint_prefix` and the weight files' entries."""
     if isinstance(prefix, dict):
         return prefix
     scheme, digest = prefix
@@ -144,7 +145,7 @@ def _pickle_record(path) -> bytes | None:
 def check_stop(stop: threading.Event | None, path) -> None:
     """Raise ``CancelledError`` once ``stop`` (set by another thread) is set: ends a long job early."""
     if stop is not None and stop.is_set():
-        raise concurrent.futures.CancelledError(f"hashing {path} was stopped")
+        raise concurrent.futures.CancelledError(f"work on {path} was stopped")
 
 
 class Background:

@@ -463,6 +463,7 @@ def source_fingerprint(folder: Path, ckpt, plan, dtype: str, scheme, files: dict
     """
     from safetensors import safe_open
 
+    from .checkpoint import release_pages
     from .convert import weight_entries, written_unchanged
     from ofaconv.core.digest import FINGERPRINT_SCHEME, LEGACY_SCHEME, check_stop, state_fingerprint
 
@@ -479,8 +480,11 @@ def source_fingerprint(folder: Path, ckpt, plan, dtype: str, scheme, files: dict
                     continue
                 key = targets.pop(target)
                 ours, theirs = f.get_tensor(target), state[key]
-                if ours.dtype != theirs.dtype or ours.shape != theirs.shape or not torch.equal(
-                        ours.reshape(-1).view(torch.uint8), theirs.contiguous().reshape(-1).view(torch.uint8)):
+                same = ours.dtype == theirs.dtype and ours.shape == theirs.shape and torch.equal(
+                    ours.reshape(-1).view(torch.uint8), theirs.contiguous().reshape(-1).view(torch.uint8))
+                if ckpt.mmapped:
+                    release_pages(theirs)
+                if not same:
                     return {"differs": [key, target]}
     if targets:
         target = sorted(targets)[0]
