@@ -4,8 +4,9 @@ Invariants:
 - shard membership, file names and every header are fixed from the items' shapes and dtypes before
   any tensor is read (greedy in item order, like ``huggingface_hub``'s splitter, but never reordered);
 - each tensor comes from its thunk and is copied (cast) chunk by chunk through two reusable staging
-  buffers and written, while a worker thread hashes it and looks for NaN/Inf one chunk behind, so
-  peak memory is two chunks plus what the thunk maps, never a tensor copy or a shard;
+  buffers and written, while a worker thread hashes it one chunk behind (and looks for NaN/Inf
+  there, unless a cast was made: that is checked as it is made), so peak memory is two chunks plus
+  what the thunk maps, never a tensor copy or a shard;
 - identical input gives byte-identical files: fixed header order and metadata, no timestamps;
 - files appear under their final names only when complete (written as hidden ``.partial`` siblings)
   and a failure removes whatever this call wrote.
