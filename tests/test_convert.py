@@ -532,6 +532,20 @@ def test_verify_against_binds_the_written_bytes_not_just_their_values(micro_chec
     assert key in checks["source"]["detail"] and "byte for byte" in checks["source"]["detail"]
 
 
+def test_verify_against_a_cast_conversion_hashes_the_cast_tensors(micro_checkpoint, tmp_path, capsys):
+    """At bf16 no floating tensor is written unchanged: the fingerprint hashes their source bytes, so
+    verify --against still tells the converted checkpoint from another one."""
+    src = micro_checkpoint("ofa-tiny")
+    out = tmp_path / "out"
+    assert convert_checkpoint(src, out, dtype="bf16").passed
+    assert cli(["verify", str(out), "--against", str(src)]) == 0
+    other = write_synthetic_checkpoint(tmp_path / "other.pt", "ofa-tiny", size="micro", seed=12)
+    capsys.readouterr()
+    assert cli(["verify", str(out), "--against", str(other)]) == 3
+    source = json.loads((out / "conversion_report.json").read_text())["checks"][0]
+    assert source["name"] == "source" and not source["passed"]
+
+
 def test_verify_against_recomputes_a_first_scheme_fingerprint(micro_checkpoint, tmp_path, capsys):
     """Reports written before the @2 scheme hashed every converted tensor: verify --against still
     recomputes those (and refuses another checkpoint by them)."""

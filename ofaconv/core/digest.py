@@ -187,8 +187,8 @@ class BackgroundFingerprint(Background):
     """:func:`fingerprint_prefix` on a worker thread; ``result(files)`` finishes it."""
 
     def __init__(self, path, state: Mapping, *, written: Mapping[str, str] | None = None,
-                 release: Callable | None = None, scheme: str = FINGERPRINT_SCHEME):
-        super().__init__(fingerprint_prefix, path, state, written=written, release=release, scheme=scheme)
+                 release: Callable | None = None):
+        super().__init__(fingerprint_prefix, path, state, written=written, release=release)
 
     def result(self, files: Mapping[str, dict] | None = None) -> dict:
         return finish_fingerprint(super().result(), files)

@@ -112,6 +112,12 @@ def _as_dtype(value, what: str) -> torch.dtype:
     return dtype
 
 
+def output_dtype(source_dtype: torch.dtype, cast: torch.dtype | None) -> torch.dtype:
+    """The dtype a tensor is written at: floating tensors are cast to ``cast`` (when given), integer
+    buffers keep theirs; its bytes are the source's exactly when this is ``source_dtype``."""
+    return cast if cast is not None and source_dtype.is_floating_point else source_dtype
+
+
 def plan_shards(items: Iterable[Item], *, max_shard_size: int = 2 * 10**9, dtype=None) -> list[list[_Planned]]:
     """Greedy shards in item order; a tensor larger than the cap gets a shard of its own."""
     cast = None if dtype is None else _as_dtype(dtype, "output")
@@ -124,7 +130,7 @@ def plan_shards(items: Iterable[Item], *, max_shard_size: int = 2 * 10**9, dtype
             raise OfaconvError("tensor name given twice", key=name)
         seen.add(name)
         source_dtype = _as_dtype(source_dtype, name)
-        out = cast if cast is not None and source_dtype.is_floating_point else source_dtype
+        out = output_dtype(source_dtype, cast)
         planned = _Planned(name, tuple(int(d) for d in shape), source_dtype, out, thunk)
         if shards[-1] and size + planned.nbytes > max_shard_size:
             shards.append([])

@@ -283,13 +283,15 @@ def check_derived(plan, state: dict, shape: dict, flags: dict, path) -> list[dic
 
 
 def written_unchanged(plan, state: dict, dtype: str) -> dict[str, str]:
-    """Source key -> output name of every tensor a conversion at ``dtype`` writes byte for byte (no
-    cast, as the writer decides): the fingerprint names these, the weight files' sha256 covers them."""
+    """Source key -> output name of every tensor a conversion at ``dtype`` writes byte for byte (the
+    writer's ``output_dtype`` is the source's): the fingerprint names these, the weight files'
+    sha256 covers them."""
     import torch
 
+    from ofaconv.core.writer import output_dtype
+
     cast = getattr(torch, DTYPES[dtype])
-    return {key: target for target, key in plan.entries
-            if not state[key].is_floating_point() or state[key].dtype == cast}
+    return {key: target for target, key in plan.entries if output_dtype(state[key].dtype, cast) == state[key].dtype}
 
 
 def weight_entries(files: dict) -> dict:
